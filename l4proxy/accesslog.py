@@ -1,0 +1,207 @@
+"""One access-log line per connection, written without blocking the event loop.
+
+The per-connection cost is building one small frozen :class:`AccessRecord` and a
+``put_nowait`` on a bounded queue. Formatting (timestamps, JSON) and file I/O happen in
+one writer thread per destination, which drains the queue in batches and writes each
+batch with a single ``write`` + ``flush``. If the destination cannot keep up and the
+queue fills, lines are dropped and counted rather than letting memory grow or the event
+loop stall; the count is reported in the log.
+
+Without an ``access_log`` destination, records go to the ``l4proxy.access`` logger
+(``extra={"access": record}``), so an embedding application routes them with its own
+logging configuration.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import sys
+import threading
+import time
+from typing import IO, Protocol
+
+import attrs
+import trio
+
+from .config import LogFormat
+
+LOGGER = logging.getLogger("l4proxy.access")
+DIAGNOSTIC_LOGGER = logging.getLogger("l4proxy.accesslog")
+
+#: How many records may wait for the writer thread before new ones are dropped.
+QUEUE_LIMIT = 65536
+
+
+@attrs.frozen(slots=True)
+class AccessRecord:
+    """What one finished connection did. ``outcome`` is ``ok``, ``connect_failed``,
+    ``idle_timeout``, ``drained``, ``cancelled`` or ``error:<reason>``; ``error`` carries
+    the detail (for ``connect_failed``, every backend tried and why it failed)."""
+
+    time: float  # wall-clock start, seconds since the epoch
+    id: int
+    listener: str
+    client: str
+    backend: str | None
+    bytes_to_backend: int
+    bytes_to_client: int
+    duration: float
+    outcome: str
+    error: str | None = None
+
+
+def _timestamp(epoch: float) -> str:
+    seconds = int(epoch)
+    millis = int((epoch - seconds) * 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
+
+
+def format_text(record: AccessRecord) -> str:
+    """logfmt-style: ``key=value`` pairs, values quoted only when they contain spaces."""
+    line = (
+        f"{_timestamp(record.time)} id={record.id} listener={_logfmt(record.listener)} "
+        f"client={_logfmt(record.client)} backend={_logfmt(record.backend or '-')} "
+        f"bytes_to_backend={record.bytes_to_backend} bytes_to_client={record.bytes_to_client} "
+        f"duration={record.duration:.3f} outcome={_logfmt(record.outcome)}"
+    )
+    if record.error:
+        line += f" error={_logfmt(record.error)}"
+    return line
+
+
+def format_json(record: AccessRecord) -> str:
+    """One JSON object; ``time`` is ISO 8601 UTC, ``duration`` in seconds."""
+    fields = attrs.asdict(record)
+    fields["time"] = _timestamp(record.time)
+    fields["duration"] = round(record.duration, 6)
+    return json.dumps(fields, separators=(",", ":"))
+
+
+def _logfmt(value: str) -> str:
+    if value and not any(c in value for c in ' "=\\') and value.isprintable():
+        return value
+    return json.dumps(value)
+
+
+FORMATTERS = {LogFormat.TEXT: format_text, LogFormat.JSON: format_json}
+
+
+class _LazyText:
+    """Defers formatting until a handler actually emits the record."""
+
+    __slots__ = ("record",)
+
+    def __init__(self, record: AccessRecord) -> None:
+        self.record = record
+
+    def __str__(self) -> str:
+        return format_text(self.record)
+
+
+class AccessSink(Protocol):
+    """Where finished connections are reported."""
+
+    def write(self, record: AccessRecord, log_format: LogFormat) -> None: ...
+
+
+class LoggerSink:
+    """Sends records to the ``l4proxy.access`` logger at INFO."""
+
+    def write(self, record: AccessRecord, log_format: LogFormat) -> None:
+        if LOGGER.isEnabledFor(logging.INFO):
+            message = format_json(record) if log_format is LogFormat.JSON else _LazyText(record)
+            LOGGER.info("%s", message, extra={"access": record})
+
+
+_STOP = object()
+
+
+class FileSink:
+    """A file (or standard output for ``-``) fed by a writer thread.
+
+    Resource handling:
+        :meth:`open` starts the thread (opening the file in it, so the event loop never
+        waits on the file system); :meth:`aclose` stops it after the queue is written.
+        Both are idempotent. Lines are flushed after every batch, so a crash loses at
+        most the batch being written.
+
+    Error handling:
+        :meth:`open` raises ``OSError`` when the file cannot be opened. Write errors
+        later on are logged once and the sink keeps counting what it could not write.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.dropped = 0
+        self._queue: queue.Queue[object] = queue.Queue(QUEUE_LIMIT)
+        self._thread: threading.Thread | None = None
+        self._file: IO[str] | None = None
+
+    @property
+    def is_open(self) -> bool:
+        return self._thread is not None
+
+    async def open(self) -> None:
+        if self._thread is not None:
+            return
+        if self.path == "-":
+            self._file = sys.stdout
+        else:
+            self._file = await trio.to_thread.run_sync(
+                lambda: open(self.path, "a", encoding="utf-8", buffering=1 << 16)  # noqa: SIM115 - the writer thread owns it
+            )
+        self._thread = threading.Thread(target=self._run, name=f"l4proxy access log {self.path}", daemon=True)
+        self._thread.start()
+
+    def write(self, record: AccessRecord, log_format: LogFormat) -> None:
+        try:
+            self._queue.put_nowait((record, log_format))
+        except queue.Full:
+            self.dropped += 1
+
+    async def aclose(self) -> None:
+        thread = self._thread
+        if thread is None:
+            return
+        self._thread = None
+        await trio.to_thread.run_sync(self._queue.put, _STOP)
+        await trio.to_thread.run_sync(thread.join)
+        if self.dropped:
+            DIAGNOSTIC_LOGGER.warning("access log %s: dropped %d lines (writer could not keep up)", self.path, self.dropped)
+
+    def _run(self) -> None:
+        file = self._file
+        assert file is not None
+        failed = False
+        reported_drops = 0
+        try:
+            while True:
+                items = [self._queue.get()]
+                while len(items) < 1024:
+                    try:
+                        items.append(self._queue.get_nowait())
+                    except queue.Empty:
+                        break
+                stop = any(item is _STOP for item in items)
+                lines = [
+                    FORMATTERS[fmt](record)
+                    for record, fmt in (item for item in items if item is not _STOP)  # type: ignore[misc]  # queue holds (record, format) pairs
+                ]
+                try:
+                    if lines:
+                        file.write("\n".join(lines) + "\n")
+                        file.flush()
+                except (OSError, ValueError) as exc:
+                    if not failed:
+                        DIAGNOSTIC_LOGGER.error("access log %s: cannot write: %s", self.path, exc)
+                        failed = True
+                if self.dropped != reported_drops:
+                    DIAGNOSTIC_LOGGER.warning("access log %s: %d lines dropped so far", self.path, self.dropped)
+                    reported_drops = self.dropped
+                if stop:
+                    return
+        finally:
+            if file is not sys.stdout:
+                file.close()

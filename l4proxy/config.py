@@ -1,0 +1,344 @@
+"""The configuration tree: frozen attrs classes, built and validated once at load time.
+
+Two ways in, one set of rules:
+
+* :meth:`Config.from_mapping` / :meth:`Config.load` read the TOML shape (or the CLI's
+  flags, which the CLI turns into the same mapping) and collect *every* problem into a
+  single :class:`~l4proxy.errors.ConfigError` whose lines name the key path, e.g.
+  ``listeners[1].backends[0]: expected HOST:PORT, ...``.
+* Building the classes in code (``ListenerConfig(name=..., listen=[":5432"], ...)``)
+  runs the same converters and checks, raising ``ConfigError`` on the first problem.
+
+The running proxy never re-parses strings: addresses are already
+:class:`~l4proxy.addresses.TCPAddress` / :class:`~l4proxy.addresses.UnixAddress`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import enum
+import math
+import tomllib
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import TypeVar
+
+import attrs
+
+from .addresses import Address, Role, TCPAddress, UnixAddress, parse_address
+from .errors import ConfigError
+
+__all__ = ["Config", "ListenerConfig", "LogFormat", "LogLevel"]
+
+T = TypeVar("T")
+
+
+class LogFormat(enum.StrEnum):
+    """How access-log lines are written."""
+
+    TEXT = "text"
+    JSON = "json"
+
+
+class LogLevel(enum.StrEnum):
+    """Threshold of the diagnostic log (not the access log)."""
+
+    DEBUG = "debug"
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+
+
+def _addresses(role: Role) -> Callable[[Iterable[Address | str]], tuple[Address, ...]]:
+    def convert(values: Iterable[Address | str]) -> tuple[Address, ...]:
+        if isinstance(values, str | TCPAddress | UnixAddress):
+            values = [values]
+        result: list[Address] = []
+        for value in values:
+            if isinstance(value, TCPAddress | UnixAddress):
+                result.append(value)
+                continue
+            try:
+                result.append(parse_address(value, role=role))
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"{role}: {exc}") from None
+        return tuple(result)
+
+    return convert
+
+
+def _duration(*, positive: bool = False) -> Callable[[object, attrs.Attribute[float], float], None]:
+    def check(_instance: object, attribute: attrs.Attribute[float], value: float) -> None:
+        problem = _duration_problem(value, positive=positive)
+        if problem:
+            raise ConfigError(f"{attribute.name}: {problem}")
+
+    return check
+
+
+def _duration_problem(value: object, *, positive: bool) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return f"expected a number of seconds, got {value!r}"
+    if math.isnan(value) or value < 0 or (positive and value == 0):
+        return f"expected a number of seconds {'> 0' if positive else '>= 0'}, got {value!r}"
+    return None
+
+
+def _non_empty(_instance: object, attribute: attrs.Attribute[tuple[Address, ...]], value: tuple[Address, ...]) -> None:
+    if not value:
+        raise ConfigError(f"{attribute.name}: needs at least one address")
+
+
+def _access_log(_instance: object, _attribute: attrs.Attribute[str | None], value: str | None) -> None:
+    if value is not None and (not isinstance(value, str) or not value):
+        raise ConfigError(f"access_log: expected a file path or '-', got {value!r}")
+
+
+@attrs.frozen(kw_only=True)
+class ListenerConfig:
+    """One listener: where to accept, which pool to forward to, and its limits.
+
+    Attributes:
+        name: appears in the access log; defaults to the first listen address.
+        listen: addresses to accept on; ``:PORT`` binds every interface (IPv4 and IPv6).
+        backends: the pool, tried round-robin; each at most once per client connection.
+        connect_timeout: seconds allowed per backend connect attempt.
+        idle_timeout: seconds without a byte in either direction before both sides are
+            closed; ``0`` turns it off.
+        drain_timeout: on shutdown, seconds established connections may keep running.
+        access_log: file path, ``-`` for standard output, or ``None`` for the
+            ``l4proxy.access`` logger.
+        log_format: ``text`` (logfmt-style) or ``json`` (one object per line).
+    """
+
+    listen: tuple[Address, ...] = attrs.field(converter=_addresses("listen"), validator=_non_empty)
+    backends: tuple[Address, ...] = attrs.field(converter=_addresses("backend"), validator=_non_empty)
+    name: str = attrs.field()
+    connect_timeout: float = attrs.field(default=5.0, validator=_duration(positive=True))
+    idle_timeout: float = attrs.field(default=0.0, validator=_duration())
+    drain_timeout: float = attrs.field(default=30.0, validator=_duration())
+    access_log: str | None = attrs.field(default=None, validator=_access_log)
+    log_format: LogFormat = attrs.field(default=LogFormat.TEXT, converter=LogFormat)
+
+    @name.default
+    def _name_default(self) -> str:
+        return str(self.listen[0])
+
+    @name.validator
+    def _check_name(self, _attribute: attrs.Attribute[str], value: str) -> None:
+        if not isinstance(value, str) or not value.strip():
+            raise ConfigError(f"name: expected a non-empty string, got {value!r}")
+
+
+@attrs.frozen(kw_only=True)
+class Config:
+    """The whole proxy: its listeners and process-wide settings.
+
+    Example:
+        >>> config = Config(listeners=[ListenerConfig(listen=["127.0.0.1:0"],
+        ...                                           backends=["127.0.0.1:6379"])])
+        >>> config.listeners[0].name
+        '127.0.0.1:0'
+    """
+
+    listeners: tuple[ListenerConfig, ...] = attrs.field(converter=tuple)
+    log_level: LogLevel = attrs.field(default=LogLevel.INFO, converter=LogLevel)
+
+    def __attrs_post_init__(self) -> None:
+        problems = _cross_check(self.listeners)
+        if problems:
+            raise ConfigError(problems)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Config:
+        """Read and validate a TOML file. Raises ``ConfigError`` naming the file."""
+        return cls.from_mapping(read_toml(path), source=str(path))
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, object], *, source: str | None = None) -> Config:
+        """Build from the TOML shape, reporting every problem at once with its key path."""
+        problems: list[str] = []
+        config = _MappingReader(problems).config(data)
+        if problems or config is None:
+            raise ConfigError(problems, source=source)
+        return config
+
+
+def read_toml(path: str | Path) -> dict[str, object]:
+    """Read a TOML file into a mapping, or raise ``ConfigError`` naming the file."""
+    try:
+        with open(path, "rb") as file:
+            return tomllib.load(file)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file: {exc.strerror or exc}", source=str(path)) from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"invalid TOML: {exc}", source=str(path)) from exc
+
+
+_LISTENER_SETTINGS = ("connect_timeout", "idle_timeout", "drain_timeout", "access_log", "log_format")
+_TOP_LEVEL_KEYS = ("listeners", "log_level", *_LISTENER_SETTINGS)
+_LISTENER_KEYS = ("name", "listen", "backends", *_LISTENER_SETTINGS)
+
+
+def _cross_check(listeners: tuple[ListenerConfig, ...]) -> list[str]:
+    """Rules that span listeners: unique names, no two listeners on one address."""
+    problems: list[str] = []
+    if not listeners:
+        problems.append("listeners: at least one listener is required")
+    names: dict[str, int] = {}
+    bound: dict[Address, str] = {}
+    wildcard_ports: dict[int, str] = {}
+    for index, listener in enumerate(listeners):
+        if listener.name in names:
+            problems.append(
+                f"listeners[{index}].name: duplicate name {listener.name!r} (also listeners[{names[listener.name]}])"
+            )
+        names.setdefault(listener.name, index)
+        for position, address in enumerate(listener.listen):
+            path = f"listeners[{index}].listen[{position}]"
+            if isinstance(address, TCPAddress) and address.port == 0:
+                continue  # every port-0 bind gets its own ephemeral port
+            clash = bound.get(address)
+            if clash is None and isinstance(address, TCPAddress):
+                # ":PORT" takes the port on every interface, so it clashes with any host.
+                if address.host is None:
+                    clash = next(
+                        (p for a, p in bound.items() if isinstance(a, TCPAddress) and a.port == address.port),
+                        None,
+                    )
+                else:
+                    clash = wildcard_ports.get(address.port)
+            if clash is not None:
+                problems.append(f"{path}: duplicate listen address {str(address)!r} (also {clash})")
+                continue
+            bound[address] = path
+            if isinstance(address, TCPAddress) and address.host is None:
+                wildcard_ports[address.port] = path
+    return problems
+
+
+class _MappingReader:
+    """Turns the TOML shape into config classes, appending problems instead of raising."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+
+    def config(self, data: Mapping[str, object]) -> Config | None:
+        if not isinstance(data, Mapping):
+            self.problems.append(f"expected a table at the top level, got {type(data).__name__}")
+            return None
+        self._reject_unknown(data, _TOP_LEVEL_KEYS, "")
+        for key in ("listen", "backends", "name"):
+            if key in data:
+                self.problems.append(f"{key}: belongs in a [[listeners]] table")
+        defaults: dict[str, object] = {}
+        for key in _LISTENER_SETTINGS:
+            if key in data:
+                value = self._setting(key, data[key], key)
+                if value is not None:
+                    defaults[key] = value
+        log_level = self._enum(LogLevel, data.get("log_level", LogLevel.INFO), "log_level")
+        raw_listeners = data.get("listeners")
+        if raw_listeners is None:
+            self.problems.append("listeners: at least one [[listeners]] table is required")
+            return None
+        if not isinstance(raw_listeners, list):
+            self.problems.append(f"listeners: expected an array of tables, got {_kind(raw_listeners)}")
+            return None
+        listeners = [self.listener(item, f"listeners[{i}]", defaults) for i, item in enumerate(raw_listeners)]
+        if self.problems:
+            return None
+        complete = tuple(listener for listener in listeners if listener is not None)
+        cross = _cross_check(complete)
+        if cross:
+            self.problems.extend(cross)
+            return None
+        return Config(listeners=complete, log_level=log_level or LogLevel.INFO)
+
+    def listener(self, data: object, path: str, defaults: Mapping[str, object]) -> ListenerConfig | None:
+        if not isinstance(data, Mapping):
+            self.problems.append(f"{path}: expected a table, got {_kind(data)}")
+            return None
+        before = len(self.problems)
+        self._reject_unknown(data, _LISTENER_KEYS, path + ".")
+        kwargs: dict[str, object] = dict(defaults)
+        for key in _LISTENER_SETTINGS:
+            if key in data:
+                value = self._setting(key, data[key], f"{path}.{key}")
+                if value is not None:
+                    kwargs[key] = value
+        if "name" in data:
+            name = data["name"]
+            if isinstance(name, str) and name.strip():
+                kwargs["name"] = name
+            else:
+                self.problems.append(f"{path}.name: expected a non-empty string, got {name!r}")
+        for key, role in (("listen", "listen"), ("backends", "backend")):
+            kwargs[key] = self._addresses(data.get(key), f"{path}.{key}", role)  # type: ignore[arg-type]  # role is a Role literal
+        if len(self.problems) > before:
+            return None
+        try:
+            return ListenerConfig(**kwargs)  # type: ignore[arg-type]  # values were checked above
+        except ConfigError as exc:  # pragma: no cover - the reader checks everything first
+            self.problems.extend(f"{path}.{problem}" for problem in exc.problems)
+            return None
+
+    def _addresses(self, value: object, path: str, role: Role) -> tuple[Address, ...]:
+        if value is None:
+            self.problems.append(f"{path}: required (a list of addresses)")
+            return ()
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            self.problems.append(f"{path}: expected a list of addresses, got {_kind(value)}")
+            return ()
+        if not value:
+            self.problems.append(f"{path}: needs at least one address")
+            return ()
+        result: list[Address] = []
+        for index, item in enumerate(value):
+            try:
+                if not isinstance(item, str):
+                    raise ValueError(f"expected an address string, got {_kind(item)}")
+                result.append(parse_address(item, role=role))
+            except ValueError as exc:
+                self.problems.append(f"{path}[{index}]: {exc}")
+        return tuple(result)
+
+    def _setting(self, key: str, value: object, path: str) -> object | None:
+        if key.endswith("_timeout"):
+            problem = _duration_problem(value, positive=key == "connect_timeout")
+            if problem:
+                self.problems.append(f"{path}: {problem}")
+                return None
+            return float(value)  # type: ignore[arg-type]  # checked by _duration_problem
+        if key == "log_format":
+            return self._enum(LogFormat, value, path)
+        if key == "access_log":
+            if not isinstance(value, str) or not value:
+                self.problems.append(f"{path}: expected a file path or '-', got {value!r}")
+                return None
+            return value
+        raise AssertionError(key)  # pragma: no cover
+
+    def _enum(self, kind: type[T], value: object, path: str) -> T | None:
+        try:
+            return kind(value)  # type: ignore[call-arg]  # kind is a StrEnum subclass
+        except ValueError:
+            choices = ", ".join(repr(str(member)) for member in kind)  # type: ignore[attr-defined]  # enum classes iterate
+            self.problems.append(f"{path}: expected one of {choices}, got {value!r}")
+            return None
+
+    def _reject_unknown(self, data: Mapping[str, object], allowed: tuple[str, ...], prefix: str) -> None:
+        for key in data:
+            if key in allowed or (prefix == "" and key in ("listen", "backends", "name")):
+                continue
+            close = difflib.get_close_matches(key, allowed, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            self.problems.append(f"{prefix}{key}: unknown key{hint}")
+
+
+def _kind(value: object) -> str:
+    """A TOML-ish name for a value's type, for error messages."""
+    names = {str: "a string", int: "an integer", float: "a number", bool: "a boolean", list: "an array", dict: "a table"}
+    return names.get(type(value), type(value).__name__)

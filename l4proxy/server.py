@@ -1,0 +1,375 @@
+"""The :class:`Proxy`: listeners, accept loops, graceful drain and reload.
+
+Task tree while serving (every connection lives in a nursery)::
+
+    serve
+    └── one task per listener config        (drain scope: its deadline is the drain timeout)
+        ├── handler nursery                 one task per connection
+        └── accept scope                    cancelled by close(): stop accepting at once
+            └── one accept loop per bound socket
+
+``close()`` cancels the accept scopes, which closes the listening sockets (new
+connections are refused), and gives each listener's handler nursery a deadline of now +
+its drain timeout. ``serve`` returns when every handler has finished or been cut.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import os
+import socket
+import stat
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+import attrs
+import trio
+
+from .accesslog import FileSink, LoggerSink
+from .addresses import Address, TCPAddress, UnixAddress
+from .backends import BackendPool, Connector, open_connection
+from .config import Config, ListenerConfig
+from .connection import ListenerRuntime, serve_connection
+from .errors import ConfigError, ListenError
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+LOGGER = logging.getLogger("l4proxy.server")
+
+#: accept() errors that mean "out of a resource right now": back off, never die.
+ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+ACCEPT_BACKOFF_MAX = 0.25
+
+
+@attrs.frozen
+class BoundAddress:
+    """A listening socket as bound: port 0 is resolved to the real port."""
+
+    listener: str
+    address: Address
+
+    @property
+    def host(self) -> str | None:
+        return self.address.host if isinstance(self.address, TCPAddress) else None
+
+    @property
+    def port(self) -> int | None:
+        return self.address.port if isinstance(self.address, TCPAddress) else None
+
+    def __str__(self) -> str:
+        return str(self.address)
+
+
+@attrs.define(eq=False)
+class _Serving:
+    """The cancel scopes of one listener config while ``serve`` runs."""
+
+    name: str
+    accept_scope: trio.CancelScope
+    drain_scope: trio.CancelScope
+
+
+class Proxy:
+    """A layer-4 proxy for one :class:`~l4proxy.config.Config`.
+
+    Creating one does no I/O. Run it like ``trio.serve_tcp``::
+
+        proxy = l4proxy.Proxy(l4proxy.Config.load("l4proxy.toml"))
+        async with trio.open_nursery() as nursery:
+            bound = await nursery.start(proxy.serve)   # list[BoundAddress]
+            ...
+            proxy.close()                              # stop accepting, drain, return
+
+    Args:
+        config: the listeners and their settings.
+        connect: how to dial a backend; defaults to TCP / Unix sockets.
+    """
+
+    def __init__(self, config: Config, *, connect: Connector | None = None) -> None:
+        self._config = config
+        self._connect: Connector = connect or open_connection
+        self._file_sinks: dict[str, FileSink] = {}
+        self._logger_sink = LoggerSink()
+        self._runtimes = self._build_runtimes(config)
+        self._serving: list[_Serving] = []
+        self._is_serving = False
+        self._draining = False
+        self._ids = itertools.count(1)
+
+    @property
+    def config(self) -> Config:
+        """The configuration new connections use."""
+        return self._config
+
+    @property
+    def draining(self) -> bool:
+        """True once :meth:`close` was called."""
+        return self._draining
+
+    def _build_runtimes(self, config: Config) -> Mapping[str, ListenerRuntime]:
+        runtimes = {}
+        for listener in config.listeners:
+            if listener.access_log is None:
+                sink: LoggerSink | FileSink = self._logger_sink
+            else:
+                sink = self._file_sinks.setdefault(listener.access_log, FileSink(listener.access_log))
+            runtimes[listener.name] = ListenerRuntime(listener, BackendPool(listener.backends), sink)
+        return runtimes
+
+    def reload(self, config: Config) -> None:
+        """Use ``config`` for every connection accepted from now on.
+
+        Established connections keep the settings they started with. Listen addresses
+        and access-log destinations are bound at start and cannot change here.
+
+        Error handling:
+            Raises :class:`~l4proxy.errors.ConfigError` (and changes nothing) if the new
+            config adds, removes or renames listeners, or changes their ``listen`` or
+            ``access_log``.
+        """
+        old = {listener.name: listener for listener in self._config.listeners}
+        new = {listener.name: listener for listener in config.listeners}
+        problems = []
+        if old.keys() != new.keys():
+            problems.append(f"listeners: names changed from {sorted(old)} to {sorted(new)}; restart to change listeners")
+        for index, listener in enumerate(config.listeners):
+            before = old.get(listener.name)
+            if before is None:
+                continue
+            for key in ("listen", "access_log"):
+                if getattr(before, key) != getattr(listener, key):
+                    problems.append(f"listeners[{index}].{key}: cannot change on reload; restart instead")
+        if problems:
+            raise ConfigError(problems, source="reload")
+        self._runtimes = self._build_runtimes(config)
+        self._config = config
+        LOGGER.info("configuration reloaded: %d listeners", len(config.listeners))
+
+    async def serve(
+        self, *, task_status: trio.TaskStatus[list[BoundAddress]] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Bind every listener, report the bound addresses, accept until :meth:`close`.
+
+        Returns after :meth:`close` once every connection finished or was cut at its
+        listener's drain timeout. Cancelling it stops everything at once.
+
+        Error handling:
+            Raises :class:`~l4proxy.errors.ListenError` before ``task_status.started``
+            if any address cannot be bound (nothing stays bound), and
+            :class:`~l4proxy.errors.ConfigError` if an access log cannot be opened.
+        """
+        if self._is_serving:
+            raise RuntimeError("this Proxy is already serving")
+        self._is_serving = True
+        try:
+            await self._open_access_logs()
+            opened = await _bind_all(self._config.listeners)
+            try:
+                async with trio.open_nursery() as nursery:
+                    bound: list[BoundAddress] = []
+                    for name, listeners in opened:
+                        serving = _Serving(name, trio.CancelScope(), trio.CancelScope())
+                        self._serving.append(serving)
+                        bound.extend(BoundAddress(name, _bound_address(listener)) for listener in listeners)
+                        nursery.start_soon(self._run_listener, serving, listeners, name=f"l4proxy listener {name}")
+                    for address in bound:
+                        LOGGER.info("listener %r: accepting on %s", address.listener, address)
+                    task_status.started(bound)
+                    if self._draining:
+                        self.close()
+            finally:
+                for _, listeners in opened:
+                    for listener in listeners:
+                        await _close_listener(listener)
+        finally:
+            self._serving.clear()
+            self._is_serving = False
+            with trio.move_on_after(5) as cleanup:
+                cleanup.shield = True
+                for sink in self._file_sinks.values():
+                    await sink.aclose()
+
+    def close(self, *, drain_timeout: float | None = None) -> None:
+        """Stop accepting now and let established connections finish.
+
+        Each listener's connections get its ``drain_timeout`` (or the one given here,
+        e.g. ``0`` to cut them at once); then they are cancelled and logged as
+        ``drained``. Safe to call more than once; a later call only shortens the
+        deadline. Must be called from the trio thread.
+        """
+        self._draining = True
+        now = trio.current_time()
+        for serving in self._serving:
+            serving.accept_scope.cancel()
+            seconds = drain_timeout if drain_timeout is not None else self._runtimes[serving.name].config.drain_timeout
+            serving.drain_scope.deadline = min(serving.drain_scope.deadline, now + seconds)
+
+    async def handle_stream(self, stream: trio.abc.Stream, *, listener: str, client: str | None = None) -> None:
+        """Proxy a connection the host application accepted itself.
+
+        Uses the named listener's backends, timeouts and access log; returns when the
+        connection is over. ``client`` is the peer's address as it should appear in the
+        access log.
+
+        Resource handling:
+            Closes ``stream`` before returning, whatever happened.
+        """
+        runtime = self._runtimes.get(listener)
+        if runtime is None:
+            await trio.aclose_forcefully(stream)
+            raise ValueError(f"no listener named {listener!r}; have {sorted(self._runtimes)}")
+        if isinstance(runtime.access_log, FileSink) and not runtime.access_log.is_open:
+            await runtime.access_log.open()
+        await serve_connection(
+            stream,
+            listener=runtime,
+            client=client or "-",
+            connection_id=next(self._ids),
+            connect=self._connect,
+            is_draining=lambda: self._draining,
+        )
+
+    async def _open_access_logs(self) -> None:
+        for sink in self._file_sinks.values():
+            try:
+                await sink.open()
+            except OSError as exc:
+                raise ConfigError(f"access_log: cannot open {sink.path!r}: {exc.strerror or exc}") from exc
+
+    async def _run_listener(self, serving: _Serving, listeners: list[trio.SocketListener]) -> None:
+        with serving.drain_scope:
+            async with trio.open_nursery() as handlers:
+                with serving.accept_scope:
+                    async with trio.open_nursery() as acceptors:
+                        for listener in listeners:
+                            acceptors.start_soon(self._accept_loop, listener, serving.name, handlers)
+                for listener in listeners:
+                    await _close_listener(listener)
+                if handlers.child_tasks:
+                    LOGGER.info("listener %r: draining %d connections", serving.name, len(handlers.child_tasks))
+
+    async def _accept_loop(self, listener: trio.SocketListener, name: str, handlers: trio.Nursery) -> None:
+        backoff = 0.0
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
+                    raise
+                if not backoff:
+                    LOGGER.error(
+                        "listener %r: accept failed on %s: %s; retrying with backoff until it works again",
+                        name, _bound_address(listener), os.strerror(exc.errno or 0),
+                    )  # fmt: skip
+                backoff = min(max(backoff * 2, 0.005), ACCEPT_BACKOFF_MAX)
+                await trio.sleep(backoff)
+                continue
+            if backoff:
+                LOGGER.warning("listener %r: accepting again on %s", name, _bound_address(listener))
+                backoff = 0.0
+            handlers.start_soon(self._handle_accepted, stream, name)
+
+    async def _handle_accepted(self, stream: trio.SocketStream, name: str) -> None:
+        runtime = self._runtimes[name]
+        await serve_connection(
+            stream,
+            listener=runtime,
+            client=_peer_name(stream),
+            connection_id=next(self._ids),
+            connect=self._connect,
+            is_draining=lambda: self._draining,
+        )
+
+
+def _peer_name(stream: trio.SocketStream) -> str:
+    try:
+        peer = stream.socket.getpeername()
+    except OSError:
+        return "-"
+    if isinstance(peer, tuple):
+        host, port = peer[0], peer[1]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return f"unix:{peer}" if peer else "unix"
+
+
+def _bound_address(listener: trio.SocketListener) -> Address:
+    sockname = listener.socket.getsockname()
+    if isinstance(sockname, tuple):
+        return TCPAddress(sockname[0], sockname[1])
+    return UnixAddress(sockname if isinstance(sockname, str) else os.fsdecode(sockname))
+
+
+async def _close_listener(listener: trio.SocketListener) -> None:
+    if listener.socket.fileno() == -1:
+        return
+    path = listener.socket.getsockname() if listener.socket.family == socket.AF_UNIX else None
+    await trio.aclose_forcefully(listener)
+    if isinstance(path, str) and path:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+async def _bind_all(listeners: Iterable[ListenerConfig]) -> list[tuple[str, list[trio.SocketListener]]]:
+    """Bind every address of every listener, or none: on failure, close what was bound."""
+    opened: list[tuple[str, list[trio.SocketListener]]] = []
+    try:
+        for config in listeners:
+            sockets: list[trio.SocketListener] = []
+            opened.append((config.name, sockets))
+            for address in config.listen:
+                try:
+                    sockets.extend(await _bind(address))
+                except OSError as exc:
+                    reason = exc.strerror or str(exc)
+                    raise ListenError(
+                        f"cannot listen on {address} (listener {config.name!r}): {reason.lower()}"
+                    ) from exc
+    except BaseException:
+        for _, sockets in opened:
+            for listener in sockets:
+                await _close_listener(listener)
+        raise
+    return opened
+
+
+async def _bind(address: Address) -> list[trio.SocketListener]:
+    if isinstance(address, TCPAddress):
+        return await trio.open_tcp_listeners(address.port, host=address.host)
+    return [await _bind_unix(address.path)]
+
+
+async def _bind_unix(path: str) -> trio.SocketListener:
+    """Bind a Unix socket, replacing a stale socket file nobody listens on."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(mode):
+            raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
+        if await _unix_socket_in_use(path):
+            raise OSError(errno.EADDRINUSE, "address already in use")
+        os.unlink(path)
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        await sock.bind(path)
+        sock.listen(socket.SOMAXCONN)
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketListener(sock)
+
+
+async def _unix_socket_in_use(path: str) -> bool:
+    try:
+        stream = await trio.open_unix_socket(path)
+    except OSError:
+        return False
+    await stream.aclose()
+    return True
+
