@@ -115,9 +115,6 @@ class LoggerSink:
             LOGGER.info("%s", message, extra={"access": record})
 
 
-_STOP = object()
-
-
 class FileSink:
     """A file (or standard output for ``-``) fed by a writer thread.
 
@@ -135,7 +132,7 @@ class FileSink:
     def __init__(self, path: str) -> None:
         self.path = path
         self.dropped = 0
-        self._queue: queue.Queue[object] = queue.Queue(QUEUE_LIMIT)
+        self._queue: queue.Queue[tuple[AccessRecord, LogFormat] | None] = queue.Queue(QUEUE_LIMIT)
         self._thread: threading.Thread | None = None
         self._file: IO[str] | None = None
 
@@ -152,7 +149,9 @@ class FileSink:
             self._file = await trio.to_thread.run_sync(
                 lambda: open(self.path, "a", encoding="utf-8", buffering=1 << 16)  # noqa: SIM115 - the writer thread owns it
             )
-        self._thread = threading.Thread(target=self._run, name=f"l4proxy access log {self.path}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, name=f"l4proxy access log {self.path}", daemon=True
+        )
         self._thread.start()
 
     def write(self, record: AccessRecord, log_format: LogFormat) -> None:
@@ -166,10 +165,14 @@ class FileSink:
         if thread is None:
             return
         self._thread = None
-        await trio.to_thread.run_sync(self._queue.put, _STOP)
+        await trio.to_thread.run_sync(self._queue.put, None)  # None tells the writer to stop
         await trio.to_thread.run_sync(thread.join)
         if self.dropped:
-            DIAGNOSTIC_LOGGER.warning("access log %s: dropped %d lines (writer could not keep up)", self.path, self.dropped)
+            DIAGNOSTIC_LOGGER.warning(
+                "access log %s: dropped %d lines (writer could not keep up)",
+                self.path,
+                self.dropped,
+            )
 
     def _run(self) -> None:
         file = self._file
@@ -184,11 +187,8 @@ class FileSink:
                         items.append(self._queue.get_nowait())
                     except queue.Empty:
                         break
-                stop = any(item is _STOP for item in items)
-                lines = [
-                    FORMATTERS[fmt](record)
-                    for record, fmt in (item for item in items if item is not _STOP)  # type: ignore[misc]  # queue holds (record, format) pairs
-                ]
+                stop = None in items
+                lines = [FORMATTERS[fmt](record) for record, fmt in filter(None, items)]
                 try:
                     if lines:
                         file.write("\n".join(lines) + "\n")
@@ -198,7 +198,9 @@ class FileSink:
                         DIAGNOSTIC_LOGGER.error("access log %s: cannot write: %s", self.path, exc)
                         failed = True
                 if self.dropped != reported_drops:
-                    DIAGNOSTIC_LOGGER.warning("access log %s: %d lines dropped so far", self.path, self.dropped)
+                    DIAGNOSTIC_LOGGER.warning(
+                        "access log %s: %d lines dropped so far", self.path, self.dropped
+                    )
                     reported_drops = self.dropped
                 if stop:
                     return

@@ -12,8 +12,7 @@ import math
 import re
 import signal
 import sys
-from collections.abc import AsyncIterator, Callable, Sequence
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import click
 import trio
@@ -22,7 +21,10 @@ from ._version import __version__
 from .addresses import Address, Role, parse_address
 from .config import Config, LogLevel, read_toml
 from .errors import ConfigError, ListenError
-from .server import Proxy
+from .server import BoundAddress, Proxy
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Callable, Sequence
 
 LOGGER = logging.getLogger("l4proxy.cli")
 
@@ -36,7 +38,7 @@ _FLAG_FOR_PATH = (
 )
 
 
-class AddressType(click.ParamType):
+class AddressType(click.ParamType[Address, str]):
     """``HOST:PORT``, ``[V6]:PORT``, ``:PORT`` (listen only) or ``unix:/path``."""
 
     name = "address"
@@ -44,14 +46,16 @@ class AddressType(click.ParamType):
     def __init__(self, role: Role) -> None:
         self.role: Role = role
 
-    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> Address:
+    def convert(
+        self, value: object, param: click.Parameter | None, ctx: click.Context | None
+    ) -> Address:
         try:
             return parse_address(str(value), role=self.role)
         except ValueError as exc:
             self.fail(str(exc), param, ctx)
 
 
-class SecondsType(click.ParamType):
+class SecondsType(click.ParamType[float, str]):
     """A duration in seconds: a non-negative number (positive when ``positive``)."""
 
     name = "seconds"
@@ -59,13 +63,19 @@ class SecondsType(click.ParamType):
     def __init__(self, *, positive: bool = False) -> None:
         self.positive = positive
 
-    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> float:
+    def convert(
+        self, value: object, param: click.Parameter | None, ctx: click.Context | None
+    ) -> float:
         try:
             seconds = float(str(value))
         except ValueError:
             self.fail(f"expected a number of seconds, got {value!r}", param, ctx)
         if math.isnan(seconds) or seconds < 0 or (self.positive and seconds == 0):
-            self.fail(f"expected a number of seconds {'> 0' if self.positive else '>= 0'}, got {value!r}", param, ctx)
+            self.fail(
+                f"expected a number of seconds {'> 0' if self.positive else '>= 0'}, got {value!r}",
+                param,
+                ctx,
+            )
         return seconds
 
 
@@ -73,23 +83,60 @@ class SecondsType(click.ParamType):
     context_settings={"auto_envvar_prefix": "L4PROXY", "help_option_names": ["-h", "--help"]},
     epilog="Exit status: 0 after a clean shutdown, 1 on a runtime failure, 2 on a usage or config error.",
 )
-@click.option("-l", "--listen", "listen", multiple=True, type=AddressType("listen"), metavar="ADDR",
-              help="Accept on ADDR: HOST:PORT, [V6]:PORT, :PORT (every interface) or unix:/PATH. Repeatable.")
-@click.option("-b", "--backend", "backends", multiple=True, type=AddressType("backend"), metavar="ADDR",
-              help="Forward to ADDR: HOST:PORT, [V6]:PORT or unix:/PATH. Repeat to build a round-robin pool.")
-@click.option("--connect-timeout", type=SecondsType(positive=True), metavar="S",
-              help="Seconds per backend connect attempt.  [default: 5]")
-@click.option("--idle-timeout", type=SecondsType(), metavar="S",
-              help="Close both sides after S seconds with no bytes either way; 0 is off.  [default: 0]")
-@click.option("--drain-timeout", type=SecondsType(), metavar="S",
-              help="On SIGTERM/SIGINT, seconds established connections may finish.  [default: 30]")
-@click.option("--access-log", metavar="PATH|-",
-              help="Write one line per connection to PATH, or standard output for '-'.  [default: standard error]")
-@click.option("--log-format", type=click.Choice(["text", "json"]), help="Access-log format.  [default: text]")
+@click.option(
+    "-l",
+    "--listen",
+    "listen",
+    multiple=True,
+    type=AddressType("listen"),
+    metavar="ADDR",
+    help="Accept on ADDR: HOST:PORT, [V6]:PORT, :PORT (every interface) or unix:/PATH. Repeatable.",
+)
+@click.option(
+    "-b",
+    "--backend",
+    "backends",
+    multiple=True,
+    type=AddressType("backend"),
+    metavar="ADDR",
+    help="Forward to ADDR: HOST:PORT, [V6]:PORT or unix:/PATH. Repeat to build a round-robin pool.",
+)
+@click.option(
+    "--connect-timeout",
+    type=SecondsType(positive=True),
+    metavar="S",
+    help="Seconds per backend connect attempt.  [default: 5]",
+)
+@click.option(
+    "--idle-timeout",
+    type=SecondsType(),
+    metavar="S",
+    help="Close both sides after S seconds with no bytes either way; 0 is off.  [default: 0]",
+)
+@click.option(
+    "--drain-timeout",
+    type=SecondsType(),
+    metavar="S",
+    help="On SIGTERM/SIGINT, seconds established connections may finish.  [default: 30]",
+)
+@click.option(
+    "--access-log",
+    metavar="PATH|-",
+    help="Write one line per connection to PATH, or standard output for '-'.  [default: standard error]",
+)
+@click.option(
+    "--log-format", type=click.Choice(["text", "json"]), help="Access-log format.  [default: text]"
+)
 @click.option("-v", "--verbose", count=True, help="More diagnostic logging (repeatable).")
 @click.option("-q", "--quiet", count=True, help="Less diagnostic logging (repeatable).")
-@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), metavar="FILE",
-              help="Read listeners and settings from a TOML file.")
+@click.option(
+    "-c",
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    metavar="FILE",
+    help="Read listeners and settings from a TOML file.",
+)
 @click.option("--check", is_flag=True, help="Validate the configuration, print a summary and exit.")
 @click.version_option(__version__, "--version", prog_name="l4proxy", message="%(prog)s %(version)s")
 def cli(
@@ -126,7 +173,9 @@ def cli(
     }
     if config_path is not None:
         if listen or backends:
-            raise click.UsageError("--listen/--backend cannot be combined with --config; put them in a [[listeners]] table")
+            raise click.UsageError(
+                "--listen/--backend cannot be combined with --config; put them in a [[listeners]] table"
+            )
         path = config_path
 
         def load() -> Config:
@@ -135,13 +184,17 @@ def cli(
         source = path
     else:
         if not listen and not backends:
-            raise click.UsageError("nothing to proxy: give --listen and --backend, or --config FILE (see --help)")
+            raise click.UsageError(
+                "nothing to proxy: give --listen and --backend, or --config FILE (see --help)"
+            )
         if not backends:
             raise click.UsageError("--backend is required with --listen")
         if not listen:
             raise click.UsageError("--listen is required with --backend")
         mapping = {
-            "listeners": [{"listen": [str(a) for a in listen], "backends": [str(a) for a in backends]}],
+            "listeners": [
+                {"listen": [str(a) for a in listen], "backends": [str(a) for a in backends]}
+            ],
             **overrides,
         }
 
@@ -152,7 +205,9 @@ def cli(
     config = _load_or_usage_error(load)
     if check:
         names = ", ".join(listener.name for listener in config.listeners)
-        click.echo(f"{source}: ok ({len(config.listeners)} listener{'s' * (len(config.listeners) != 1)}: {names})")
+        click.echo(
+            f"{source}: ok ({len(config.listeners)} listener{'s' * (len(config.listeners) != 1)}: {names})"
+        )
         return 0
     level = _LEVELS[max(0, min(len(_LEVELS) - 1, _LEVEL_INDEX[config.log_level] - verbose + quiet))]
     _configure_logging(level)
@@ -218,7 +273,10 @@ def _print_error(group: BaseExceptionGroup[BaseException]) -> None:
 
 
 async def _serve_then_stop(
-    proxy: Proxy, scope: trio.CancelScope, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    proxy: Proxy,
+    scope: trio.CancelScope,
+    *,
+    task_status: trio.TaskStatus[list[BoundAddress]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     await proxy.serve(task_status=task_status)
     scope.cancel()
@@ -238,7 +296,10 @@ async def _handle_signals(
             except ConfigError as exc:
                 LOGGER.error("%s: reload failed, keeping the running configuration: %s", name, exc)
         elif not proxy.draining:
-            LOGGER.info("%s: no longer accepting; draining established connections (signal again to stop now)", name)
+            LOGGER.info(
+                "%s: no longer accepting; draining established connections (signal again to stop now)",
+                name,
+            )
             proxy.close()
         else:
             LOGGER.warning("%s again: closing remaining connections now", name)

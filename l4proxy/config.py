@@ -20,13 +20,15 @@ import enum
 import math
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
-from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import attrs
 
 from .addresses import Address, Role, TCPAddress, UnixAddress, parse_address
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 __all__ = ["Config", "ListenerConfig", "LogFormat", "LogLevel"]
 
@@ -49,22 +51,33 @@ class LogLevel(enum.StrEnum):
     ERROR = "error"
 
 
-def _addresses(role: Role) -> Callable[[Iterable[Address | str]], tuple[Address, ...]]:
-    def convert(values: Iterable[Address | str]) -> tuple[Address, ...]:
-        if isinstance(values, str | TCPAddress | UnixAddress):
-            values = [values]
-        result: list[Address] = []
-        for value in values:
-            if isinstance(value, TCPAddress | UnixAddress):
-                result.append(value)
-                continue
-            try:
-                result.append(parse_address(value, role=role))
-            except (TypeError, ValueError) as exc:
-                raise ConfigError(f"{role}: {exc}") from None
-        return tuple(result)
+def _to_addresses(
+    values: Iterable[Address | str] | Address | str, role: Role
+) -> tuple[Address, ...]:
+    if isinstance(values, str | TCPAddress | UnixAddress):
+        values = [values]
+    result: list[Address] = []
+    for value in values:
+        if isinstance(value, TCPAddress | UnixAddress):
+            result.append(value)
+            continue
+        try:
+            result.append(parse_address(value, role=role))
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{role}: {exc}") from None
+    return tuple(result)
 
-    return convert
+
+def _listen_addresses(values: Iterable[Address | str] | Address | str) -> tuple[Address, ...]:
+    return _to_addresses(values, "listen")
+
+
+def _backend_addresses(values: Iterable[Address | str] | Address | str) -> tuple[Address, ...]:
+    return _to_addresses(values, "backend")
+
+
+def _listener_tuple(values: Iterable[ListenerConfig]) -> tuple[ListenerConfig, ...]:
+    return tuple(values)
 
 
 def _duration(*, positive: bool = False) -> Callable[[object, attrs.Attribute[float], float], None]:
@@ -84,12 +97,16 @@ def _duration_problem(value: object, *, positive: bool) -> str | None:
     return None
 
 
-def _non_empty(_instance: object, attribute: attrs.Attribute[tuple[Address, ...]], value: tuple[Address, ...]) -> None:
+def _non_empty(
+    _instance: object, attribute: attrs.Attribute[tuple[Address, ...]], value: tuple[Address, ...]
+) -> None:
     if not value:
         raise ConfigError(f"{attribute.name}: needs at least one address")
 
 
-def _access_log(_instance: object, _attribute: attrs.Attribute[str | None], value: str | None) -> None:
+def _access_log(
+    _instance: object, _attribute: attrs.Attribute[str | None], value: str | None
+) -> None:
     if value is not None and (not isinstance(value, str) or not value):
         raise ConfigError(f"access_log: expected a file path or '-', got {value!r}")
 
@@ -111,8 +128,8 @@ class ListenerConfig:
         log_format: ``text`` (logfmt-style) or ``json`` (one object per line).
     """
 
-    listen: tuple[Address, ...] = attrs.field(converter=_addresses("listen"), validator=_non_empty)
-    backends: tuple[Address, ...] = attrs.field(converter=_addresses("backend"), validator=_non_empty)
+    listen: tuple[Address, ...] = attrs.field(converter=_listen_addresses, validator=_non_empty)
+    backends: tuple[Address, ...] = attrs.field(converter=_backend_addresses, validator=_non_empty)
     name: str = attrs.field()
     connect_timeout: float = attrs.field(default=5.0, validator=_duration(positive=True))
     idle_timeout: float = attrs.field(default=0.0, validator=_duration())
@@ -141,7 +158,7 @@ class Config:
         '127.0.0.1:0'
     """
 
-    listeners: tuple[ListenerConfig, ...] = attrs.field(converter=tuple)
+    listeners: tuple[ListenerConfig, ...] = attrs.field(converter=_listener_tuple)
     log_level: LogLevel = attrs.field(default=LogLevel.INFO, converter=LogLevel)
 
     def __attrs_post_init__(self) -> None:
@@ -170,12 +187,20 @@ def read_toml(path: str | Path) -> dict[str, object]:
         with open(path, "rb") as file:
             return tomllib.load(file)
     except OSError as exc:
-        raise ConfigError(f"cannot read config file: {exc.strerror or exc}", source=str(path)) from exc
+        raise ConfigError(
+            f"cannot read config file: {exc.strerror or exc}", source=str(path)
+        ) from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"invalid TOML: {exc}", source=str(path)) from exc
 
 
-_LISTENER_SETTINGS = ("connect_timeout", "idle_timeout", "drain_timeout", "access_log", "log_format")
+_LISTENER_SETTINGS = (
+    "connect_timeout",
+    "idle_timeout",
+    "drain_timeout",
+    "access_log",
+    "log_format",
+)
 _TOP_LEVEL_KEYS = ("listeners", "log_level", *_LISTENER_SETTINGS)
 _LISTENER_KEYS = ("name", "listen", "backends", *_LISTENER_SETTINGS)
 
@@ -203,7 +228,11 @@ def _cross_check(listeners: tuple[ListenerConfig, ...]) -> list[str]:
                 # ":PORT" takes the port on every interface, so it clashes with any host.
                 if address.host is None:
                     clash = next(
-                        (p for a, p in bound.items() if isinstance(a, TCPAddress) and a.port == address.port),
+                        (
+                            p
+                            for a, p in bound.items()
+                            if isinstance(a, TCPAddress) and a.port == address.port
+                        ),
                         None,
                     )
                 else:
@@ -223,7 +252,7 @@ class _MappingReader:
     def __init__(self, problems: list[str]) -> None:
         self.problems = problems
 
-    def config(self, data: Mapping[str, object]) -> Config | None:
+    def config(self, data: object) -> Config | None:
         if not isinstance(data, Mapping):
             self.problems.append(f"expected a table at the top level, got {type(data).__name__}")
             return None
@@ -243,9 +272,13 @@ class _MappingReader:
             self.problems.append("listeners: at least one [[listeners]] table is required")
             return None
         if not isinstance(raw_listeners, list):
-            self.problems.append(f"listeners: expected an array of tables, got {_kind(raw_listeners)}")
+            self.problems.append(
+                f"listeners: expected an array of tables, got {_kind(raw_listeners)}"
+            )
             return None
-        listeners = [self.listener(item, f"listeners[{i}]", defaults) for i, item in enumerate(raw_listeners)]
+        listeners = [
+            self.listener(item, f"listeners[{i}]", defaults) for i, item in enumerate(raw_listeners)
+        ]
         if self.problems:
             return None
         complete = tuple(listener for listener in listeners if listener is not None)
@@ -255,7 +288,9 @@ class _MappingReader:
             return None
         return Config(listeners=complete, log_level=log_level or LogLevel.INFO)
 
-    def listener(self, data: object, path: str, defaults: Mapping[str, object]) -> ListenerConfig | None:
+    def listener(
+        self, data: object, path: str, defaults: Mapping[str, object]
+    ) -> ListenerConfig | None:
         if not isinstance(data, Mapping):
             self.problems.append(f"{path}: expected a table, got {_kind(data)}")
             return None
@@ -329,7 +364,9 @@ class _MappingReader:
             self.problems.append(f"{path}: expected one of {choices}, got {value!r}")
             return None
 
-    def _reject_unknown(self, data: Mapping[str, object], allowed: tuple[str, ...], prefix: str) -> None:
+    def _reject_unknown(
+        self, data: Mapping[str, object], allowed: tuple[str, ...], prefix: str
+    ) -> None:
         for key in data:
             if key in allowed or (prefix == "" and key in ("listen", "backends", "name")):
                 continue
@@ -340,5 +377,12 @@ class _MappingReader:
 
 def _kind(value: object) -> str:
     """A TOML-ish name for a value's type, for error messages."""
-    names = {str: "a string", int: "an integer", float: "a number", bool: "a boolean", list: "an array", dict: "a table"}
+    names = {
+        str: "a string",
+        int: "an integer",
+        float: "a number",
+        bool: "a boolean",
+        list: "an array",
+        dict: "a table",
+    }
     return names.get(type(value), type(value).__name__)

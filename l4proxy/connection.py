@@ -10,7 +10,6 @@ from __future__ import annotations
 import errno
 import logging
 import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import attrs
@@ -22,6 +21,8 @@ from .errors import L4ProxyError, UpstreamConnectError
 from .pump import Transfer, pump
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from .config import ListenerConfig
 
 LOGGER = logging.getLogger("l4proxy.connection")
@@ -85,7 +86,10 @@ async def serve_connection(
         outcome, error = "error:proxy", str(exc)
     except Exception as exc:
         LOGGER.exception(
-            "connection %d from %s on listener %r failed unexpectedly", connection_id, client, config.name
+            "connection %d from %s on listener %r failed unexpectedly",
+            connection_id,
+            client,
+            config.name,
         )
         outcome, error = "error:internal", f"{type(exc).__name__}: {exc}"
     finally:

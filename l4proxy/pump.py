@@ -53,7 +53,11 @@ class _Splice:
 
 
 async def pump(
-    client: trio.abc.Stream, backend: trio.abc.Stream, transfer: Transfer, *, idle_seconds: float = 0.0
+    client: trio.abc.Stream,
+    backend: trio.abc.Stream,
+    transfer: Transfer,
+    *,
+    idle_seconds: float = 0.0,
 ) -> Outcome:
     """Copy both ways until both directions ended, a side failed, or the link went idle.
 
@@ -97,7 +101,12 @@ async def _backend_to_client(
 
 
 async def _copy(
-    src: trio.abc.Stream, dst: trio.abc.Stream, splice: _Splice, both: trio.CancelScope, *, to_backend: bool
+    src: trio.abc.Stream,
+    dst: trio.abc.Stream,
+    splice: _Splice,
+    both: trio.CancelScope,
+    *,
+    to_backend: bool,
 ) -> None:
     src_name: Literal["client", "backend"] = "client" if to_backend else "backend"
     dst_name: Literal["client", "backend"] = "backend" if to_backend else "client"

@@ -15,13 +15,13 @@ its drain timeout. ``serve`` returns when every handler has finished or been cut
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import logging
 import os
 import socket
 import stat
-from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import attrs
@@ -30,12 +30,13 @@ import trio
 from .accesslog import FileSink, LoggerSink
 from .addresses import Address, TCPAddress, UnixAddress
 from .backends import BackendPool, Connector, open_connection
-from .config import Config, ListenerConfig
 from .connection import ListenerRuntime, serve_connection
 from .errors import ConfigError, ListenError
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Iterable, Mapping
+
+    from .config import Config, ListenerConfig
 
 LOGGER = logging.getLogger("l4proxy.server")
 
@@ -115,8 +116,12 @@ class Proxy:
             if listener.access_log is None:
                 sink: LoggerSink | FileSink = self._logger_sink
             else:
-                sink = self._file_sinks.setdefault(listener.access_log, FileSink(listener.access_log))
-            runtimes[listener.name] = ListenerRuntime(listener, BackendPool(listener.backends), sink)
+                sink = self._file_sinks.setdefault(
+                    listener.access_log, FileSink(listener.access_log)
+                )
+            runtimes[listener.name] = ListenerRuntime(
+                listener, BackendPool(listener.backends), sink
+            )
         return runtimes
 
     def reload(self, config: Config) -> None:
@@ -134,14 +139,18 @@ class Proxy:
         new = {listener.name: listener for listener in config.listeners}
         problems = []
         if old.keys() != new.keys():
-            problems.append(f"listeners: names changed from {sorted(old)} to {sorted(new)}; restart to change listeners")
+            problems.append(
+                f"listeners: names changed from {sorted(old)} to {sorted(new)}; restart to change listeners"
+            )
         for index, listener in enumerate(config.listeners):
             before = old.get(listener.name)
             if before is None:
                 continue
             for key in ("listen", "access_log"):
                 if getattr(before, key) != getattr(listener, key):
-                    problems.append(f"listeners[{index}].{key}: cannot change on reload; restart instead")
+                    problems.append(
+                        f"listeners[{index}].{key}: cannot change on reload; restart instead"
+                    )
         if problems:
             raise ConfigError(problems, source="reload")
         self._runtimes = self._build_runtimes(config)
@@ -173,8 +182,12 @@ class Proxy:
                     for name, listeners in opened:
                         serving = _Serving(name, trio.CancelScope(), trio.CancelScope())
                         self._serving.append(serving)
-                        bound.extend(BoundAddress(name, _bound_address(listener)) for listener in listeners)
-                        nursery.start_soon(self._run_listener, serving, listeners, name=f"l4proxy listener {name}")
+                        bound.extend(
+                            BoundAddress(name, _bound_address(listener)) for listener in listeners
+                        )
+                        nursery.start_soon(
+                            self._run_listener, serving, listeners, name=f"l4proxy listener {name}"
+                        )
                     for address in bound:
                         LOGGER.info("listener %r: accepting on %s", address.listener, address)
                     task_status.started(bound)
@@ -204,10 +217,16 @@ class Proxy:
         now = trio.current_time()
         for serving in self._serving:
             serving.accept_scope.cancel()
-            seconds = drain_timeout if drain_timeout is not None else self._runtimes[serving.name].config.drain_timeout
+            seconds = (
+                drain_timeout
+                if drain_timeout is not None
+                else self._runtimes[serving.name].config.drain_timeout
+            )
             serving.drain_scope.deadline = min(serving.drain_scope.deadline, now + seconds)
 
-    async def handle_stream(self, stream: trio.abc.Stream, *, listener: str, client: str | None = None) -> None:
+    async def handle_stream(
+        self, stream: trio.abc.Stream, *, listener: str, client: str | None = None
+    ) -> None:
         """Proxy a connection the host application accepted itself.
 
         Uses the named listener's backends, timeouts and access log; returns when the
@@ -237,7 +256,9 @@ class Proxy:
             try:
                 await sink.open()
             except OSError as exc:
-                raise ConfigError(f"access_log: cannot open {sink.path!r}: {exc.strerror or exc}") from exc
+                raise ConfigError(
+                    f"access_log: cannot open {sink.path!r}: {exc.strerror or exc}"
+                ) from exc
 
     async def _run_listener(self, serving: _Serving, listeners: list[trio.SocketListener]) -> None:
         with serving.drain_scope:
@@ -245,13 +266,21 @@ class Proxy:
                 with serving.accept_scope:
                     async with trio.open_nursery() as acceptors:
                         for listener in listeners:
-                            acceptors.start_soon(self._accept_loop, listener, serving.name, handlers)
+                            acceptors.start_soon(
+                                self._accept_loop, listener, serving.name, handlers
+                            )
                 for listener in listeners:
                     await _close_listener(listener)
                 if handlers.child_tasks:
-                    LOGGER.info("listener %r: draining %d connections", serving.name, len(handlers.child_tasks))
+                    LOGGER.info(
+                        "listener %r: draining %d connections",
+                        serving.name,
+                        len(handlers.child_tasks),
+                    )
 
-    async def _accept_loop(self, listener: trio.SocketListener, name: str, handlers: trio.Nursery) -> None:
+    async def _accept_loop(
+        self, listener: trio.SocketListener, name: str, handlers: trio.Nursery
+    ) -> None:
         backoff = 0.0
         while True:
             try:
@@ -308,13 +337,13 @@ async def _close_listener(listener: trio.SocketListener) -> None:
     path = listener.socket.getsockname() if listener.socket.family == socket.AF_UNIX else None
     await trio.aclose_forcefully(listener)
     if isinstance(path, str) and path:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(path)
-        except OSError:
-            pass
 
 
-async def _bind_all(listeners: Iterable[ListenerConfig]) -> list[tuple[str, list[trio.SocketListener]]]:
+async def _bind_all(
+    listeners: Iterable[ListenerConfig],
+) -> list[tuple[str, list[trio.SocketListener]]]:
     """Bind every address of every listener, or none: on failure, close what was bound."""
     opened: list[tuple[str, list[trio.SocketListener]]] = []
     try:
@@ -372,4 +401,3 @@ async def _unix_socket_in_use(path: str) -> bool:
         return False
     await stream.aclose()
     return True
-
