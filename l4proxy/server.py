@@ -142,15 +142,13 @@ class Proxy:
             problems.append(
                 f"listeners: names changed from {sorted(old)} to {sorted(new)}; restart to change listeners"
             )
-        for index, listener in enumerate(config.listeners):
-            before = old.get(listener.name)
-            if before is None:
-                continue
-            for key in ("listen", "access_log"):
-                if getattr(before, key) != getattr(listener, key):
-                    problems.append(
-                        f"listeners[{index}].{key}: cannot change on reload; restart instead"
-                    )
+        problems.extend(
+            f"listeners[{index}].{key}: cannot change on reload; restart instead"
+            for index, listener in enumerate(config.listeners)
+            if listener.name in old
+            for key in ("listen", "access_log")
+            if getattr(old[listener.name], key) != getattr(listener, key)
+        )
         if problems:
             raise ConfigError(problems, source="reload")
         self._runtimes = self._build_runtimes(config)
