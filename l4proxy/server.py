@@ -194,7 +194,7 @@ class Proxy:
             finally:
                 for _, listeners in opened:
                     for listener in listeners:
-                        await _close_listener(listener)
+                        _close_listener(listener)
         finally:
             self._serving.clear()
             self._is_serving = False
@@ -268,7 +268,7 @@ class Proxy:
                                 self._accept_loop, listener, serving.name, handlers
                             )
                 for listener in listeners:
-                    await _close_listener(listener)
+                    _close_listener(listener)
                 if handlers.child_tasks:
                     LOGGER.info(
                         "listener %r: draining %d connections",
@@ -329,11 +329,14 @@ def _bound_address(listener: trio.SocketListener) -> Address:
     return UnixAddress(sockname if isinstance(sockname, str) else os.fsdecode(sockname))
 
 
-async def _close_listener(listener: trio.SocketListener) -> None:
-    if listener.socket.fileno() == -1:
+def _close_listener(listener: trio.SocketListener) -> None:
+    """Close now, synchronously: it runs in ``finally`` blocks while cancelled, where
+    any checkpoint would raise before the remaining listeners were closed."""
+    sock = listener.socket
+    if sock.fileno() == -1:
         return
-    path = listener.socket.getsockname() if listener.socket.family == socket.AF_UNIX else None
-    await trio.aclose_forcefully(listener)
+    path = sock.getsockname() if sock.family == socket.AF_UNIX else None
+    sock.close()
     if isinstance(path, str) and path:
         with contextlib.suppress(OSError):
             os.unlink(path)
@@ -359,7 +362,7 @@ async def _bind_all(
     except BaseException:
         for _, sockets in opened:
             for listener in sockets:
-                await _close_listener(listener)
+                _close_listener(listener)
         raise
     return opened
 

@@ -1,0 +1,116 @@
+"""Shared helpers: loopback backends and an in-process proxy, all on port 0."""
+
+from __future__ import annotations
+
+import socket
+from functools import partial
+from collections.abc import Awaitable, Callable, Sequence
+
+import pytest
+import trio
+
+import l4proxy
+
+Handler = Callable[[trio.SocketStream], Awaitable[None]]
+
+
+async def echo(stream: trio.abc.Stream) -> None:
+    """Echo until EOF, then half-close back (so half-close is visible end to end)."""
+    async with stream:
+        try:
+            async for data in stream:
+                await stream.send_all(data)
+            if isinstance(stream, trio.abc.HalfCloseableStream):
+                await stream.send_eof()
+        except trio.BrokenResourceError:
+            pass
+
+
+def identify(name: bytes) -> Handler:
+    """A backend that greets with its name, then echoes: tells which backend was picked."""
+
+    async def handler(stream: trio.SocketStream) -> None:
+        try:
+            await stream.send_all(name + b"\n")
+        except trio.BrokenResourceError:
+            await stream.aclose()
+            return
+        await echo(stream)
+
+    return handler
+
+
+async def start_backend(nursery: trio.Nursery, handler: Handler = echo, host: str = "127.0.0.1") -> str:
+    """Serve ``handler`` on ``host`` port 0; return the address as the proxy spells it."""
+    listeners = await nursery.start(partial(trio.serve_tcp, handler, 0, host=host))
+    host, port = listeners[0].socket.getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def start_proxy(
+    nursery: trio.Nursery,
+    backends: Sequence[str],
+    *,
+    listen: Sequence[str] = ("127.0.0.1:0",),
+    connect: l4proxy.Connector | None = None,
+    **settings: object,
+) -> tuple[l4proxy.Proxy, list[l4proxy.BoundAddress]]:
+    """Run a one-listener proxy in ``nursery``; return it and its bound addresses."""
+    config = l4proxy.Config(
+        listeners=[l4proxy.ListenerConfig(listen=list(listen), backends=list(backends), **settings)]  # type: ignore[arg-type]
+    )
+    proxy = l4proxy.Proxy(config, connect=connect)
+    bound = await nursery.start(proxy.serve)
+    return proxy, bound
+
+
+async def connect_to(bound: l4proxy.BoundAddress) -> trio.SocketStream:
+    address = bound.address
+    if isinstance(address, l4proxy.UnixAddress):
+        return await trio.open_unix_socket(address.path)
+    assert address.host is not None
+    return await trio.open_tcp_stream(address.host, address.port)
+
+
+async def receive_exactly(stream: trio.abc.ReceiveStream, size: int) -> bytes:
+    data = bytearray()
+    while len(data) < size:
+        chunk = await stream.receive_some(size - len(data))
+        if not chunk:
+            raise AssertionError(f"EOF after {len(data)} of {size} bytes")
+        data += chunk
+    return bytes(data)
+
+
+async def receive_all(stream: trio.abc.ReceiveStream) -> bytes:
+    data = bytearray()
+    async for chunk in stream:
+        data += chunk
+    return bytes(data)
+
+
+def refused_port() -> int:
+    """A loopback port nobody listens on (bound then closed: connects are refused)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def ipv6_loopback_available() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            sock.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.fixture
+def access_records(caplog: pytest.LogCaptureFixture) -> Callable[[], list[l4proxy.AccessRecord]]:
+    """The access records logged so far (listeners without an access_log file)."""
+    caplog.set_level("INFO", logger="l4proxy.access")
+
+    def records() -> list[l4proxy.AccessRecord]:
+        return [r.access for r in caplog.records if r.name == "l4proxy.access"]  # type: ignore[attr-defined]
+
+    return records

@@ -1,0 +1,114 @@
+from __future__ import annotations
+
+import socket
+from functools import partial
+
+import pytest
+import trio
+import trio.testing
+
+from l4proxy import TCPAddress, UpstreamConnectError
+from l4proxy.backends import BackendPool, connect_pool, open_connection
+
+from .conftest import refused_port
+
+A, B, C = (TCPAddress(f"10.0.0.{i}", 5432) for i in (1, 2, 3))
+
+
+def test_round_robin_rotates_the_starting_backend() -> None:
+    pool = BackendPool((A, B, C))
+    assert [pool.order() for _ in range(4)] == [(A, B, C), (B, C, A), (C, A, B), (A, B, C)]
+
+
+class FakeDialer:
+    """Records attempts; each address either fails, hangs or returns a memory stream."""
+
+    def __init__(self, behaviour: dict[TCPAddress, str]) -> None:
+        self.behaviour = behaviour
+        self.attempts: list[TCPAddress] = []
+
+    async def __call__(self, address: TCPAddress) -> trio.abc.Stream:  # type: ignore[override]
+        self.attempts.append(address)
+        match self.behaviour[address]:
+            case "refuse":
+                raise ConnectionRefusedError(111, "Connection refused")
+            case "hang":
+                await trio.sleep_forever()
+        return trio.testing.memory_stream_pair()[0]
+
+
+async def test_failover_skips_backends_that_refuse() -> None:
+    dialer = FakeDialer({A: "refuse", B: "ok", C: "ok"})
+    stream, address = await connect_pool(BackendPool((A, B, C)), dialer, attempt_seconds=5)  # type: ignore[arg-type]
+    assert address == B
+    assert dialer.attempts == [A, B]
+    await stream.aclose()
+
+
+async def test_failover_skips_backends_that_time_out(autojump_clock: trio.testing.MockClock) -> None:
+    dialer = FakeDialer({A: "hang", B: "hang", C: "ok"})
+    start = trio.current_time()
+    _, address = await connect_pool(BackendPool((A, B, C)), dialer, attempt_seconds=2)  # type: ignore[arg-type]
+    assert address == C
+    assert trio.current_time() - start == pytest.approx(4)
+
+
+async def test_each_backend_is_tried_at_most_once_then_the_error_says_why(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    dialer = FakeDialer({A: "refuse", B: "hang", C: "refuse"})
+    pool = BackendPool((A, B, C))
+    pool.order()  # start the next connection at B
+    with pytest.raises(UpstreamConnectError) as info:
+        await connect_pool(pool, dialer, attempt_seconds=1.5)  # type: ignore[arg-type]
+    assert dialer.attempts == [B, C, A]
+    assert info.value.attempts == (
+        ("10.0.0.2:5432", "timed out after 1.5s"),
+        ("10.0.0.3:5432", "connection refused"),
+        ("10.0.0.1:5432", "connection refused"),
+    )
+
+
+async def test_real_refused_backend_is_described_and_a_host_name_resolves(nursery: trio.Nursery) -> None:
+    refused = TCPAddress("127.0.0.1", refused_port())
+    with pytest.raises(UpstreamConnectError) as info:
+        await connect_pool(BackendPool((refused,)), open_connection, attempt_seconds=5)
+    assert info.value.attempts == ((str(refused), "connection refused"),)
+    # "localhost" resolves from /etc/hosts, off the event loop; no DNS traffic leaves the machine.
+    listeners = await nursery.start(partial(trio.serve_tcp, _close_at_once, 0, host="127.0.0.1"))
+    port = listeners[0].socket.getsockname()[1]
+    stream, address = await connect_pool(
+        BackendPool((TCPAddress("localhost", port),)), open_connection, attempt_seconds=5
+    )
+    assert address == TCPAddress("localhost", port)
+    await stream.aclose()
+
+
+async def _close_at_once(stream: trio.SocketStream) -> None:
+    await stream.aclose()
+
+
+async def test_real_connect_timeout_on_a_backend_whose_backlog_is_full() -> None:
+    """A listener that never accepts and has a full queue drops SYNs: connects hang."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(0)
+        port = server.getsockname()[1]
+        fillers = []
+        try:
+            for _ in range(4):  # more than the accept queue holds; the rest are pending
+                filler = socket.socket()
+                filler.setblocking(False)
+                fillers.append(filler)
+                try:
+                    filler.connect(("127.0.0.1", port))
+                except BlockingIOError:
+                    pass
+            with pytest.raises(UpstreamConnectError) as info:
+                await connect_pool(
+                    BackendPool((TCPAddress("127.0.0.1", port),)), open_connection, attempt_seconds=0.3
+                )
+            assert info.value.attempts == (("127.0.0.1:" + str(port), "timed out after 0.3s"),)
+        finally:
+            for filler in fillers:
+                filler.close()

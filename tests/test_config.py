@@ -1,0 +1,159 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from l4proxy import Config, ConfigError, ListenerConfig, LogFormat, TCPAddress, UnixAddress
+
+
+def listeners(*items: dict[str, object]) -> dict[str, object]:
+    return {"listeners": list(items)}
+
+
+def problems_of(data: dict[str, object]) -> tuple[str, ...]:
+    with pytest.raises(ConfigError) as info:
+        Config.from_mapping(data, source="test.toml")
+    assert str(info.value).startswith("test.toml: ")
+    assert "\n" not in str(info.value)
+    return info.value.problems
+
+
+def test_minimal_listener_gets_documented_defaults() -> None:
+    config = Config.from_mapping(listeners({"listen": [":5432"], "backends": ["10.0.0.5:5432"]}))
+    (listener,) = config.listeners
+    assert listener.listen == (TCPAddress(None, 5432),)
+    assert listener.backends == (TCPAddress("10.0.0.5", 5432),)
+    assert listener.name == ":5432"
+    assert (listener.connect_timeout, listener.idle_timeout, listener.drain_timeout) == (5.0, 0.0, 30.0)
+    assert listener.access_log is None
+    assert listener.log_format is LogFormat.TEXT
+
+
+def test_top_level_settings_are_defaults_and_listeners_override_them() -> None:
+    config = Config.from_mapping(
+        {
+            "connect_timeout": 2,
+            "idle_timeout": 60,
+            "log_format": "json",
+            "access_log": "-",
+            "listeners": [
+                {"name": "pg", "listen": "127.0.0.1:5432", "backends": ["unix:/run/pg.sock"]},
+                {"name": "redis", "listen": [":6379"], "backends": ["r1:6379", "r2:6379"], "idle_timeout": 5.5},
+            ],
+        }
+    )
+    pg, redis = config.listeners
+    assert pg.connect_timeout == redis.connect_timeout == 2.0
+    assert (pg.idle_timeout, redis.idle_timeout) == (60.0, 5.5)
+    assert pg.log_format is redis.log_format is LogFormat.JSON
+    assert pg.backends == (UnixAddress("/run/pg.sock"),)
+    assert pg.listen == (TCPAddress("127.0.0.1", 5432),)
+
+
+def test_unknown_keys_are_named_with_a_suggestion() -> None:
+    problems = problems_of(
+        {"conect_timeout": 1, "listeners": [{"listen": [":1"], "backend": ["a:1"], "backends": ["a:1"]}]}
+    )
+    assert "conect_timeout: unknown key (did you mean 'connect_timeout'?)" in problems
+    assert "listeners[0].backend: unknown key (did you mean 'backends'?)" in problems
+
+
+def test_every_problem_is_reported_at_once_with_its_path() -> None:
+    problems = problems_of(
+        listeners(
+            {"listen": [":1"], "backends": ["a:1"]},
+            {"listen": [":2"], "backends": ["ok:1", "db1"], "idle_timeout": -1, "log_format": "xml"},
+        )
+    )
+    assert any(p.startswith("listeners[1].backends[1]: expected HOST:PORT") for p in problems)
+    assert "listeners[1].idle_timeout: expected a number of seconds >= 0, got -1" in problems
+    assert "listeners[1].log_format: expected one of 'text', 'json', got 'xml'" in problems
+    assert len(problems) == 3
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ({}, "listeners: at least one [[listeners]] table is required"),
+        ({"listeners": {"listen": 1}}, "listeners: expected an array of tables, got a table"),
+        (listeners("x"), "listeners[0]: expected a table, got a string"),
+        (listeners({"backends": ["a:1"]}), "listeners[0].listen: required (a list of addresses)"),
+        (listeners({"listen": [":1"]}), "listeners[0].backends: required (a list of addresses)"),
+        (listeners({"listen": [], "backends": ["a:1"]}), "listeners[0].listen: needs at least one address"),
+        (listeners({"listen": [":1"], "backends": [5432]}), "listeners[0].backends[0]: expected an address string, got an integer"),
+        (listeners({"listen": [":1"], "backends": ["a:1"], "connect_timeout": 0}), "listeners[0].connect_timeout: expected a number of seconds > 0, got 0"),
+        (listeners({"listen": [":1"], "backends": ["a:1"], "drain_timeout": True}), "listeners[0].drain_timeout: expected a number of seconds, got True"),
+        (listeners({"listen": [":1"], "backends": ["a:1"], "drain_timeout": "30s"}), "listeners[0].drain_timeout: expected a number of seconds, got '30s'"),
+        (listeners({"listen": [":1"], "backends": ["a:1"], "name": ""}), "listeners[0].name: expected a non-empty string, got ''"),
+        (listeners({"listen": [":1"], "backends": ["a:1"], "access_log": ""}), "listeners[0].access_log: expected a file path or '-', got ''"),
+        ({"listen": [":1"], "listeners": []}, "listen: belongs in a [[listeners]] table"),
+        ({"log_level": "loud", **listeners({"listen": [":1"], "backends": ["a:1"]})}, "log_level: expected one of 'debug', 'info', 'warning', 'error', got 'loud'"),
+    ],
+)
+def test_bad_values_name_the_key(data: dict[str, object], expected: str) -> None:
+    assert expected in problems_of(data)
+
+
+def test_duplicate_listen_addresses_and_names() -> None:
+    problems = problems_of(
+        listeners(
+            {"name": "a", "listen": ["127.0.0.1:5432", "unix:/tmp/x.sock"], "backends": ["b:1"]},
+            {"name": "a", "listen": ["127.0.0.1:5432"], "backends": ["b:1"]},
+            {"name": "c", "listen": [":5432", "unix:/tmp/x.sock"], "backends": ["b:1"]},
+            {"name": "d", "listen": ["[::1]:6000", ":6000"], "backends": ["b:1"]},
+        )
+    )
+    assert "listeners[1].name: duplicate name 'a' (also listeners[0])" in problems
+    assert "listeners[1].listen[0]: duplicate listen address '127.0.0.1:5432' (also listeners[0].listen[0])" in problems
+    assert "listeners[2].listen[0]: duplicate listen address ':5432' (also listeners[0].listen[0])" in problems
+    assert "listeners[2].listen[1]: duplicate listen address 'unix:/tmp/x.sock' (also listeners[0].listen[1])" in problems
+    assert "listeners[3].listen[1]: duplicate listen address ':6000' (also listeners[3].listen[0])" in problems
+
+
+def test_port_zero_never_clashes() -> None:
+    config = Config.from_mapping(listeners({"listen": ["127.0.0.1:0", "127.0.0.1:0", ":0"], "backends": ["b:1"]}))
+    assert len(config.listeners[0].listen) == 3
+
+
+def test_load_reads_toml(tmp_path: Path) -> None:
+    path = tmp_path / "l4proxy.toml"
+    path.write_text(
+        'idle_timeout = 30\n[[listeners]]\nname = "pg"\nlisten = ["127.0.0.1:5432"]\nbackends = ["127.0.0.1:5433"]\n'
+    )
+    config = Config.load(path)
+    assert config.listeners[0].name == "pg"
+    assert config.listeners[0].idle_timeout == 30.0
+
+
+def test_load_errors_name_the_file(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.toml"
+    with pytest.raises(ConfigError, match=r"missing\.toml: cannot read config file: No such file"):
+        Config.load(missing)
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[[listeners]\n")
+    with pytest.raises(ConfigError, match=r"broken\.toml: invalid TOML"):
+        Config.load(broken)
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[listeners]]\nlisten = [":1"]\nbackends = ["db1"]\n')
+    with pytest.raises(ConfigError, match=r"bad\.toml: listeners\[0\]\.backends\[0\]: expected HOST:PORT"):
+        Config.load(bad)
+
+
+def test_classes_built_in_code_validate_too() -> None:
+    listener = ListenerConfig(listen=["127.0.0.1:0"], backends=[UnixAddress("/x.sock")])
+    assert listener.listen == (TCPAddress("127.0.0.1", 0),)
+    with pytest.raises(ConfigError, match="backend: a backend needs a host"):
+        ListenerConfig(listen=[":1"], backends=[":5432"])
+    with pytest.raises(ConfigError, match="connect_timeout"):
+        ListenerConfig(listen=[":1"], backends=["a:1"], connect_timeout=0)
+    with pytest.raises(ConfigError, match="duplicate name"):
+        Config(listeners=[ListenerConfig(listen=[":1"], backends=["a:1"], name="x")] * 2)
+    with pytest.raises(ConfigError, match="at least one listener"):
+        Config(listeners=[])
+
+
+def test_config_is_frozen() -> None:
+    config = Config.from_mapping(listeners({"listen": [":1"], "backends": ["a:1"]}))
+    with pytest.raises(AttributeError):
+        config.listeners[0].idle_timeout = 3  # type: ignore[misc]
