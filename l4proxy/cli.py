@@ -95,7 +95,6 @@ class SecondsType(click.ParamType[float, str]):
 @click.option(
     "-b",
     "--backend",
-    "backends",
     multiple=True,
     type=AddressType("backend"),
     metavar="ADDR",
@@ -132,7 +131,6 @@ class SecondsType(click.ParamType[float, str]):
 @click.option(
     "-c",
     "--config",
-    "config_path",
     type=click.Path(dir_okay=False),
     metavar="FILE",
     help="Read listeners and settings from a TOML file.",
@@ -141,7 +139,7 @@ class SecondsType(click.ParamType[float, str]):
 @click.version_option(__version__, "--version", prog_name="l4proxy", message="%(prog)s %(version)s")
 def cli(
     listen: tuple[Address, ...],
-    backends: tuple[Address, ...],
+    backend: tuple[Address, ...],
     connect_timeout: float | None,
     idle_timeout: float | None,
     drain_timeout: float | None,
@@ -149,7 +147,7 @@ def cli(
     log_format: str | None,
     verbose: int,
     quiet: int,
-    config_path: str | None,
+    config: str | None,
     check: bool,
 ) -> int:
     """A TCP layer-4 reverse proxy: accept on --listen, forward to --backend.
@@ -171,47 +169,43 @@ def cli(
         )
         if value is not None
     }
-    if config_path is not None:
-        if listen or backends:
+    if config is not None:
+        if listen or backend:
             raise click.UsageError(
                 "--listen/--backend cannot be combined with --config; put them in a [[listeners]] table"
             )
-        path = config_path
+        path = config
 
         def load() -> Config:
             return Config.from_mapping({**read_toml(path), **overrides}, source=path)
 
-        source = path
     else:
-        if not listen and not backends:
+        if not listen and not backend:
             raise click.UsageError(
                 "nothing to proxy: give --listen and --backend, or --config FILE (see --help)"
             )
-        if not backends:
+        if not backend:
             raise click.UsageError("--backend is required with --listen")
         if not listen:
             raise click.UsageError("--listen is required with --backend")
-        mapping = {
-            "listeners": [
-                {"listen": [str(a) for a in listen], "backends": [str(a) for a in backends]}
-            ],
-            **overrides,
-        }
+        listener = {"listen": [str(a) for a in listen], "backends": [str(a) for a in backend]}
 
         def load() -> Config:
-            return Config.from_mapping(mapping, source="command line")
+            return Config.from_mapping(
+                {"listeners": [listener], **overrides}, source="command line"
+            )
 
-        source = "command line"
-    config = _load_or_usage_error(load)
+    loaded = _load_or_usage_error(load)
     if check:
-        names = ", ".join(listener.name for listener in config.listeners)
+        count = len(loaded.listeners)
+        names = ", ".join(listener.name for listener in loaded.listeners)
         click.echo(
-            f"{source}: ok ({len(config.listeners)} listener{'s' * (len(config.listeners) != 1)}: {names})"
+            f"{config or 'command line'}: ok ({count} listener{'s' * (count != 1)}: {names})"
         )
         return 0
-    level = _LEVELS[max(0, min(len(_LEVELS) - 1, _LEVEL_INDEX[config.log_level] - verbose + quiet))]
-    _configure_logging(level)
-    return trio.run(_amain, config, load if config_path is not None else None)
+    verbosity = _LEVEL_INDEX[loaded.log_level] - verbose + quiet
+    _configure_logging(_LEVELS[max(0, min(len(_LEVELS) - 1, verbosity))])
+    return trio.run(_amain, loaded, load if config is not None else None)
 
 
 def _load_or_usage_error(load: Callable[[], Config]) -> Config:

@@ -19,6 +19,7 @@ import contextlib
 import errno
 import itertools
 import logging
+import math
 import os
 import socket
 import stat
@@ -42,7 +43,9 @@ LOGGER = logging.getLogger("l4proxy.server")
 
 #: accept() errors that mean "out of a resource right now": back off, never die.
 ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+ACCEPT_BACKOFF_MIN = 0.005
 ACCEPT_BACKOFF_MAX = 0.25
+ACCEPT_RECOVERY_QUIET = 1.0
 
 
 @attrs.frozen
@@ -276,26 +279,38 @@ class Proxy:
                         len(handlers.child_tasks),
                     )
 
-    async def _accept_loop(
-        self, listener: trio.SocketListener, name: str, handlers: trio.Nursery
-    ) -> None:
+    async def _accept_loop(self, listener: trio.SocketListener, name: str, handlers: trio.Nursery) -> None:
+        """Accept forever; out-of-descriptor errors back off instead of spinning or dying.
+
+        An "episode" of capacity errors is logged once when it starts and once when it
+        ends, i.e. when an accept succeeds after ACCEPT_RECOVERY_QUIET seconds without
+        a failure, so a proxy flapping at its descriptor limit does not flood the log.
+        """
         backoff = 0.0
+        failures = 0
+        last_failure = -math.inf
         while True:
             try:
                 stream = await listener.accept()
             except OSError as exc:
                 if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
                     raise
-                if not backoff:
+                if not failures:
                     LOGGER.error(
-                        "listener %r: accept failed on %s: %s; retrying with backoff until it works again",
-                        name, _bound_address(listener), os.strerror(exc.errno or 0),
+                        "listener %r: accept failed on %s: %s; backing off until it works again",
+                        name, _bound_address(listener), os.strerror(exc.errno or 0).lower(),
                     )  # fmt: skip
-                backoff = min(max(backoff * 2, 0.005), ACCEPT_BACKOFF_MAX)
+                failures += 1
+                last_failure = trio.current_time()
+                backoff = min(max(backoff * 2, ACCEPT_BACKOFF_MIN), ACCEPT_BACKOFF_MAX)
                 await trio.sleep(backoff)
                 continue
-            if backoff:
-                LOGGER.warning("listener %r: accepting again on %s", name, _bound_address(listener))
+            if failures and trio.current_time() - last_failure >= ACCEPT_RECOVERY_QUIET:
+                LOGGER.warning(
+                    "listener %r: accepting again on %s after %d failed accepts",
+                    name, _bound_address(listener), failures,
+                )  # fmt: skip
+                failures = 0
                 backoff = 0.0
             handlers.start_soon(self._handle_accepted, stream, name)
 

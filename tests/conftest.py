@@ -40,7 +40,9 @@ def identify(name: bytes) -> Handler:
     return handler
 
 
-async def start_backend(nursery: trio.Nursery, handler: Handler = echo, host: str = "127.0.0.1") -> str:
+async def start_backend(
+    nursery: trio.Nursery, handler: Handler = echo, host: str = "127.0.0.1"
+) -> str:
     """Serve ``handler`` on ``host`` port 0; return the address as the proxy spells it."""
     listeners = await nursery.start(partial(trio.serve_tcp, handler, 0, host=host))
     host, port = listeners[0].socket.getsockname()[:2]

@@ -45,7 +45,9 @@ async def test_failover_skips_backends_that_refuse() -> None:
     await stream.aclose()
 
 
-async def test_failover_skips_backends_that_time_out(autojump_clock: trio.testing.MockClock) -> None:
+async def test_failover_skips_backends_that_time_out(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     dialer = FakeDialer({A: "hang", B: "hang", C: "ok"})
     start = trio.current_time()
     _, address = await connect_pool(BackendPool((A, B, C)), dialer, attempt_seconds=2)  # type: ignore[arg-type]
@@ -69,7 +71,9 @@ async def test_each_backend_is_tried_at_most_once_then_the_error_says_why(
     )
 
 
-async def test_real_refused_backend_is_described_and_a_host_name_resolves(nursery: trio.Nursery) -> None:
+async def test_real_refused_backend_is_described_and_a_host_name_resolves(
+    nursery: trio.Nursery,
+) -> None:
     refused = TCPAddress("127.0.0.1", refused_port())
     with pytest.raises(UpstreamConnectError) as info:
         await connect_pool(BackendPool((refused,)), open_connection, attempt_seconds=5)
@@ -106,7 +110,9 @@ async def test_real_connect_timeout_on_a_backend_whose_backlog_is_full() -> None
                     pass
             with pytest.raises(UpstreamConnectError) as info:
                 await connect_pool(
-                    BackendPool((TCPAddress("127.0.0.1", port),)), open_connection, attempt_seconds=0.3
+                    BackendPool((TCPAddress("127.0.0.1", port),)),
+                    open_connection,
+                    attempt_seconds=0.3,
                 )
             assert info.value.attempts == (("127.0.0.1:" + str(port), "timed out after 0.3s"),)
         finally:

@@ -25,7 +25,11 @@ def test_minimal_listener_gets_documented_defaults() -> None:
     assert listener.listen == (TCPAddress(None, 5432),)
     assert listener.backends == (TCPAddress("10.0.0.5", 5432),)
     assert listener.name == ":5432"
-    assert (listener.connect_timeout, listener.idle_timeout, listener.drain_timeout) == (5.0, 0.0, 30.0)
+    assert (listener.connect_timeout, listener.idle_timeout, listener.drain_timeout) == (
+        5.0,
+        0.0,
+        30.0,
+    )
     assert listener.access_log is None
     assert listener.log_format is LogFormat.TEXT
 
@@ -39,7 +43,12 @@ def test_top_level_settings_are_defaults_and_listeners_override_them() -> None:
             "access_log": "-",
             "listeners": [
                 {"name": "pg", "listen": "127.0.0.1:5432", "backends": ["unix:/run/pg.sock"]},
-                {"name": "redis", "listen": [":6379"], "backends": ["r1:6379", "r2:6379"], "idle_timeout": 5.5},
+                {
+                    "name": "redis",
+                    "listen": [":6379"],
+                    "backends": ["r1:6379", "r2:6379"],
+                    "idle_timeout": 5.5,
+                },
             ],
         }
     )
@@ -53,7 +62,10 @@ def test_top_level_settings_are_defaults_and_listeners_override_them() -> None:
 
 def test_unknown_keys_are_named_with_a_suggestion() -> None:
     problems = problems_of(
-        {"conect_timeout": 1, "listeners": [{"listen": [":1"], "backend": ["a:1"], "backends": ["a:1"]}]}
+        {
+            "conect_timeout": 1,
+            "listeners": [{"listen": [":1"], "backend": ["a:1"], "backends": ["a:1"]}],
+        }
     )
     assert "conect_timeout: unknown key (did you mean 'connect_timeout'?)" in problems
     assert "listeners[0].backend: unknown key (did you mean 'backends'?)" in problems
@@ -63,7 +75,12 @@ def test_every_problem_is_reported_at_once_with_its_path() -> None:
     problems = problems_of(
         listeners(
             {"listen": [":1"], "backends": ["a:1"]},
-            {"listen": [":2"], "backends": ["ok:1", "db1"], "idle_timeout": -1, "log_format": "xml"},
+            {
+                "listen": [":2"],
+                "backends": ["ok:1", "db1"],
+                "idle_timeout": -1,
+                "log_format": "xml",
+            },
         )
     )
     assert any(p.startswith("listeners[1].backends[1]: expected HOST:PORT") for p in problems)
@@ -80,15 +97,39 @@ def test_every_problem_is_reported_at_once_with_its_path() -> None:
         (listeners("x"), "listeners[0]: expected a table, got a string"),
         (listeners({"backends": ["a:1"]}), "listeners[0].listen: required (a list of addresses)"),
         (listeners({"listen": [":1"]}), "listeners[0].backends: required (a list of addresses)"),
-        (listeners({"listen": [], "backends": ["a:1"]}), "listeners[0].listen: needs at least one address"),
-        (listeners({"listen": [":1"], "backends": [5432]}), "listeners[0].backends[0]: expected an address string, got an integer"),
-        (listeners({"listen": [":1"], "backends": ["a:1"], "connect_timeout": 0}), "listeners[0].connect_timeout: expected a number of seconds > 0, got 0"),
-        (listeners({"listen": [":1"], "backends": ["a:1"], "drain_timeout": True}), "listeners[0].drain_timeout: expected a number of seconds, got True"),
-        (listeners({"listen": [":1"], "backends": ["a:1"], "drain_timeout": "30s"}), "listeners[0].drain_timeout: expected a number of seconds, got '30s'"),
-        (listeners({"listen": [":1"], "backends": ["a:1"], "name": ""}), "listeners[0].name: expected a non-empty string, got ''"),
-        (listeners({"listen": [":1"], "backends": ["a:1"], "access_log": ""}), "listeners[0].access_log: expected a file path or '-', got ''"),
+        (
+            listeners({"listen": [], "backends": ["a:1"]}),
+            "listeners[0].listen: needs at least one address",
+        ),
+        (
+            listeners({"listen": [":1"], "backends": [5432]}),
+            "listeners[0].backends[0]: expected an address string, got an integer",
+        ),
+        (
+            listeners({"listen": [":1"], "backends": ["a:1"], "connect_timeout": 0}),
+            "listeners[0].connect_timeout: expected a number of seconds > 0, got 0",
+        ),
+        (
+            listeners({"listen": [":1"], "backends": ["a:1"], "drain_timeout": True}),
+            "listeners[0].drain_timeout: expected a number of seconds, got True",
+        ),
+        (
+            listeners({"listen": [":1"], "backends": ["a:1"], "drain_timeout": "30s"}),
+            "listeners[0].drain_timeout: expected a number of seconds, got '30s'",
+        ),
+        (
+            listeners({"listen": [":1"], "backends": ["a:1"], "name": ""}),
+            "listeners[0].name: expected a non-empty string, got ''",
+        ),
+        (
+            listeners({"listen": [":1"], "backends": ["a:1"], "access_log": ""}),
+            "listeners[0].access_log: expected a file path or '-', got ''",
+        ),
         ({"listen": [":1"], "listeners": []}, "listen: belongs in a [[listeners]] table"),
-        ({"log_level": "loud", **listeners({"listen": [":1"], "backends": ["a:1"]})}, "log_level: expected one of 'debug', 'info', 'warning', 'error', got 'loud'"),
+        (
+            {"log_level": "loud", **listeners({"listen": [":1"], "backends": ["a:1"]})},
+            "log_level: expected one of 'debug', 'info', 'warning', 'error', got 'loud'",
+        ),
     ],
 )
 def test_bad_values_name_the_key(data: dict[str, object], expected: str) -> None:
@@ -105,14 +146,28 @@ def test_duplicate_listen_addresses_and_names() -> None:
         )
     )
     assert "listeners[1].name: duplicate name 'a' (also listeners[0])" in problems
-    assert "listeners[1].listen[0]: duplicate listen address '127.0.0.1:5432' (also listeners[0].listen[0])" in problems
-    assert "listeners[2].listen[0]: duplicate listen address ':5432' (also listeners[0].listen[0])" in problems
-    assert "listeners[2].listen[1]: duplicate listen address 'unix:/tmp/x.sock' (also listeners[0].listen[1])" in problems
-    assert "listeners[3].listen[1]: duplicate listen address ':6000' (also listeners[3].listen[0])" in problems
+    assert (
+        "listeners[1].listen[0]: duplicate listen address '127.0.0.1:5432' (also listeners[0].listen[0])"
+        in problems
+    )
+    assert (
+        "listeners[2].listen[0]: duplicate listen address ':5432' (also listeners[0].listen[0])"
+        in problems
+    )
+    assert (
+        "listeners[2].listen[1]: duplicate listen address 'unix:/tmp/x.sock' (also listeners[0].listen[1])"
+        in problems
+    )
+    assert (
+        "listeners[3].listen[1]: duplicate listen address ':6000' (also listeners[3].listen[0])"
+        in problems
+    )
 
 
 def test_port_zero_never_clashes() -> None:
-    config = Config.from_mapping(listeners({"listen": ["127.0.0.1:0", "127.0.0.1:0", ":0"], "backends": ["b:1"]}))
+    config = Config.from_mapping(
+        listeners({"listen": ["127.0.0.1:0", "127.0.0.1:0", ":0"], "backends": ["b:1"]})
+    )
     assert len(config.listeners[0].listen) == 3
 
 
@@ -136,7 +191,9 @@ def test_load_errors_name_the_file(tmp_path: Path) -> None:
         Config.load(broken)
     bad = tmp_path / "bad.toml"
     bad.write_text('[[listeners]]\nlisten = [":1"]\nbackends = ["db1"]\n')
-    with pytest.raises(ConfigError, match=r"bad\.toml: listeners\[0\]\.backends\[0\]: expected HOST:PORT"):
+    with pytest.raises(
+        ConfigError, match=r"bad\.toml: listeners\[0\]\.backends\[0\]: expected HOST:PORT"
+    ):
         Config.load(bad)
 
 

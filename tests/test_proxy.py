@@ -31,7 +31,9 @@ from .conftest import (
 Records = Callable[[], list[l4proxy.AccessRecord]]
 
 
-async def test_echo_through_the_proxy_is_logged(nursery: trio.Nursery, access_records: Records) -> None:
+async def test_echo_through_the_proxy_is_logged(
+    nursery: trio.Nursery, access_records: Records
+) -> None:
     backend = await start_backend(nursery)
     proxy, bound = await start_proxy(nursery, [backend])
     async with await connect_to(bound[0]) as client:
@@ -163,11 +165,15 @@ async def test_backend_half_close_then_client_keeps_sending(nursery: trio.Nurser
 
 def _reset(stream: trio.SocketStream) -> None:
     """Close with SO_LINGER 0: the peer gets RST instead of FIN."""
-    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    stream.socket.setsockopt(
+        socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+    )
     stream.socket.close()
 
 
-async def test_client_reset_closes_the_backend(nursery: trio.Nursery, access_records: Records) -> None:
+async def test_client_reset_closes_the_backend(
+    nursery: trio.Nursery, access_records: Records
+) -> None:
     backend_saw: list[bytes] = []
     connected = trio.Event()
 
@@ -192,7 +198,9 @@ async def test_client_reset_closes_the_backend(nursery: trio.Nursery, access_rec
     assert access_records()[0].outcome == "error:client_reset"
 
 
-async def test_backend_reset_closes_the_client(nursery: trio.Nursery, access_records: Records) -> None:
+async def test_backend_reset_closes_the_client(
+    nursery: trio.Nursery, access_records: Records
+) -> None:
     async def reset_at_once(stream: trio.SocketStream) -> None:
         await stream.receive_some(100)
         _reset(stream)
@@ -304,7 +312,9 @@ async def test_port_in_use_is_a_listen_error_and_nothing_stays_bound(nursery: tr
         free_port = free.getsockname()[1]
         free.close()
         with pytest.raises(l4proxy.ListenError) as info:
-            await start_proxy(nursery, ["127.0.0.1:1"], listen=[f"127.0.0.1:{free_port}", f"127.0.0.1:{port}"])
+            await start_proxy(
+                nursery, ["127.0.0.1:1"], listen=[f"127.0.0.1:{free_port}", f"127.0.0.1:{port}"]
+            )
     assert str(info.value) == (
         f"cannot listen on 127.0.0.1:{port} (listener '127.0.0.1:{free_port}'): address already in use"
     )
@@ -312,7 +322,9 @@ async def test_port_in_use_is_a_listen_error_and_nothing_stays_bound(nursery: tr
         again.bind(("127.0.0.1", free_port))
 
 
-async def test_idle_timeout_closes_both_sides(nursery: trio.Nursery, access_records: Records) -> None:
+async def test_idle_timeout_closes_both_sides(
+    nursery: trio.Nursery, access_records: Records
+) -> None:
     backend_closed = trio.Event()
 
     async def quiet(stream: trio.SocketStream) -> None:
@@ -332,12 +344,16 @@ async def test_idle_timeout_closes_both_sides(nursery: trio.Nursery, access_reco
     assert access_records()[0].outcome == "idle_timeout"
 
 
-async def test_close_refuses_new_connections_and_drains_established_ones(access_records: Records) -> None:
+async def test_close_refuses_new_connections_and_drains_established_ones(
+    access_records: Records,
+) -> None:
     async with trio.open_nursery() as nursery:
         backend = await start_backend(nursery)
         proxy_done = trio.Event()
         config = l4proxy.Config(
-            listeners=[l4proxy.ListenerConfig(listen=["127.0.0.1:0"], backends=[backend], drain_timeout=30)]
+            listeners=[
+                l4proxy.ListenerConfig(listen=["127.0.0.1:0"], backends=[backend], drain_timeout=30)
+            ]
         )
         proxy = l4proxy.Proxy(config)
 
@@ -388,16 +404,38 @@ async def test_reload_changes_backends_for_new_connections_only(nursery: trio.Nu
     established = await connect_to(bound[0])
     assert await receive_exactly(established, 4) == b"old\n"
     listener = proxy.config.listeners[0]
-    proxy.reload(l4proxy.Config(listeners=[l4proxy.ListenerConfig(listen=listener.listen, backends=[new], name=listener.name)]))
+    proxy.reload(
+        l4proxy.Config(
+            listeners=[
+                l4proxy.ListenerConfig(listen=listener.listen, backends=[new], name=listener.name)
+            ]
+        )
+    )
     async with await connect_to(bound[0]) as fresh:
         assert await receive_exactly(fresh, 4) == b"new\n"
     await established.send_all(b"still here")
     assert await receive_exactly(established, 10) == b"still here"
     await established.aclose()
-    with pytest.raises(l4proxy.ConfigError, match=r"listeners\[0\]\.listen: cannot change on reload"):
-        proxy.reload(l4proxy.Config(listeners=[l4proxy.ListenerConfig(listen=["127.0.0.1:1"], backends=[new], name=listener.name)]))
+    with pytest.raises(
+        l4proxy.ConfigError, match=r"listeners\[0\]\.listen: cannot change on reload"
+    ):
+        proxy.reload(
+            l4proxy.Config(
+                listeners=[
+                    l4proxy.ListenerConfig(
+                        listen=["127.0.0.1:1"], backends=[new], name=listener.name
+                    )
+                ]
+            )
+        )
     with pytest.raises(l4proxy.ConfigError, match="names changed"):
-        proxy.reload(l4proxy.Config(listeners=[l4proxy.ListenerConfig(listen=listener.listen, backends=[new], name="other")]))
+        proxy.reload(
+            l4proxy.Config(
+                listeners=[
+                    l4proxy.ListenerConfig(listen=listener.listen, backends=[new], name="other")
+                ]
+            )
+        )
     assert proxy.config.listeners[0].backends == (l4proxy.parse_address(new, role="backend"),)
 
 
@@ -405,10 +443,16 @@ async def test_handle_stream_serves_a_connection_the_host_app_accepted(
     nursery: trio.Nursery, access_records: Records
 ) -> None:
     backend = await start_backend(nursery)
-    config = l4proxy.Config(listeners=[l4proxy.ListenerConfig(name="embedded", listen=["127.0.0.1:0"], backends=[backend])])
+    config = l4proxy.Config(
+        listeners=[
+            l4proxy.ListenerConfig(name="embedded", listen=["127.0.0.1:0"], backends=[backend])
+        ]
+    )
     proxy = l4proxy.Proxy(config)  # never serves: the host app owns accepting
     app_side, proxy_side = trio.testing.memory_stream_pair()
-    nursery.start_soon(lambda: proxy.handle_stream(proxy_side, listener="embedded", client="memory"))
+    nursery.start_soon(
+        lambda: proxy.handle_stream(proxy_side, listener="embedded", client="memory")
+    )
     await app_side.send_all(b"in memory")
     assert await receive_exactly(app_side, 9) == b"in memory"
     await app_side.send_eof()
@@ -455,8 +499,19 @@ async def test_access_log_files_in_text_and_json(tmp_path: Path) -> None:
         config = l4proxy.Config.from_mapping(
             {
                 "listeners": [
-                    {"name": "t", "listen": ["127.0.0.1:0"], "backends": [backend], "access_log": str(text_log)},
-                    {"name": "j", "listen": ["127.0.0.1:0"], "backends": [backend], "access_log": str(json_log), "log_format": "json"},
+                    {
+                        "name": "t",
+                        "listen": ["127.0.0.1:0"],
+                        "backends": [backend],
+                        "access_log": str(text_log),
+                    },
+                    {
+                        "name": "j",
+                        "listen": ["127.0.0.1:0"],
+                        "backends": [backend],
+                        "access_log": str(json_log),
+                        "log_format": "json",
+                    },
                 ]
             }
         )
@@ -481,9 +536,24 @@ async def test_access_log_files_in_text_and_json(tmp_path: Path) -> None:
     assert entry["backend"] == backend
     assert (entry["bytes_to_backend"], entry["bytes_to_client"], entry["outcome"]) == (3, 3, "ok")
     assert entry["time"].endswith("Z")
-    assert set(entry) == {"time", "id", "listener", "client", "backend", "bytes_to_backend", "bytes_to_client", "duration", "outcome", "error"}
+    assert set(entry) == {
+        "time",
+        "id",
+        "listener",
+        "client",
+        "backend",
+        "bytes_to_backend",
+        "bytes_to_client",
+        "duration",
+        "outcome",
+        "error",
+    }
 
 
-async def test_unwritable_access_log_is_a_config_error(nursery: trio.Nursery, tmp_path: Path) -> None:
-    with pytest.raises(l4proxy.ConfigError, match="access_log: cannot open .*: No such file or directory"):
+async def test_unwritable_access_log_is_a_config_error(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    with pytest.raises(
+        l4proxy.ConfigError, match="access_log: cannot open .*: No such file or directory"
+    ):
         await start_proxy(nursery, ["127.0.0.1:1"], access_log=str(tmp_path / "missing" / "a.log"))

@@ -14,7 +14,9 @@ from l4proxy.pump import CHUNK_SIZE, Transfer, pump
 from .conftest import receive_all, receive_exactly
 
 
-async def run_pump(nursery: trio.Nursery, client: trio.abc.Stream, backend: trio.abc.Stream, **kwargs: float):
+async def run_pump(
+    nursery: trio.Nursery, client: trio.abc.Stream, backend: trio.abc.Stream, **kwargs: float
+):
     """Start the pump; return (transfer, a dict that receives the outcome)."""
     transfer = Transfer()
     result: dict[str, str] = {}
@@ -108,7 +110,9 @@ async def test_a_reset_on_either_side_ends_both_directions(side: str) -> None:
     assert outcome == f"error:{side}_reset"
 
 
-async def test_idle_timeout_fires_only_without_traffic(autojump_clock: trio.testing.MockClock) -> None:
+async def test_idle_timeout_fires_only_without_traffic(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     client_app, client_proxy = trio.testing.memory_stream_pair()
     backend_proxy, backend_app = trio.testing.memory_stream_pair()
     async with trio.open_nursery() as nursery:

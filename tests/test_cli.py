@@ -1,0 +1,300 @@
+"""The ``l4proxy`` command: argument errors in-process, signals and limits in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import resource
+import signal
+import socket
+from pathlib import Path
+
+import pytest
+import trio
+
+from l4proxy.cli import main
+
+from .conftest import echo, identify, receive_all, receive_exactly, start_backend
+from .proxyprocess import ProxyProcess
+
+
+def run_main(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    out, err = capsys.readouterr()
+    code = info.value.code
+    return (code if isinstance(code, int) else 1), out, err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--listen", "5432", "--backend", "a:1"],
+            "Invalid value for '-l' / '--listen': expected HOST:PORT",
+        ),
+        (
+            ["--listen", ":1", "--backend", ":5432"],
+            "Invalid value for '-b' / '--backend': a backend needs a host",
+        ),
+        (["--listen", ":1"], "--backend is required with --listen"),
+        (["--backend", "a:1"], "--listen is required with --backend"),
+        ([], "nothing to proxy"),
+        (["--lisen", ":1"], "No such option '--lisen'. Did you mean '--listen'?"),
+        (
+            ["-l", ":1", "-b", "a:1", "--connect-timeout", "0"],
+            "'--connect-timeout': expected a number of seconds > 0",
+        ),
+        (
+            ["-l", ":1", "-b", "a:1", "--idle-timeout", "soon"],
+            "'--idle-timeout': expected a number of seconds",
+        ),
+        (["-l", ":1", "-b", "a:1", "--log-format", "xml"], "'--log-format'"),
+        (["-l", ":1", "-l", ":1", "-b", "a:1"], "--listen: duplicate listen address ':1'"),
+        (["-c", "x.toml", "-l", ":1"], "--listen/--backend cannot be combined with --config"),
+        (["-c", "/nonexistent/l4proxy.toml"], "/nonexistent/l4proxy.toml: cannot read config file"),
+    ],
+)
+def test_usage_errors_exit_2_with_one_line(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = run_main(args, capsys)
+    assert code == 2
+    assert out == ""
+    assert err.count("\n") == 1, err
+    assert err.startswith("l4proxy: error: ")
+    assert message in err
+
+
+def test_config_errors_name_the_key_path(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "l4proxy.toml"
+    config.write_text(
+        '[[listeners]]\nlisten = [":1"]\nbackends = ["a:1"]\n'
+        '[[listeners]]\nlisten = [":2"]\nbackends = ["db1"]\nidel_timeout = 3\n'
+    )
+    code, _, err = run_main(["--config", str(config), "--check"], capsys)
+    assert code == 2
+    assert err.count("\n") == 1
+    assert err.startswith(f"l4proxy: error: {config}: listeners[1].")
+    assert "listeners[1].backends[0]: expected HOST:PORT" in err
+    assert "listeners[1].idel_timeout: unknown key (did you mean 'idle_timeout'?)" in err
+
+
+def test_check_accepts_a_good_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "l4proxy.toml"
+    config.write_text(
+        '[[listeners]]\nname = "pg"\nlisten = [":5432"]\nbackends = ["127.0.0.1:5433"]\n'
+    )
+    code, out, err = run_main(["--config", str(config), "--check"], capsys)
+    assert (code, err) == (0, "")
+    assert out == f"{config}: ok (1 listener: pg)\n"
+
+
+def test_check_accepts_flags_and_environment(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("L4PROXY_LISTEN", "127.0.0.1:7000 unix:/tmp/x.sock")
+    monkeypatch.setenv("L4PROXY_BACKEND", "127.0.0.1:7001")
+    code, out, _ = run_main(["--check"], capsys)
+    assert code == 0
+    assert out == "command line: ok (1 listener: 127.0.0.1:7000)\n"
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    from l4proxy import __version__
+
+    code, out, _ = run_main(["--version"], capsys)
+    assert (code, out) == (0, f"l4proxy {__version__}\n")
+
+
+# --- the real command in a subprocess --------------------------------------------------
+
+
+async def test_sigterm_drains_then_exits_0(nursery: trio.Nursery) -> None:
+    backend = await start_backend(nursery)
+    with trio.fail_after(20):
+        async with ProxyProcess(
+            nursery, ["-l", "127.0.0.1:0", "-b", backend, "--access-log", "-"]
+        ) as proc:
+            ((host, port),) = await proc.listening()
+            client = await trio.open_tcp_stream(host, port)
+            await client.send_all(b"before")
+            assert await receive_exactly(client, 6) == b"before"
+            proc.signal(signal.SIGTERM)
+            await proc.wait_for("SIGTERM: no longer accepting")
+            with pytest.raises(OSError):
+                await trio.open_tcp_stream(host, port)
+            await client.send_all(b"during drain")
+            assert await receive_exactly(client, 12) == b"during drain"
+            await client.send_eof()
+            assert await receive_all(client) == b""
+            await client.aclose()
+            assert await proc.wait() == 0
+            (line,) = [line for line in proc.stdout if line]
+            assert "outcome=ok" in line
+            assert "bytes_to_backend=18 bytes_to_client=18" in line
+
+
+async def test_drain_timeout_cuts_connections_then_exits_0(nursery: trio.Nursery) -> None:
+    backend = await start_backend(nursery)
+    args = [
+        "-l",
+        "127.0.0.1:0",
+        "-b",
+        backend,
+        "--drain-timeout",
+        "0.5",
+        "--access-log",
+        "-",
+        "--log-format",
+        "json",
+    ]
+    with trio.fail_after(20):
+        async with ProxyProcess(nursery, args) as proc:
+            ((host, port),) = await proc.listening()
+            async with await trio.open_tcp_stream(host, port) as client:
+                await client.send_all(b"x")
+                await receive_exactly(client, 1)
+                proc.signal(signal.SIGINT)
+                assert await receive_all(client) == b""  # cut at the deadline
+                assert await proc.wait() == 0
+            (record,) = [json.loads(line) for line in proc.stdout if line]
+            assert record["outcome"] == "drained"
+
+
+async def test_a_second_signal_stops_at_once(nursery: trio.Nursery) -> None:
+    backend = await start_backend(nursery)
+    with trio.fail_after(20):
+        async with ProxyProcess(
+            nursery, ["-l", "127.0.0.1:0", "-b", backend, "--drain-timeout", "600"]
+        ) as proc:
+            ((host, port),) = await proc.listening()
+            async with await trio.open_tcp_stream(host, port) as client:
+                await client.send_all(b"x")
+                await receive_exactly(client, 1)
+                proc.signal(signal.SIGINT)
+                await proc.wait_for("SIGINT: no longer accepting")
+                proc.signal(signal.SIGINT)
+                assert await receive_all(client) == b""
+                assert await proc.wait() == 0
+            await proc.wait_for("outcome=drained")
+
+
+async def test_port_in_use_exits_1_naming_the_address(nursery: trio.Nursery) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with trio.fail_after(20):
+            async with ProxyProcess(
+                nursery, ["-l", f"127.0.0.1:{port}", "-b", "127.0.0.1:1"]
+            ) as proc:
+                assert await proc.wait() == 1
+                await proc.wait_for(
+                    f"l4proxy: error: cannot listen on 127.0.0.1:{port} .*address already in use"
+                )
+
+
+async def test_sighup_reloads_the_config_file(nursery: trio.Nursery, tmp_path: Path) -> None:
+    first = await start_backend(nursery, identify(b"first"))
+    second = await start_backend(nursery, identify(b"second"))
+    config = tmp_path / "l4proxy.toml"
+    template = '[[listeners]]\nname = "svc"\nlisten = ["127.0.0.1:0"]\nbackends = ["{}"]\n'
+    config.write_text(template.format(first))
+    with trio.fail_after(20):
+        async with ProxyProcess(nursery, ["--config", str(config)]) as proc:
+            ((host, port),) = await proc.listening()
+            async with await trio.open_tcp_stream(host, port) as client:
+                assert await receive_exactly(client, 6) == b"first\n"
+            config.write_text("not toml [")
+            proc.signal(signal.SIGHUP)
+            await proc.wait_for(
+                "SIGHUP: reload failed, keeping the running configuration: .*invalid TOML"
+            )
+            config.write_text(template.format(second))
+            proc.signal(signal.SIGHUP)
+            await proc.wait_for("configuration reloaded")
+            async with await trio.open_tcp_stream(host, port) as client:
+                assert await receive_exactly(client, 7) == b"second\n"
+            proc.signal(signal.SIGTERM)
+            assert await proc.wait() == 0
+
+
+def _few_file_descriptors() -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (48, 48))
+
+
+@pytest.mark.slow
+async def test_accept_survives_running_out_of_file_descriptors(nursery: trio.Nursery) -> None:
+    backend = await start_backend(nursery, echo)
+    with trio.fail_after(30):
+        async with ProxyProcess(
+            nursery, ["-l", "127.0.0.1:0", "-b", backend], preexec_fn=_few_file_descriptors
+        ) as proc:
+            ((host, port),) = await proc.listening()
+            clients = []
+            for _ in range(40):  # far more than 48 descriptors allow, at 2 per connection
+                clients.append(await trio.open_tcp_stream(host, port))
+            await proc.wait_for("accept failed on .*too many open files")
+            for client in clients[:5]:  # the first ones were accepted and still work
+                await client.send_all(b"alive")
+                assert await receive_exactly(client, 5) == b"alive"
+            for client in clients:
+                await client.aclose()
+            for _ in range(50):  # new connections work; after a quiet second it says so
+                async with await trio.open_tcp_stream(host, port) as fresh:
+                    await fresh.send_all(b"after")
+                    assert await receive_exactly(fresh, 5) == b"after"
+                if any("accepting again" in line for line in proc.stderr):
+                    break
+                await trio.sleep(0.1)
+            await proc.wait_for(r"accepting again on .* after \d+ failed accepts")
+            assert proc.process is not None and proc.process.returncode is None
+            assert len([line for line in proc.stderr if "accept failed" in line]) == 1
+            proc.signal(signal.SIGTERM)
+            assert await proc.wait() == 0
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.slow
+async def test_memory_stays_flat_while_a_client_reads_slowly(nursery: trio.Nursery) -> None:
+    sent = [0]
+
+    async def firehose(stream: trio.SocketStream) -> None:
+        chunk = b"\xab" * 65536
+        async with stream:
+            try:
+                for _ in range(4096):  # at most 256 MiB; the slow client takes far less
+                    await stream.send_all(chunk)
+                    sent[0] += len(chunk)
+            except trio.BrokenResourceError:
+                pass
+
+    backend = await start_backend(nursery, firehose)
+    with trio.fail_after(30):
+        async with ProxyProcess(nursery, ["-l", "127.0.0.1:0", "-b", backend]) as proc:
+            assert proc.process is not None
+            ((host, port),) = await proc.listening()
+            client = await trio.open_tcp_stream(host, port)
+            client.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+            await receive_exactly(client, 65536)
+            baseline = _rss_kib(proc.process.pid)
+            received = 65536
+            peak = baseline
+            for _ in range(150):  # ~1.5 s of slow reading, 16 KiB every 10 ms
+                received += len(await client.receive_some(16384))
+                await trio.sleep(0.01)
+                peak = max(peak, _rss_kib(proc.process.pid))
+            await client.aclose()
+    # The backend could write far more than the client read, but only socket buffers and
+    # one chunk in the proxy hold it: the proxy's memory must not follow the backlog.
+    assert sent[0] - received < 32 * 1024 * 1024
+    print(f"backend sent {sent[0]} bytes, client read {received}; proxy RSS {baseline} -> {peak} KiB")
+    assert peak - baseline < 8 * 1024, f"RSS grew from {baseline} KiB to {peak} KiB"
