@@ -204,8 +204,8 @@ def cli(
         )
         return 0
     verbosity = _LEVEL_INDEX[loaded.log_level] - verbose + quiet
-    _configure_logging(_LEVELS[max(0, min(len(_LEVELS) - 1, verbosity))])
-    return trio.run(_amain, loaded, load if config is not None else None)
+    configure_logging(_LEVELS[max(0, min(len(_LEVELS) - 1, verbosity))])
+    return trio.run(run_proxy, loaded, load if config is not None else None)
 
 
 def _load_or_usage_error(load: Callable[[], Config]) -> Config:
@@ -227,7 +227,7 @@ def _flag_names(problem: str) -> str:
     return problem
 
 
-def _configure_logging(level: int) -> None:
+def configure_logging(level: int) -> None:
     """Diagnostics to standard error; access lines (when not sent to a file) too, bare."""
     diagnostics = logging.StreamHandler(sys.stderr)
     diagnostics.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -242,14 +242,26 @@ def _configure_logging(level: int) -> None:
     access_logger.propagate = False
 
 
-async def _amain(config: Config, reload_config: Callable[[], Config] | None) -> int:
+async def run_proxy(
+    config: Config,
+    reload_config: Callable[[], Config] | None = None,
+    *,
+    on_ready: Callable[[list[BoundAddress]], None] | None = None,
+) -> int:
+    """Serve ``config`` until SIGTERM/SIGINT (drain) and return the exit status.
+
+    SIGHUP calls ``reload_config`` and applies the result; a second SIGTERM/SIGINT cuts
+    what is still draining. ``on_ready`` is called with the bound addresses.
+    """
     proxy = Proxy(config)
     exit_code = 0
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         try:
             async with trio.open_nursery() as nursery:
-                await nursery.start(_serve_then_stop, proxy, nursery.cancel_scope)
+                bound = await nursery.start(_serve_then_stop, proxy, nursery.cancel_scope)
                 nursery.start_soon(_handle_signals, signals, proxy, reload_config)
+                if on_ready is not None:
+                    on_ready(bound)
         except* ListenError as group:
             _print_error(group)
             exit_code = 1

@@ -279,7 +279,9 @@ class Proxy:
                         len(handlers.child_tasks),
                     )
 
-    async def _accept_loop(self, listener: trio.SocketListener, name: str, handlers: trio.Nursery) -> None:
+    async def _accept_loop(
+        self, listener: trio.SocketListener, name: str, handlers: trio.Nursery
+    ) -> None:
         """Accept forever; out-of-descriptor errors back off instead of spinning or dying.
 
         An "episode" of capacity errors is logged once when it starts and once when it

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import socket
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from functools import partial
-from collections.abc import Awaitable, Callable, Sequence
 
 import pytest
 import trio
@@ -107,12 +108,40 @@ def ipv6_loopback_available() -> bool:
     return True
 
 
+class AccessWatcher(logging.Handler):
+    """Collects access records from the ``l4proxy.access`` logger; lets tests await them."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.records: list[l4proxy.AccessRecord] = []
+        self._changed = trio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record.access)  # type: ignore[attr-defined]
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait(self, count: int = 1) -> list[l4proxy.AccessRecord]:
+        """Wait until ``count`` records arrived (the caller bounds the wait)."""
+        while len(self.records) < count:
+            await self._changed.wait()
+        return self.records
+
+    @property
+    def outcomes(self) -> list[str]:
+        return [record.outcome for record in self.records]
+
+
 @pytest.fixture
-def access_records(caplog: pytest.LogCaptureFixture) -> Callable[[], list[l4proxy.AccessRecord]]:
-    """The access records logged so far (listeners without an access_log file)."""
-    caplog.set_level("INFO", logger="l4proxy.access")
-
-    def records() -> list[l4proxy.AccessRecord]:
-        return [r.access for r in caplog.records if r.name == "l4proxy.access"]  # type: ignore[attr-defined]
-
-    return records
+def access() -> Iterator[AccessWatcher]:
+    """Access records of listeners without an ``access_log`` file."""
+    watcher = AccessWatcher()
+    logger = logging.getLogger("l4proxy.access")
+    level = logger.level
+    logger.addHandler(watcher)
+    logger.setLevel(logging.INFO)
+    try:
+        yield watcher
+    finally:
+        logger.removeHandler(watcher)
+        logger.setLevel(level)

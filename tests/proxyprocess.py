@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
+from typing import Self
 
 import trio
 
@@ -33,7 +34,7 @@ class ProxyProcess:
         self._changed = trio.Event()
         self.process: trio.Process | None = None
 
-    async def __aenter__(self) -> ProxyProcess:
+    async def __aenter__(self) -> Self:
         self.process = await trio.lowlevel.open_process(
             self.args,
             stdin=subprocess.DEVNULL,
@@ -41,7 +42,8 @@ class ProxyProcess:
             stderr=subprocess.PIPE,
             preexec_fn=self.preexec_fn,
         )
-        assert self.process.stdout is not None and self.process.stderr is not None
+        assert self.process.stdout is not None
+        assert self.process.stderr is not None
         self.nursery.start_soon(self._collect, self.process.stdout, self.stdout)
         self.nursery.start_soon(self._collect, self.process.stderr, self.stderr)
         return self

@@ -72,4 +72,6 @@ def test_arbitrary_text_parses_or_raises_value_error(text: str) -> None:
     try:
         parse_address(text, role="listen")
     except ValueError as exc:
-        assert str(exc)
+        message = str(exc)
+        assert message
+        assert "\n" not in message

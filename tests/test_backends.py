@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import socket
 from functools import partial
 
@@ -104,10 +105,8 @@ async def test_real_connect_timeout_on_a_backend_whose_backlog_is_full() -> None
                 filler = socket.socket()
                 filler.setblocking(False)
                 fillers.append(filler)
-                try:
+                with contextlib.suppress(BlockingIOError):
                     filler.connect(("127.0.0.1", port))
-                except BlockingIOError:
-                    pass
             with pytest.raises(UpstreamConnectError) as info:
                 await connect_pool(
                     BackendPool((TCPAddress("127.0.0.1", port),)),

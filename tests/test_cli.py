@@ -123,7 +123,7 @@ async def test_sigterm_drains_then_exits_0(nursery: trio.Nursery) -> None:
             assert await receive_exactly(client, 6) == b"before"
             proc.signal(signal.SIGTERM)
             await proc.wait_for("SIGTERM: no longer accepting")
-            with pytest.raises(OSError):
+            with pytest.raises(OSError, match="all attempts to connect"):
                 await trio.open_tcp_stream(host, port)
             await client.send_all(b"during drain")
             assert await receive_exactly(client, 12) == b"during drain"
@@ -233,9 +233,8 @@ async def test_accept_survives_running_out_of_file_descriptors(nursery: trio.Nur
             nursery, ["-l", "127.0.0.1:0", "-b", backend], preexec_fn=_few_file_descriptors
         ) as proc:
             ((host, port),) = await proc.listening()
-            clients = []
-            for _ in range(40):  # far more than 48 descriptors allow, at 2 per connection
-                clients.append(await trio.open_tcp_stream(host, port))
+            # Far more connections than 48 descriptors allow, at 2 per connection.
+            clients = [await trio.open_tcp_stream(host, port) for _ in range(40)]
             await proc.wait_for("accept failed on .*too many open files")
             for client in clients[:5]:  # the first ones were accepted and still work
                 await client.send_all(b"alive")
@@ -250,7 +249,8 @@ async def test_accept_survives_running_out_of_file_descriptors(nursery: trio.Nur
                     break
                 await trio.sleep(0.1)
             await proc.wait_for(r"accepting again on .* after \d+ failed accepts")
-            assert proc.process is not None and proc.process.returncode is None
+            assert proc.process is not None
+            assert proc.process.returncode is None
             assert len([line for line in proc.stderr if "accept failed" in line]) == 1
             proc.signal(signal.SIGTERM)
             assert await proc.wait() == 0
@@ -296,5 +296,7 @@ async def test_memory_stays_flat_while_a_client_reads_slowly(nursery: trio.Nurse
     # The backend could write far more than the client read, but only socket buffers and
     # one chunk in the proxy hold it: the proxy's memory must not follow the backlog.
     assert sent[0] - received < 32 * 1024 * 1024
-    print(f"backend sent {sent[0]} bytes, client read {received}; proxy RSS {baseline} -> {peak} KiB")
+    print(
+        f"backend sent {sent[0]} bytes, client read {received}; proxy RSS {baseline} -> {peak} KiB"
+    )
     assert peak - baseline < 8 * 1024, f"RSS grew from {baseline} KiB to {peak} KiB"

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
-import os
 import socket
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ import trio.testing
 import l4proxy
 
 from .conftest import (
+    AccessWatcher,
     connect_to,
     echo,
     identify,
@@ -28,23 +28,20 @@ from .conftest import (
     start_proxy,
 )
 
-Records = Callable[[], list[l4proxy.AccessRecord]]
-
 
 async def test_echo_through_the_proxy_is_logged(
-    nursery: trio.Nursery, access_records: Records
+    nursery: trio.Nursery, access: AccessWatcher
 ) -> None:
     backend = await start_backend(nursery)
-    proxy, bound = await start_proxy(nursery, [backend])
+    _, bound = await start_proxy(nursery, [backend])
     async with await connect_to(bound[0]) as client:
         await client.send_all(b"ping\n")
         assert await receive_exactly(client, 5) == b"ping\n"
         await client.send_eof()
         assert await receive_all(client) == b""
     with trio.fail_after(5):
-        while not access_records():
-            await trio.sleep(0.01)
-    (record,) = access_records()
+        await access.wait()
+    (record,) = access.records
     assert record.outcome == "ok"
     assert record.backend == backend
     assert record.client.startswith("127.0.0.1:")
@@ -144,12 +141,14 @@ async def test_client_half_close_then_backend_replies(nursery: trio.Nursery) -> 
 
 async def test_backend_half_close_then_client_keeps_sending(nursery: trio.Nursery) -> None:
     seen: list[bytes] = []
+    done = trio.Event()
 
     async def banner_then_read(stream: trio.SocketStream) -> None:
         async with stream:
             await stream.send_all(b"banner")
             await stream.send_eof()
             seen.append(await receive_all(stream))
+            done.set()
 
     backend = await start_backend(nursery, banner_then_read)
     _, bound = await start_proxy(nursery, [backend])
@@ -158,8 +157,7 @@ async def test_backend_half_close_then_client_keeps_sending(nursery: trio.Nurser
             assert await receive_all(client) == b"banner"
             await client.send_all(b"after your eof")
             await client.send_eof()
-        while not seen:
-            await trio.sleep(0.01)
+        await done.wait()
     assert seen == [b"after your eof"]
 
 
@@ -172,10 +170,10 @@ def _reset(stream: trio.SocketStream) -> None:
 
 
 async def test_client_reset_closes_the_backend(
-    nursery: trio.Nursery, access_records: Records
+    nursery: trio.Nursery, access: AccessWatcher
 ) -> None:
     backend_saw: list[bytes] = []
-    connected = trio.Event()
+    connected, closed = trio.Event(), trio.Event()
 
     async def wait_for_close(stream: trio.SocketStream) -> None:
         async with stream:
@@ -184,6 +182,7 @@ async def test_client_reset_closes_the_backend(
                 backend_saw.append(await receive_all(stream))
             except trio.BrokenResourceError:
                 backend_saw.append(b"reset")
+            closed.set()
 
     backend = await start_backend(nursery, wait_for_close)
     _, bound = await start_proxy(nursery, [backend])
@@ -192,14 +191,14 @@ async def test_client_reset_closes_the_backend(
         await client.send_all(b"partial")
         await connected.wait()
         _reset(client)
-        while not backend_saw or not access_records():
-            await trio.sleep(0.01)
+        await closed.wait()
+        await access.wait()
     assert backend_saw in ([b"partial"], [b"reset"])
-    assert access_records()[0].outcome == "error:client_reset"
+    assert access.records[0].outcome == "error:client_reset"
 
 
 async def test_backend_reset_closes_the_client(
-    nursery: trio.Nursery, access_records: Records
+    nursery: trio.Nursery, access: AccessWatcher
 ) -> None:
     async def reset_at_once(stream: trio.SocketStream) -> None:
         await stream.receive_some(100)
@@ -210,13 +209,11 @@ async def test_backend_reset_closes_the_client(
     with trio.fail_after(5):
         async with await connect_to(bound[0]) as client:
             await client.send_all(b"hello")
-            try:
+            # A close or a reset: either way the client's connection ends.
+            with contextlib.suppress(trio.BrokenResourceError):
                 assert await receive_all(client) == b""
-            except trio.BrokenResourceError:
-                pass  # a close or a reset both end the client's connection
-        while not access_records():
-            await trio.sleep(0.01)
-    assert access_records()[0].outcome == "error:backend_reset"
+        await access.wait()
+    assert access.records[0].outcome == "error:backend_reset"
 
 
 async def test_round_robin_spreads_connections(nursery: trio.Nursery) -> None:
@@ -229,7 +226,7 @@ async def test_round_robin_spreads_connections(nursery: trio.Nursery) -> None:
     assert seen == [b"a\n", b"b\n", b"c\n", b"a\n", b"b\n", b"c\n"]
 
 
-async def test_dead_backends_are_skipped(nursery: trio.Nursery, access_records: Records) -> None:
+async def test_dead_backends_are_skipped(nursery: trio.Nursery, access: AccessWatcher) -> None:
     dead = f"127.0.0.1:{refused_port()}"
     alive = await start_backend(nursery, identify(b"alive"))
     _, bound = await start_proxy(nursery, [dead, alive, dead.replace("127.0.0.1", "127.0.0.2")])
@@ -237,22 +234,20 @@ async def test_dead_backends_are_skipped(nursery: trio.Nursery, access_records: 
         async with await connect_to(bound[0]) as client:
             assert await receive_exactly(client, 6) == b"alive\n"
     with trio.fail_after(5):
-        while len(access_records()) < 3:
-            await trio.sleep(0.01)
-    assert {record.backend for record in access_records()} == {alive}
+        await access.wait(3)
+    assert {record.backend for record in access.records} == {alive}
 
 
 async def test_no_backend_closes_the_client_and_logs_why(
-    nursery: trio.Nursery, access_records: Records
+    nursery: trio.Nursery, access: AccessWatcher
 ) -> None:
     dead = [f"127.0.0.1:{refused_port()}", f"127.0.0.2:{refused_port()}"]
     _, bound = await start_proxy(nursery, dead)
     with trio.fail_after(5):
         async with await connect_to(bound[0]) as client:
             assert await receive_all(client) == b""
-        while not access_records():
-            await trio.sleep(0.01)
-    (record,) = access_records()
+        await access.wait()
+    (record,) = access.records
     assert record.outcome == "connect_failed"
     assert record.backend is None
     assert record.error == f"{dead[0]}: connection refused; {dead[1]}: connection refused"
@@ -276,9 +271,8 @@ async def test_unix_sockets_on_both_sides(nursery: trio.Nursery, tmp_path: Path)
         await client.send_all(b"over unix")
         assert await receive_exactly(client, 9) == b"over unix"
     proxy.close()
-    with trio.fail_after(5):
-        while front.exists():  # the socket file is removed once the listener closes
-            await trio.sleep(0.01)
+    await trio.testing.wait_all_tasks_blocked()
+    assert not front.exists()  # the socket file is removed once the listener closes
 
 
 @pytest.mark.skipif(not ipv6_loopback_available(), reason="this machine has no IPv6 loopback")
@@ -322,9 +316,7 @@ async def test_port_in_use_is_a_listen_error_and_nothing_stays_bound(nursery: tr
         again.bind(("127.0.0.1", free_port))
 
 
-async def test_idle_timeout_closes_both_sides(
-    nursery: trio.Nursery, access_records: Records
-) -> None:
+async def test_idle_timeout_closes_both_sides(nursery: trio.Nursery, access: AccessWatcher) -> None:
     backend_closed = trio.Event()
 
     async def quiet(stream: trio.SocketStream) -> None:
@@ -339,13 +331,12 @@ async def test_idle_timeout_closes_both_sides(
             await client.send_all(b"x")
             assert await receive_all(client) == b""
         await backend_closed.wait()
-        while not access_records():
-            await trio.sleep(0.01)
-    assert access_records()[0].outcome == "idle_timeout"
+        await access.wait()
+    assert access.records[0].outcome == "idle_timeout"
 
 
 async def test_close_refuses_new_connections_and_drains_established_ones(
-    access_records: Records,
+    access: AccessWatcher,
 ) -> None:
     async with trio.open_nursery() as nursery:
         backend = await start_backend(nursery)
@@ -367,7 +358,7 @@ async def test_close_refuses_new_connections_and_drains_established_ones(
             await client.send_all(b"before")
             assert await receive_exactly(client, 6) == b"before"
             proxy.close()
-            with pytest.raises(OSError):
+            with pytest.raises(OSError, match="all attempts to connect"):
                 await connect_to(bound[0])
             await client.send_all(b"during drain")
             assert await receive_exactly(client, 12) == b"during drain"
@@ -377,11 +368,11 @@ async def test_close_refuses_new_connections_and_drains_established_ones(
             await client.aclose()
             await proxy_done.wait()
         nursery.cancel_scope.cancel()
-    assert [r.outcome for r in access_records()] == ["ok"]
+    assert [r.outcome for r in access.records] == ["ok"]
 
 
 async def test_drain_timeout_cuts_what_is_left(
-    nursery: trio.Nursery, access_records: Records, autojump_clock: trio.testing.MockClock
+    nursery: trio.Nursery, access: AccessWatcher, autojump_clock: trio.testing.MockClock
 ) -> None:
     backend = await start_backend(nursery)
     proxy, bound = await start_proxy(nursery, [backend], drain_timeout=7)
@@ -393,7 +384,7 @@ async def test_drain_timeout_cuts_what_is_left(
     assert await receive_all(client) == b""
     assert trio.current_time() - start == pytest.approx(7)
     await trio.testing.wait_all_tasks_blocked()
-    assert [r.outcome for r in access_records()] == ["drained"]
+    assert [r.outcome for r in access.records] == ["drained"]
     await client.aclose()
 
 
@@ -440,7 +431,7 @@ async def test_reload_changes_backends_for_new_connections_only(nursery: trio.Nu
 
 
 async def test_handle_stream_serves_a_connection_the_host_app_accepted(
-    nursery: trio.Nursery, access_records: Records
+    nursery: trio.Nursery, access: AccessWatcher
 ) -> None:
     backend = await start_backend(nursery)
     config = l4proxy.Config(
@@ -458,15 +449,14 @@ async def test_handle_stream_serves_a_connection_the_host_app_accepted(
     await app_side.send_eof()
     assert await receive_all(app_side) == b""
     with trio.fail_after(5):
-        while not access_records():
-            await trio.sleep(0.01)
-    assert access_records()[0].client == "memory"
+        await access.wait()
+    assert access.records[0].client == "memory"
     with pytest.raises(ValueError, match="no listener named 'nope'"):
         await proxy.handle_stream(trio.testing.memory_stream_pair()[0], listener="nope")
 
 
 async def test_an_unexpected_error_costs_one_connection_only(
-    nursery: trio.Nursery, access_records: Records, caplog: pytest.LogCaptureFixture
+    nursery: trio.Nursery, access: AccessWatcher, caplog: pytest.LogCaptureFixture
 ) -> None:
     backend = await start_backend(nursery)
     calls = 0
@@ -489,7 +479,7 @@ async def test_an_unexpected_error_costs_one_connection_only(
     assert len(errors) == 1
     assert errors[0].getMessage().startswith("connection 1 from 127.0.0.1:")
     assert "RuntimeError: bug in a custom dialer" in caplog.text
-    assert access_records()[0].outcome == "error:internal"
+    assert access.records[0].outcome == "error:internal"
 
 
 async def test_access_log_files_in_text_and_json(tmp_path: Path) -> None:
@@ -516,19 +506,25 @@ async def test_access_log_files_in_text_and_json(tmp_path: Path) -> None:
             }
         )
         proxy = l4proxy.Proxy(config)
-        bound = await nursery.start(proxy.serve)
+        served = trio.Event()
+
+        async def serve(task_status: trio.TaskStatus[list[l4proxy.BoundAddress]]) -> None:
+            await proxy.serve(task_status=task_status)
+            served.set()
+
+        bound = await nursery.start(serve)
         for address in bound:
             async with await connect_to(address) as client:
                 await client.send_all(b"abc")
                 await receive_exactly(client, 3)
                 await client.send_eof()
                 await receive_all(client)
+        proxy.close()  # serve returns once drained, with the access logs flushed
         with trio.fail_after(5):
-            while os.path.getsize(json_log) == 0 or os.path.getsize(text_log) == 0:
-                await trio.sleep(0.01)
+            await served.wait()
         nursery.cancel_scope.cancel()
     (line,) = text_log.read_text().splitlines()
-    assert f" listener=t client=127.0.0.1:" in line
+    assert " listener=t client=127.0.0.1:" in line
     assert f"backend={backend} bytes_to_backend=3 bytes_to_client=3 duration=" in line
     assert line.endswith(" outcome=ok")
     (entry,) = (json.loads(raw) for raw in json_log.read_text().splitlines())
@@ -554,6 +550,6 @@ async def test_unwritable_access_log_is_a_config_error(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
     with pytest.raises(
-        l4proxy.ConfigError, match="access_log: cannot open .*: No such file or directory"
+        l4proxy.ConfigError, match=r"access_log: cannot open .*: No such file or directory"
     ):
         await start_proxy(nursery, ["127.0.0.1:1"], access_log=str(tmp_path / "missing" / "a.log"))

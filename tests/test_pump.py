@@ -102,7 +102,7 @@ class BrokenOnReceive(trio.abc.HalfCloseableStream):
 
 @pytest.mark.parametrize("side", ["client", "backend"])
 async def test_a_reset_on_either_side_ends_both_directions(side: str) -> None:
-    healthy_app, healthy_proxy = trio.testing.memory_stream_pair()
+    _, healthy_proxy = trio.testing.memory_stream_pair()
     broken = BrokenOnReceive()
     client, backend = (broken, healthy_proxy) if side == "client" else (healthy_proxy, broken)
     with trio.fail_after(5):
