@@ -9,7 +9,7 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Debian packages the test suite runs for real: PostgreSQL (server, psql, pgbench) and Redis.
 TEST_DEBS := postgresql redis-server redis-tools
 
-.PHONY: demo test lint check-tests system-deps clean
+.PHONY: demo test lint bench system-deps clean
 
 demo: $(STAMP)
 	@command -v nc >/dev/null || { echo "installing netcat-openbsd for the demo's nc examples"; \
@@ -18,6 +18,9 @@ demo: $(STAMP)
 
 test: $(STAMP) system-deps lint
 	$(BIN)/pytest
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bulk.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -8,7 +8,9 @@ line on standard error and exit status 2; runtime failures (a port in use) exit 
 from __future__ import annotations
 
 import logging
+import logging.handlers
 import math
+import queue
 import re
 import signal
 import sys
@@ -204,8 +206,11 @@ def cli(
         )
         return 0
     verbosity = _LEVEL_INDEX[loaded.log_level] - verbose + quiet
-    configure_logging(_LEVELS[max(0, min(len(_LEVELS) - 1, verbosity))])
-    return trio.run(run_proxy, loaded, load if config is not None else None)
+    writer = configure_logging(_LEVELS[max(0, min(len(_LEVELS) - 1, verbosity))])
+    try:
+        return trio.run(run_proxy, loaded, load if config is not None else None)
+    finally:
+        writer.stop()
 
 
 def _load_or_usage_error(load: Callable[[], Config]) -> Config:
@@ -227,19 +232,39 @@ def _flag_names(problem: str) -> str:
     return problem
 
 
-def configure_logging(level: int) -> None:
-    """Diagnostics to standard error; access lines (when not sent to a file) too, bare."""
+class _DroppingQueueHandler(logging.handlers.QueueHandler):
+    """Hands records to the writer thread; drops (and counts) instead of blocking."""
+
+    dropped = 0
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        try:
+            self.queue.put_nowait(record)
+        except queue.Full:
+            self.dropped += 1
+
+
+def configure_logging(level: int) -> logging.handlers.QueueListener:
+    """Diagnostics to standard error; access lines (when not sent to a file) too, bare.
+
+    Access lines pass through a bounded queue to a writer thread, so a slow standard
+    error never stalls the event loop. Stop the returned listener to flush it.
+    """
     diagnostics = logging.StreamHandler(sys.stderr)
     diagnostics.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     package = logging.getLogger("l4proxy")
     package.handlers[:] = [diagnostics]
     package.setLevel(level)
     package.propagate = False
-    access = logging.StreamHandler(sys.stderr)
-    access.setFormatter(logging.Formatter("%(message)s"))
+    access_output = logging.StreamHandler(sys.stderr)
+    access_output.setFormatter(logging.Formatter("%(message)s"))
+    access_queue: queue.Queue[logging.LogRecord] = queue.Queue(65536)
     access_logger = logging.getLogger("l4proxy.access")
-    access_logger.handlers[:] = [access]
+    access_logger.handlers[:] = [_DroppingQueueHandler(access_queue)]
     access_logger.propagate = False
+    writer = logging.handlers.QueueListener(access_queue, access_output)
+    writer.start()
+    return writer
 
 
 async def run_proxy(
