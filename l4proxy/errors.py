@@ -49,3 +49,11 @@ class UpstreamConnectError(UpstreamError):
         self.attempts = attempts
         detail = ", ".join(f"{address}: {reason}" for address, reason in attempts)
         super().__init__(f"no backend accepted the connection ({detail})")
+
+
+class ProtocolError(L4ProxyError):
+    """A peer sent bytes that break the protocol; costs that one connection."""
+
+
+class ClientHelloError(ProtocolError):
+    """The first bytes of a TLS connection are not a well-formed ClientHello."""
