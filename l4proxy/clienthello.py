@@ -89,7 +89,8 @@ def parse_client_hello(
     while needed is None or len(body) < needed + 4:
         if len(view) - offset < 5:
             _check_record_header(view[offset:])
-            return _need_more(offset + 5, limit)
+            _check_fits(offset + 5, limit)
+            return None
         content_type, major, _minor = view[offset], view[offset + 1], view[offset + 2]
         length = int.from_bytes(view[offset + 3 : offset + 5], "big")
         if content_type != _HANDSHAKE_RECORD:
@@ -103,7 +104,8 @@ def parse_client_hello(
         if len(view) < offset + 5 + length:
             fragment = view[offset + 5 :]
             _check_handshake_prefix(bytes(body) + bytes(fragment[: max(0, 4 - len(body))]))
-            return _need_more(offset + 5 + length, limit)
+            _check_fits(offset + 5 + length, limit)
+            return None
         body += view[offset + 5 : offset + 5 + length]
         offset += 5 + length
         if needed is None and len(body) >= 4:
@@ -116,10 +118,9 @@ def parse_client_hello(
     return _parse_body(memoryview(body)[4:], size=offset)
 
 
-def _need_more(required: int, limit: int) -> None:
+def _check_fits(required: int, limit: int) -> None:
     if required > limit:
         raise ClientHelloError(f"ClientHello larger than the {limit}-byte limit")
-    return None
 
 
 def _check_record_header(head: memoryview) -> None:
