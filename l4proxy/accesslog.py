@@ -121,8 +121,8 @@ class FileSink:
     Resource handling:
         :meth:`open` starts the thread (opening the file in it, so the event loop never
         waits on the file system); :meth:`aclose` stops it after the queue is written.
-        Both are idempotent. Lines are flushed after every batch, so a crash loses at
-        most the batch being written.
+        Both are idempotent (and ``open`` is safe to call from concurrent tasks). Lines
+        are flushed after every batch, so a crash loses at most the batch being written.
 
     Error handling:
         :meth:`open` raises ``OSError`` when the file cannot be opened. Write errors
@@ -135,14 +135,18 @@ class FileSink:
         self._queue: queue.Queue[tuple[AccessRecord, LogFormat] | None] = queue.Queue(QUEUE_LIMIT)
         self._thread: threading.Thread | None = None
         self._file: IO[str] | None = None
+        self._opening = trio.Lock()
 
     @property
     def is_open(self) -> bool:
         return self._thread is not None
 
     async def open(self) -> None:
-        if self._thread is not None:
-            return
+        async with self._opening:
+            if self._thread is None:
+                await self._open()
+
+    async def _open(self) -> None:
         if self.path == "-":
             self._file = sys.stdout
         else:
@@ -194,6 +198,7 @@ class FileSink:
                         file.write("\n".join(lines) + "\n")
                         file.flush()
                 except (OSError, ValueError) as exc:
+                    self.dropped += len(lines)
                     if not failed:
                         DIAGNOSTIC_LOGGER.error("access log %s: cannot write: %s", self.path, exc)
                         failed = True

@@ -138,7 +138,13 @@ class SecondsType(click.ParamType[float, str]):
     help="Read listeners and settings from a TOML file.",
 )
 @click.option("--check", is_flag=True, help="Validate the configuration, print a summary and exit.")
-@click.version_option(__version__, "--version", prog_name="l4proxy", message="%(prog)s %(version)s")
+@click.version_option(
+    __version__,
+    "--version",
+    prog_name="l4proxy",
+    message="%(prog)s %(version)s",
+    allow_from_autoenv=False,
+)
 def cli(
     listen: tuple[Address, ...],
     backend: tuple[Address, ...],
@@ -211,6 +217,7 @@ def cli(
         return trio.run(run_proxy, loaded, load if config is not None else None)
     finally:
         writer.stop()
+        _report_dropped_access_lines()
 
 
 def _load_or_usage_error(load: Callable[[], Config]) -> Config:
@@ -244,6 +251,14 @@ class _DroppingQueueHandler(logging.handlers.QueueHandler):
             self.dropped += 1
 
 
+def _report_dropped_access_lines() -> None:
+    for handler in logging.getLogger("l4proxy.access").handlers:
+        if isinstance(handler, _DroppingQueueHandler) and handler.dropped:
+            LOGGER.warning(
+                "dropped %d access lines: standard error could not keep up", handler.dropped
+            )
+
+
 def configure_logging(level: int) -> logging.handlers.QueueListener:
     """Diagnostics to standard error; access lines (when not sent to a file) too, bare.
 
@@ -261,6 +276,7 @@ def configure_logging(level: int) -> logging.handlers.QueueListener:
     access_queue: queue.Queue[logging.LogRecord] = queue.Queue(65536)
     access_logger = logging.getLogger("l4proxy.access")
     access_logger.handlers[:] = [_DroppingQueueHandler(access_queue)]
+    access_logger.setLevel(logging.INFO)  # -q quiets diagnostics, not the access log
     access_logger.propagate = False
     writer = logging.handlers.QueueListener(access_queue, access_output)
     writer.start()

@@ -19,7 +19,7 @@ import difflib
 import enum
 import math
 import tomllib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, TypeVar
 
 import attrs
@@ -97,6 +97,21 @@ def _duration_problem(value: object, *, positive: bool) -> str | None:
     return None
 
 
+def _log_format(value: LogFormat | str) -> LogFormat:
+    try:
+        return LogFormat(value)
+    except ValueError:
+        raise ConfigError(f"log_format: expected 'text' or 'json', got {value!r}") from None
+
+
+def _log_level(value: LogLevel | str) -> LogLevel:
+    try:
+        return LogLevel(value)
+    except ValueError:
+        choices = ", ".join(repr(str(level)) for level in LogLevel)
+        raise ConfigError(f"log_level: expected one of {choices}, got {value!r}") from None
+
+
 def _non_empty(
     _instance: object, attribute: attrs.Attribute[tuple[Address, ...]], value: tuple[Address, ...]
 ) -> None:
@@ -135,11 +150,11 @@ class ListenerConfig:
     idle_timeout: float = attrs.field(default=0.0, validator=_duration())
     drain_timeout: float = attrs.field(default=30.0, validator=_duration())
     access_log: str | None = attrs.field(default=None, validator=_access_log)
-    log_format: LogFormat = attrs.field(default=LogFormat.TEXT, converter=LogFormat)
+    log_format: LogFormat = attrs.field(default=LogFormat.TEXT, converter=_log_format)
 
     @name.default
     def _name_default(self) -> str:
-        return str(self.listen[0])
+        return str(self.listen[0]) if self.listen else "listener"
 
     @name.validator
     def _check_name(self, _attribute: attrs.Attribute[str], value: str) -> None:
@@ -159,7 +174,7 @@ class Config:
     """
 
     listeners: tuple[ListenerConfig, ...] = attrs.field(converter=_listener_tuple)
-    log_level: LogLevel = attrs.field(default=LogLevel.INFO, converter=LogLevel)
+    log_level: LogLevel = attrs.field(default=LogLevel.INFO, converter=_log_level)
 
     def __attrs_post_init__(self) -> None:
         problems = _cross_check(self.listeners)
@@ -205,8 +220,12 @@ _TOP_LEVEL_KEYS = ("listeners", "log_level", *_LISTENER_SETTINGS)
 _LISTENER_KEYS = ("name", "listen", "backends", *_LISTENER_SETTINGS)
 
 
-def _cross_check(listeners: tuple[ListenerConfig, ...]) -> list[str]:
-    """Rules that span listeners: unique names, no two listeners on one address."""
+def _cross_check(listeners: Sequence[ListenerConfig | None]) -> list[str]:
+    """Rules that span listeners: unique names, no two listeners on one address.
+
+    ``None`` stands for a listener that already failed its own checks, so the indexes
+    in the messages stay those of the file while the others are still checked.
+    """
     problems: list[str] = []
     if not listeners:
         problems.append("listeners: at least one listener is required")
@@ -214,6 +233,8 @@ def _cross_check(listeners: tuple[ListenerConfig, ...]) -> list[str]:
     bound: dict[Address, str] = {}
     wildcard_ports: dict[int, str] = {}
     for index, listener in enumerate(listeners):
+        if listener is None:
+            continue
         if listener.name in names:
             problems.append(
                 f"listeners[{index}].name: duplicate name {listener.name!r} (also listeners[{names[listener.name]}])"
@@ -279,13 +300,13 @@ class _MappingReader:
         listeners = [
             self.listener(item, f"listeners[{i}]", defaults) for i, item in enumerate(raw_listeners)
         ]
+        _name_unnamed_duplicates(
+            listeners, [isinstance(item, Mapping) and "name" in item for item in raw_listeners]
+        )
+        self.problems.extend(_cross_check(listeners))
         if self.problems:
             return None
         complete = tuple(listener for listener in listeners if listener is not None)
-        cross = _cross_check(complete)
-        if cross:
-            self.problems.extend(cross)
-            return None
         return Config(listeners=complete, log_level=log_level or LogLevel.INFO)
 
     def listener(
@@ -373,6 +394,18 @@ class _MappingReader:
             close = difflib.get_close_matches(key, allowed, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             self.problems.append(f"{prefix}{key}: unknown key{hint}")
+
+
+def _name_unnamed_duplicates(listeners: list[ListenerConfig | None], named: list[bool]) -> None:
+    """Unnamed listeners default to their first listen address; ``127.0.0.1:0`` twice is
+    legitimate (two ephemeral ports), so later ones get ``#INDEX`` appended."""
+    seen: set[str] = set()
+    for index, listener in enumerate(listeners):
+        if listener is None:
+            continue
+        if not named[index] and listener.name in seen:
+            listener = listeners[index] = attrs.evolve(listener, name=f"{listener.name}#{index}")
+        seen.add(listener.name)
 
 
 def _kind(value: object) -> str:

@@ -242,7 +242,13 @@ class Proxy:
             await trio.aclose_forcefully(stream)
             raise ValueError(f"no listener named {listener!r}; have {sorted(self._runtimes)}")
         if isinstance(runtime.access_log, FileSink) and not runtime.access_log.is_open:
-            await runtime.access_log.open()
+            try:
+                await runtime.access_log.open()
+            except OSError as exc:
+                await trio.aclose_forcefully(stream)
+                raise ConfigError(
+                    f"access_log: cannot open {runtime.access_log.path!r}: {exc.strerror or exc}"
+                ) from exc
         await serve_connection(
             stream,
             listener=runtime,
@@ -251,6 +257,15 @@ class Proxy:
             connect=self._connect,
             is_draining=lambda: self._draining,
         )
+
+    async def aclose(self) -> None:
+        """Flush and close access-log files opened by :meth:`handle_stream`.
+
+        Only needed when the application calls ``handle_stream`` without ``serve``
+        (which closes them itself when it returns).
+        """
+        for sink in self._file_sinks.values():
+            await sink.aclose()
 
     async def _open_access_logs(self) -> None:
         for sink in self._file_sinks.values():

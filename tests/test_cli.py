@@ -101,6 +101,14 @@ def test_check_accepts_flags_and_environment(
     assert out == "command line: ok (1 listener: 127.0.0.1:7000)\n"
 
 
+def test_version_flag_is_not_read_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("L4PROXY_VERSION", "1")
+    code, out, _ = run_main(["-l", ":1", "-b", "a:1", "--check"], capsys)
+    assert (code, out) == (0, "command line: ok (1 listener: :1)\n")
+
+
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     from l4proxy import __version__
 
@@ -179,6 +187,24 @@ async def test_a_second_signal_stops_at_once(nursery: trio.Nursery) -> None:
                 assert await receive_all(client) == b""
                 assert await proc.wait() == 0
             await proc.wait_for("outcome=drained")
+
+
+async def test_quiet_hides_diagnostics_but_not_access_lines(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    backend = await start_backend(nursery)
+    path = tmp_path / "front.sock"
+    with trio.fail_after(20):
+        async with ProxyProcess(nursery, ["-l", f"unix:{path}", "-b", backend, "-q"]) as proc:
+            while not path.exists():  # noqa: ASYNC110 - another process; -q hides "accepting on"
+                await trio.sleep(0.02)
+            async with await trio.open_unix_socket(str(path)) as client:
+                await client.send_all(b"q")
+                assert await receive_exactly(client, 1) == b"q"
+            proc.signal(signal.SIGTERM)
+            assert await proc.wait() == 0
+            await proc.wait_for("outcome=ok")
+            assert not [line for line in proc.stderr if " INFO " in line]
 
 
 async def test_port_in_use_exits_1_naming_the_address(nursery: trio.Nursery) -> None:

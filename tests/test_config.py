@@ -214,3 +214,34 @@ def test_config_is_frozen() -> None:
     config = Config.from_mapping(listeners({"listen": [":1"], "backends": ["a:1"]}))
     with pytest.raises(AttributeError):
         config.listeners[0].idle_timeout = 3  # type: ignore[misc]
+
+
+def test_unnamed_port_zero_listeners_get_distinct_names() -> None:
+    config = Config.from_mapping(
+        listeners(
+            {"listen": ["127.0.0.1:0"], "backends": ["a:1"]},
+            {"listen": ["127.0.0.1:0"], "backends": ["b:1"]},
+        )
+    )
+    assert [listener.name for listener in config.listeners] == ["127.0.0.1:0", "127.0.0.1:0#1"]
+
+
+def test_cross_listener_problems_are_reported_with_per_listener_ones() -> None:
+    problems = problems_of(
+        listeners(
+            {"name": "a", "listen": [":1"], "backends": ["a:1"]},
+            {"name": "a", "listen": [":2"], "backends": ["a:1"]},
+            {"listen": [":3"], "backends": ["bad"]},
+        )
+    )
+    assert "listeners[1].name: duplicate name 'a' (also listeners[0])" in problems
+    assert any(p.startswith("listeners[2].backends[0]: expected HOST:PORT") for p in problems)
+
+
+def test_bad_enums_in_code_are_config_errors() -> None:
+    with pytest.raises(ConfigError, match="log_format: expected 'text' or 'json', got 'xml'"):
+        ListenerConfig(listen=[":1"], backends=["a:1"], log_format="xml")
+    with pytest.raises(ConfigError, match="log_level: expected one of"):
+        Config(listeners=[ListenerConfig(listen=[":1"], backends=["a:1"])], log_level="loud")
+    with pytest.raises(ConfigError, match="listen: needs at least one address"):
+        ListenerConfig(listen=[], backends=["a:1"])
