@@ -36,9 +36,16 @@ QUEUE_LIMIT = 65536
 
 @attrs.frozen(slots=True)
 class AccessRecord:
-    """What one finished connection did. ``outcome`` is ``ok``, ``connect_failed``,
-    ``idle_timeout``, ``drained``, ``cancelled`` or ``error:<reason>``; ``error`` carries
-    the detail (for ``connect_failed``, every backend tried and why it failed)."""
+    """What one finished connection did.
+
+    ``outcome`` is ``ok``, ``connect_failed``, ``idle_timeout``, ``drained``,
+    ``cancelled``, ``bad_client_hello``, ``no_route``, ``handshake_timeout``,
+    ``tls_handshake_failed``, ``client_cert_rejected``, ``backend_tls_failed`` or
+    ``error:<reason>``; ``error`` carries the detail (for ``connect_failed``, every
+    backend tried and why it failed). The TLS fields are set on TLS listeners: ``sni``
+    and ``alpn`` as offered (``alpn`` as negotiated when terminating), ``tls_version``,
+    ``cipher`` and ``client_subject`` (mTLS) when terminating.
+    """
 
     time: float  # wall-clock start, seconds since the epoch
     id: int
@@ -50,6 +57,11 @@ class AccessRecord:
     duration: float
     outcome: str
     error: str | None = None
+    sni: str | None = None
+    alpn: str | None = None
+    tls_version: str | None = None
+    cipher: str | None = None
+    client_subject: str | None = None
 
 
 def _timestamp(epoch: float) -> str:
@@ -66,9 +78,15 @@ def format_text(record: AccessRecord) -> str:
         f"bytes_to_backend={record.bytes_to_backend} bytes_to_client={record.bytes_to_client} "
         f"duration={record.duration:.3f} outcome={_logfmt(record.outcome)}"
     )
-    if record.error:
-        line += f" error={_logfmt(record.error)}"
+    for key in _OPTIONAL_TEXT_FIELDS:
+        value = getattr(record, key)
+        if value is not None:
+            line += f" {key}={_logfmt(value)}"
     return line
+
+
+#: Written in text lines only when set (TLS listeners, failures); JSON always has them.
+_OPTIONAL_TEXT_FIELDS = ("sni", "alpn", "tls_version", "cipher", "client_subject", "error")
 
 
 def format_json(record: AccessRecord) -> str:

@@ -16,7 +16,7 @@ import attrs
 
 Role = Literal["listen", "backend"]
 
-_HOSTNAME_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)\Z")
+HOSTNAME_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)\Z")
 _FORMS = "HOST:PORT, [IPV6]:PORT, :PORT or unix:/PATH"
 
 
@@ -107,7 +107,7 @@ def _check_hostname(host: str, text: str) -> None:
     labels = name.split(".")
     if (
         len(name) > 253
-        or not all(_HOSTNAME_LABEL.match(label) for label in labels)
+        or not all(HOSTNAME_LABEL.match(label) for label in labels)
         or labels[-1].isdigit()  # RFC 3696 §2: a top-level label is never all digits
     ):
         raise ValueError(f"{host!r} in {text!r} is not a valid host name or IP address")

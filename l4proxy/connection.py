@@ -1,12 +1,15 @@
-"""One client connection's life: connect a backend, pump bytes, write the access line.
+"""One client connection's life: read the ClientHello, route, terminate TLS, connect a
+backend, pump bytes, write the access line.
 
 :func:`serve_connection` is the per-connection orchestrator. It reads like a table of
-contents; each step lives in its own module. It is also where per-connection failures
-are contained: whatever one peer or backend does costs that connection only.
+contents; each step is a short function here or lives in its own module. It is also
+where per-connection failures are contained: whatever one peer or backend does costs
+that connection only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import time
@@ -16,14 +19,19 @@ import attrs
 import trio
 
 from .accesslog import AccessRecord, AccessSink
+from .addresses import Address, TCPAddress
 from .backends import BackendPool, Connector, connect_pool, describe_os_error
-from .errors import L4ProxyError, UpstreamConnectError
+from .clienthello import DEFAULT_LIMIT, ClientHello, parse_client_hello
+from .errors import ClientHelloError, L4ProxyError, UpstreamConnectError
 from .pump import Transfer, pump
+from .tls import ALERT_UNRECOGNIZED_NAME, ClientCertificateRejected, TLSStream
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     from .config import ListenerConfig
+    from .routing import Router
+    from .tls import BackendTLS, ServerTLS
 
 LOGGER = logging.getLogger("l4proxy.connection")
 
@@ -33,8 +41,36 @@ class ListenerRuntime:
     """What a listener needs at run time, built once from its config (and on reload)."""
 
     config: ListenerConfig
-    pool: BackendPool
+    router: Router[BackendPool]
     access_log: AccessSink
+    server_tls: ServerTLS | None = None
+    backend_tls: BackendTLS | None = None
+
+
+@attrs.define(slots=True, eq=False)
+class _Connection:
+    """What the access line will say; filled in as the steps run."""
+
+    outcome: str | None = None
+    error: str | None = None
+    backend: str | None = None
+    sni: str | None = None
+    alpn: str | None = None
+    tls_version: str | None = None
+    cipher: str | None = None
+    client_subject: str | None = None
+
+    def fail(self, outcome: str, error: str | None = None) -> None:
+        self.outcome, self.error = outcome, error
+
+
+@attrs.frozen(eq=False)
+class _Front:
+    """The client side once routing (and TLS termination) is done."""
+
+    stream: trio.abc.Stream
+    pool: BackendPool
+    replay: bytes = b""  # passthrough: the peeked ClientHello, for the backend
 
 
 async def serve_connection(
@@ -46,44 +82,43 @@ async def serve_connection(
     connect: Connector,
     is_draining: Callable[[], bool],
 ) -> None:
-    """Proxy one accepted connection to the listener's pool, then log it.
+    """Proxy one accepted connection, then log it.
 
     Resource handling:
-        Closes ``stream`` (and the backend stream) on every path, cancellation included.
+        Closes ``stream`` (and every stream built on it or on the backend) on every
+        path, cancellation included.
 
     Error handling:
-        Backend connect failures, resets and OS errors end this connection with an
-        ``outcome`` in the access log. Anything unexpected is logged with a traceback and
-        the connection's identity, and also ends only this connection. ``Cancelled`` is
-        never swallowed; a connection cut by a drain deadline is logged as ``drained``.
+        Protocol errors, TLS failures, backend failures, resets and OS errors end this
+        connection with an ``outcome`` in the access log. Anything unexpected is logged
+        with a traceback and the connection's identity, and also ends only this
+        connection. ``Cancelled`` is never swallowed; a connection cut by a drain
+        deadline is logged as ``drained``.
     """
     config = listener.config
     started_wall = time.time()
     started = trio.current_time()
     transfer = Transfer()
-    backend: str | None = None
-    outcome: str | None = None
-    error: str | None = None
+    state = _Connection()
     try:
         async with stream:
-            try:
-                upstream, address = await connect_pool(
-                    listener.pool, connect, attempt_seconds=config.connect_timeout
-                )
-            except UpstreamConnectError as exc:
-                outcome = "connect_failed"
-                error = "; ".join(f"{a}: {reason}" for a, reason in exc.attempts)
+            front = await _open_front(stream, listener, state)
+            if front is None:
                 return
-            backend = str(address)
-            async with upstream:
-                outcome = await pump(stream, upstream, transfer, idle_seconds=config.idle_timeout)
+            try:
+                await _proxy_to_backend(front, listener, state, transfer, connect)
+            finally:
+                if front.stream is not stream:
+                    await front.stream.aclose()
     except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-        outcome, error = "error:reset", str(exc) or None
+        state.fail("error:reset", str(exc) or None)
     except OSError as exc:
-        outcome = f"error:{errno.errorcode.get(exc.errno or 0, 'os_error').lower()}"
-        error = describe_os_error(exc)
+        state.fail(
+            f"error:{errno.errorcode.get(exc.errno or 0, 'os_error').lower()}",
+            describe_os_error(exc),
+        )
     except L4ProxyError as exc:
-        outcome, error = "error:proxy", str(exc)
+        state.fail("error:proxy", str(exc))
     except Exception as exc:
         LOGGER.exception(
             "connection %d from %s on listener %r failed unexpectedly",
@@ -91,22 +126,184 @@ async def serve_connection(
             client,
             config.name,
         )
-        outcome, error = "error:internal", f"{type(exc).__name__}: {exc}"
+        state.fail("error:internal", f"{type(exc).__name__}: {exc}")
     finally:
-        if outcome is None:
-            outcome = "drained" if is_draining() else "cancelled"
+        if state.outcome is None:
+            state.outcome = "drained" if is_draining() else "cancelled"
         listener.access_log.write(
             AccessRecord(
                 time=started_wall,
                 id=connection_id,
                 listener=config.name,
                 client=client,
-                backend=backend,
+                backend=state.backend,
                 bytes_to_backend=transfer.to_backend,
                 bytes_to_client=transfer.to_client,
                 duration=trio.current_time() - started,
-                outcome=outcome,
-                error=error,
+                outcome=state.outcome,
+                error=state.error,
+                sni=state.sni,
+                alpn=state.alpn,
+                tls_version=state.tls_version,
+                cipher=state.cipher,
+                client_subject=state.client_subject,
             ),
             config.log_format,
         )
+
+
+async def _open_front(
+    stream: trio.abc.Stream, listener: ListenerRuntime, state: _Connection
+) -> _Front | None:
+    """Route the connection; for TLS listeners read the ClientHello and maybe terminate.
+
+    Returns ``None`` (with ``state`` saying why) when the connection ends here. The
+    ClientHello and the handshake share one deadline: slowloris protection.
+    """
+    config = listener.config
+    default = listener.router.match(None, ())
+    if not config.inspects_tls:
+        assert default is not None  # a plain listener always has a default pool
+        return _Front(stream, default.pool)
+    with trio.move_on_after(config.handshake_timeout):
+        try:
+            hello, peeked = await read_client_hello(stream)
+        except ClientHelloError as exc:
+            state.fail("bad_client_hello", str(exc))
+            return None
+        state.sni = hello.server_name
+        state.alpn = ",".join(p.decode("ascii", "replace") for p in hello.alpn_protocols) or None
+        route = listener.router.match(hello.server_name, hello.alpn_protocols)
+        if route is None:
+            state.fail(
+                "no_route", f"no route for sni {hello.server_name!r} on listener {config.name!r}"
+            )
+            if listener.server_tls is not None:  # RFC 6066 §3: a fatal unrecognized_name
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await stream.send_all(ALERT_UNRECOGNIZED_NAME)
+            return None
+        if listener.server_tls is None:  # passthrough
+            return _Front(stream, route.pool, replay=peeked)
+        tls = await _terminate(stream, peeked, hello, route.alpn, listener.server_tls, state)
+        return None if tls is None else _Front(tls, route.pool)
+    state.fail(
+        "handshake_timeout",
+        f"no complete ClientHello and handshake within {config.handshake_timeout:g}s",
+    )
+    return None
+
+
+async def read_client_hello(
+    stream: trio.abc.ReceiveStream, *, limit: int = DEFAULT_LIMIT
+) -> tuple[ClientHello, bytes]:
+    """Read until a whole ClientHello arrived; return it and every byte read (to replay).
+
+    Never reads more than ``limit`` bytes. Raises ``ClientHelloError`` for anything
+    that is not a ClientHello, including EOF before a complete one.
+    """
+    buffer = bytearray()
+    while True:
+        chunk = await stream.receive_some(limit - len(buffer))
+        if not chunk:
+            raise ClientHelloError(
+                f"connection closed after {len(buffer)} bytes, before a complete ClientHello"
+            )
+        buffer += chunk
+        hello = parse_client_hello(buffer, limit=limit)
+        if hello is not None:
+            return hello, bytes(buffer)
+
+
+async def _terminate(
+    stream: trio.abc.Stream,
+    peeked: bytes,
+    hello: ClientHello,
+    route_alpn: tuple[bytes, ...],
+    server_tls: ServerTLS,
+    state: _Connection,
+) -> TLSStream | None:
+    """The TLS handshake with the client, on the context for its SNI."""
+    tls = TLSStream(
+        stream, server_tls.connection(hello.server_name, route_alpn or None), initial=peeked
+    )
+    try:
+        await tls.do_handshake()
+    except trio.BrokenResourceError as exc:
+        state.fail("tls_handshake_failed", str(exc))
+        await tls.aclose()
+        return None
+    state.tls_version, state.cipher, state.alpn = (
+        tls.protocol_version,
+        tls.cipher,
+        tls.alpn_protocol,
+    )
+    if server_tls.verifies_clients:
+        try:
+            state.client_subject = server_tls.client_identity(tls.connection)
+        except ClientCertificateRejected as exc:
+            state.fail("client_cert_rejected", str(exc))
+            await tls.aclose()
+            return None
+    return tls
+
+
+async def _proxy_to_backend(
+    front: _Front,
+    listener: ListenerRuntime,
+    state: _Connection,
+    transfer: Transfer,
+    connect: Connector,
+) -> None:
+    config = listener.config
+    try:
+        upstream, address = await connect_pool(
+            front.pool, connect, attempt_seconds=config.connect_timeout
+        )
+    except UpstreamConnectError as exc:
+        state.fail("connect_failed", "; ".join(f"{a}: {reason}" for a, reason in exc.attempts))
+        return
+    state.backend = str(address)
+    async with upstream:
+        back = upstream
+        if listener.backend_tls is not None:
+            secured = await _secure_backend(
+                upstream, address, listener.backend_tls, config.handshake_timeout, state
+            )
+            if secured is None:
+                return
+            back = secured
+        try:
+            if front.replay:
+                await back.send_all(front.replay)
+                transfer.to_backend += len(front.replay)
+            state.outcome = await pump(
+                front.stream, back, transfer, idle_seconds=config.idle_timeout
+            )
+        finally:
+            if back is not upstream:
+                await back.aclose()
+
+
+async def _secure_backend(
+    upstream: trio.abc.Stream,
+    address: Address,
+    backend_tls: BackendTLS,
+    seconds: float,
+    state: _Connection,
+) -> TLSStream | None:
+    """TLS to the backend, verified before any client byte goes to it."""
+    host = address.host if isinstance(address, TCPAddress) else None
+    connection, name = backend_tls.connection(host)
+    tls = TLSStream(upstream, connection)
+    with trio.move_on_after(seconds):
+        try:
+            await tls.do_handshake()
+            backend_tls.verify(connection, name)
+        except trio.BrokenResourceError as exc:
+            state.fail("backend_tls_failed", str(exc))
+            await tls.aclose()
+            return None
+        return tls
+    state.fail("backend_tls_failed", f"backend handshake took longer than {seconds:g}s")
+    await tls.aclose()
+    return None

@@ -33,6 +33,8 @@ from .addresses import Address, TCPAddress, UnixAddress
 from .backends import BackendPool, Connector, open_connection
 from .connection import ListenerRuntime, serve_connection
 from .errors import ConfigError, ListenError
+from .routing import Router
+from .tls import BackendTLS, build_server_tls
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping
@@ -114,16 +116,38 @@ class Proxy:
         return self._draining
 
     def _build_runtimes(self, config: Config) -> Mapping[str, ListenerRuntime]:
+        """Everything per-listener that can be done once: pools, routes, TLS contexts.
+
+        Reads certificate, key and CA files; raises ``ConfigError`` naming them.
+        """
         runtimes = {}
-        for listener in config.listeners:
+        for index, listener in enumerate(config.listeners):
             if listener.access_log is None:
                 sink: LoggerSink | FileSink = self._logger_sink
             else:
                 sink = self._file_sinks.setdefault(
                     listener.access_log, FileSink(listener.access_log)
                 )
+            router: Router[BackendPool] = Router(
+                [(route.sni, route.alpn, BackendPool(route.backends)) for route in listener.routes],
+                default=BackendPool(listener.backends) if listener.backends else None,
+            )
+            server_tls = None
+            if listener.tls is not None:
+                server_tls = build_server_tls(
+                    listener.tls,
+                    session_id=f"l4proxy {listener.name}".encode()[:32],
+                    key_path=f"listeners[{index}].tls",
+                )
+            backend_tls = None
+            if listener.backend_tls:
+                backend_tls = BackendTLS(
+                    listener.backend_ca,
+                    server_name=listener.backend_sni,
+                    key_path=f"listeners[{index}].backend_ca",
+                )
             runtimes[listener.name] = ListenerRuntime(
-                listener, BackendPool(listener.backends), sink
+                listener, router, sink, server_tls, backend_tls
             )
         return runtimes
 

@@ -543,6 +543,11 @@ async def test_access_log_files_in_text_and_json(tmp_path: Path) -> None:
         "duration",
         "outcome",
         "error",
+        "sni",
+        "alpn",
+        "tls_version",
+        "cipher",
+        "client_subject",
     }
 
 
