@@ -14,14 +14,15 @@ import queue
 import re
 import signal
 import sys
-from typing import TYPE_CHECKING, NoReturn
+from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn, TypeVar
 
 import click
 import trio
 
 from ._version import __version__
 from .addresses import Address, Role, parse_address
-from .config import Config, LogLevel, read_toml
+from .config import Config, LogLevel, read_toml, server_name_problem
 from .errors import ConfigError, ListenError
 from .server import BoundAddress, Proxy
 
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Sequence
 
 LOGGER = logging.getLogger("l4proxy.cli")
+T = TypeVar("T")
 
 _LEVELS = (logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR)
 _LEVEL_INDEX = {LogLevel.DEBUG: 0, LogLevel.INFO: 1, LogLevel.WARNING: 2, LogLevel.ERROR: 3}
@@ -37,6 +39,12 @@ _LEVEL_INDEX = {LogLevel.DEBUG: 0, LogLevel.INFO: 1, LogLevel.WARNING: 2, LogLev
 _FLAG_FOR_PATH = (
     (re.compile(r"listeners\[0\]\.listen(\[\d+\])?"), "--listen"),
     (re.compile(r"listeners\[0\]\.backends(\[\d+\])?"), "--backend"),
+    (re.compile(r"listeners\[0\]\.tls\.certs\[\d+\]\.cert"), "--tls-cert"),
+    (re.compile(r"listeners\[0\]\.tls\.certs\[\d+\]\.key"), "--tls-key"),
+    (re.compile(r"listeners\[0\]\.tls\.client_ca"), "--client-ca"),
+    (re.compile(r"listeners\[0\]\.tls\.alpn"), "--alpn"),
+    (re.compile(r"listeners\[0\]\.routes(\[\d+\])?(\.\w+)?"), "--route"),
+    (re.compile(r"listeners\[0\]\.(\w+)"), "\\1"),
 )
 
 
@@ -53,6 +61,31 @@ class AddressType(click.ParamType[Address, str]):
     ) -> Address:
         try:
             return parse_address(str(value), role=self.role)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+class RouteType(click.ParamType[tuple[str, Address], str]):
+    """``NAME=ADDR``: an SNI name (exact or ``*.domain``) and a backend address."""
+
+    name = "route"
+
+    def convert(
+        self, value: object, param: click.Parameter | None, ctx: click.Context | None
+    ) -> tuple[str, Address]:
+        if isinstance(value, tuple):
+            return value
+        name, sep, address = str(value).partition("=")
+        if not sep:
+            self.fail(
+                f"expected NAME=ADDR, e.g. db.example.com=10.0.0.5:5432, got {value!r}", param, ctx
+            )
+        name = name.lower().removesuffix(".")
+        problem = server_name_problem(name)
+        if problem:
+            self.fail(problem, param, ctx)
+        try:
+            return name, parse_address(address, role="backend")
         except ValueError as exc:
             self.fail(str(exc), param, ctx)
 
@@ -137,6 +170,63 @@ class SecondsType(click.ParamType[float, str]):
     metavar="FILE",
     help="Read listeners and settings from a TOML file.",
 )
+@click.option(
+    "--tls-cert",
+    multiple=True,
+    metavar="CERT",
+    help="Terminate TLS with this certificate (chain) PEM; repeat for more names. The first is "
+    "the default for no or unknown SNI.",
+)
+@click.option(
+    "--tls-key",
+    multiple=True,
+    metavar="KEY",
+    help="Private key for the --tls-cert in the same position; omit when each CERT holds its key.",
+)
+@click.option(
+    "--route",
+    multiple=True,
+    type=RouteType(),
+    metavar="NAME=ADDR",
+    help="Send SNI NAME (exact, or *.domain) to ADDR; repeat a NAME to build its pool. "
+    "Unmatched names use --backend.",
+)
+@click.option(
+    "--alpn",
+    multiple=True,
+    metavar="PROTO",
+    help="ALPN protocol to offer when terminating; repeatable.",
+)
+@click.option(
+    "--passthrough",
+    is_flag=True,
+    help="Route on the ClientHello's SNI without terminating; the client talks TLS to the backend.",
+)
+@click.option(
+    "--client-ca", metavar="CA", help="Require client certificates chaining to CA (mTLS)."
+)
+@click.option(
+    "--backend-tls", is_flag=True, help="Re-encrypt to the backends and verify their certificates."
+)
+@click.option(
+    "--backend-ca", metavar="CA", help="Verify backends against CA.  [default: the system store]"
+)
+@click.option(
+    "--backend-sni",
+    metavar="NAME",
+    help="Name sent to and verified at backends.  [default: backend host]",
+)
+@click.option(
+    "--tls-min-version",
+    type=click.Choice(["1.2", "1.3"]),
+    help="Oldest TLS version accepted; 1.0/1.1 are always refused.  [default: 1.2]",
+)
+@click.option(
+    "--handshake-timeout",
+    type=SecondsType(positive=True),
+    metavar="S",
+    help="Seconds for the ClientHello and TLS handshake (also in passthrough).  [default: 10]",
+)
 @click.option("--check", is_flag=True, help="Validate the configuration, print a summary and exit.")
 @click.version_option(
     __version__,
@@ -156,54 +246,78 @@ def cli(
     verbose: int,
     quiet: int,
     config: str | None,
+    tls_cert: tuple[str, ...],
+    tls_key: tuple[str, ...],
+    route: tuple[tuple[str, Address], ...],
+    alpn: tuple[str, ...],
+    passthrough: bool,
+    client_ca: str | None,
+    backend_tls: bool,
+    backend_ca: str | None,
+    backend_sni: str | None,
+    tls_min_version: str | None,
+    handshake_timeout: float | None,
     check: bool,
 ) -> int:
-    """A TCP layer-4 reverse proxy: accept on --listen, forward to --backend.
+    """A TCP/TLS layer-4 reverse proxy: accept on --listen, forward to --backend.
 
     \b
     Examples:
       l4proxy --listen :5432 --backend 10.0.0.5:5432 --backend 10.0.0.6:5432
-      l4proxy --config l4proxy.toml
+      l4proxy --listen :443 --tls-cert site.pem --tls-key site.key --backend 127.0.0.1:8080
+      l4proxy --listen :443 --passthrough --route db.example.com=10.0.0.5:5432
       l4proxy --config l4proxy.toml --check
     """
-    overrides = {
+    settings = {
         key: value
         for key, value in (
             ("connect_timeout", connect_timeout),
             ("idle_timeout", idle_timeout),
             ("drain_timeout", drain_timeout),
+            ("handshake_timeout", handshake_timeout),
             ("access_log", access_log),
             ("log_format", log_format),
+            ("backend_tls", backend_tls or None),
+            ("backend_ca", backend_ca),
+            ("backend_sni", backend_sni),
         )
         if value is not None
     }
+    listener_flags = {
+        "--listen": listen,
+        "--backend": backend,
+        "--tls-cert": tls_cert,
+        "--tls-key": tls_key,
+        "--route": route,
+        "--alpn": alpn,
+        "--passthrough": passthrough,
+        "--client-ca": client_ca,
+        "--tls-min-version": tls_min_version,
+    }
     if config is not None:
-        if listen or backend:
+        given = [flag for flag, value in listener_flags.items() if value]
+        if given:
             raise click.UsageError(
-                "--listen/--backend cannot be combined with --config; put them in a [[listeners]] table"
+                f"{'/'.join(given)} cannot be combined with --config; put them in a [[listeners]] table"
             )
         path = config
 
         def load() -> Config:
-            return Config.from_mapping({**read_toml(path), **overrides}, source=path)
+            return Config.from_mapping(
+                {**read_toml(path), **settings}, source=path, base_dir=Path(path).parent
+            )
 
     else:
-        if not listen and not backend:
-            raise click.UsageError(
-                "nothing to proxy: give --listen and --backend, or --config FILE (see --help)"
-            )
-        if not backend:
-            raise click.UsageError("--backend is required with --listen")
-        if not listen:
-            raise click.UsageError("--listen is required with --backend")
-        listener = {"listen": [str(a) for a in listen], "backends": [str(a) for a in backend]}
+        listener = _listener_from_flags(
+            listen, backend, tls_cert, tls_key, route, alpn, passthrough, client_ca, tls_min_version
+        )
 
         def load() -> Config:
-            return Config.from_mapping(
-                {"listeners": [listener], **overrides}, source="command line"
-            )
+            return Config.from_mapping({"listeners": [listener], **settings}, source="command line")
 
-    loaded = _load_or_usage_error(load)
+    flags = config is None
+    loaded = _or_usage_error(load, flags=flags)
+    proxy = _or_usage_error(lambda: Proxy(loaded), flags=flags)  # reads certificates and keys
     if check:
         count = len(loaded.listeners)
         names = ", ".join(listener.name for listener in loaded.listeners)
@@ -214,18 +328,83 @@ def cli(
     verbosity = _LEVEL_INDEX[loaded.log_level] - verbose + quiet
     writer = configure_logging(_LEVELS[max(0, min(len(_LEVELS) - 1, verbosity))])
     try:
-        return trio.run(run_proxy, loaded, load if config is not None else None)
+        return trio.run(run_proxy, proxy, load)
     finally:
         writer.stop()
         _report_dropped_access_lines()
 
 
-def _load_or_usage_error(load: Callable[[], Config]) -> Config:
+def _listener_from_flags(
+    listen: tuple[Address, ...],
+    backend: tuple[Address, ...],
+    tls_cert: tuple[str, ...],
+    tls_key: tuple[str, ...],
+    route: tuple[tuple[str, Address], ...],
+    alpn: tuple[str, ...],
+    passthrough: bool,
+    client_ca: str | None,
+    tls_min_version: str | None,
+) -> dict[str, object]:
+    """The one listener the flags describe, in the config file's shape."""
+    if not listen and not backend and not route:
+        raise click.UsageError(
+            "nothing to proxy: give --listen and --backend, or --config FILE (see --help)"
+        )
+    if not listen:
+        raise click.UsageError("--listen is required with --backend/--route")
+    if not backend and not route:
+        raise click.UsageError("--backend is required with --listen")
+    listener: dict[str, object] = {"listen": [str(a) for a in listen]}
+    if backend:
+        listener["backends"] = [str(a) for a in backend]
+    if route:
+        pools: dict[str, list[str]] = {}
+        for name, address in route:
+            pools.setdefault(name, []).append(str(address))
+        listener["routes"] = [{"sni": [name], "backends": pool} for name, pool in pools.items()]
+    if passthrough:
+        listener["passthrough"] = True
+    if tls_key and len(tls_key) != len(tls_cert):
+        raise click.UsageError(
+            f"got {len(tls_cert)} --tls-cert and {len(tls_key)} --tls-key: give one --tls-key per "
+            "--tls-cert, or none when each CERT holds its key"
+        )
+    tls: dict[str, object] = {}
+    if tls_cert:
+        tls["certs"] = [
+            {"cert": cert, **({"key": tls_key[i]} if tls_key else {})}
+            for i, cert in enumerate(tls_cert)
+        ]
+    if alpn:
+        tls["alpn"] = list(alpn)
+    if client_ca:
+        tls["client_ca"] = client_ca
+    if tls_min_version:
+        tls["min_version"] = tls_min_version
+    if tls and "certs" not in tls:
+        needing = [
+            flag
+            for flag, value in (
+                ("--alpn", alpn),
+                ("--client-ca", client_ca),
+                ("--tls-min-version", tls_min_version),
+            )
+            if value
+        ]
+        raise click.UsageError(f"{'/'.join(needing)} need --tls-cert (TLS termination)")
+    if tls:
+        listener["tls"] = tls
+    return listener
+
+
+def _or_usage_error(build: Callable[[], T], *, flags: bool) -> T:
+    """Run ``build``; a ``ConfigError`` becomes a one-line usage error (exit 2), naming
+    flags instead of key paths when the configuration came from flags."""
     try:
-        return load()
+        return build()
     except ConfigError as exc:
         message = str(exc)
-        if exc.source == "command line":
+        if flags:
             message = "; ".join(_flag_names(problem) for problem in exc.problems)
         raise click.UsageError(message) from None
 
@@ -284,17 +463,17 @@ def configure_logging(level: int) -> logging.handlers.QueueListener:
 
 
 async def run_proxy(
-    config: Config,
+    proxy: Proxy,
     reload_config: Callable[[], Config] | None = None,
     *,
     on_ready: Callable[[list[BoundAddress]], None] | None = None,
 ) -> int:
-    """Serve ``config`` until SIGTERM/SIGINT (drain) and return the exit status.
+    """Serve until SIGTERM/SIGINT (drain) and return the exit status.
 
-    SIGHUP calls ``reload_config`` and applies the result; a second SIGTERM/SIGINT cuts
-    what is still draining. ``on_ready`` is called with the bound addresses.
+    SIGHUP calls ``reload_config`` and applies the result (re-reading certificates),
+    off the event loop; a second SIGTERM/SIGINT cuts what is still draining.
+    ``on_ready`` is called with the bound addresses.
     """
-    proxy = Proxy(config)
     exit_code = 0
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         try:
@@ -339,7 +518,8 @@ async def _handle_signals(
                 LOGGER.warning("%s: nothing to reload (no --config file)", name)
                 continue
             try:
-                proxy.reload(await trio.to_thread.run_sync(reload_config))
+                # Reading and checking files happens off the event loop; the swap is atomic.
+                await trio.to_thread.run_sync(_reload, proxy, reload_config)
             except ConfigError as exc:
                 LOGGER.error("%s: reload failed, keeping the running configuration: %s", name, exc)
         elif not proxy.draining:
@@ -351,6 +531,10 @@ async def _handle_signals(
         else:
             LOGGER.warning("%s again: closing remaining connections now", name)
             proxy.close(drain_timeout=0)
+
+
+def _reload(proxy: Proxy, load: Callable[[], Config]) -> None:
+    proxy.reload(load())
 
 
 def main(args: Sequence[str] | None = None) -> NoReturn:

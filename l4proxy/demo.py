@@ -17,6 +17,7 @@ import trio
 
 from .cli import configure_logging, run_proxy
 from .config import Config, ListenerConfig
+from .server import Proxy
 
 if TYPE_CHECKING:
     from .server import BoundAddress
@@ -76,7 +77,7 @@ async def _main(port: int) -> int:
                 flush=True,
             )
 
-        code = await run_proxy(config, on_ready=explain)
+        code = await run_proxy(Proxy(config), on_ready=explain)
         nursery.cancel_scope.cancel()
     return code
 
