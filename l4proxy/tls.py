@@ -32,11 +32,12 @@ import datetime
 import enum
 import ipaddress
 import logging
-import ssl
+import operator
 
+import service_identity
+import service_identity.pyopenssl
 import trio
 from cryptography import x509
-from cryptography.x509 import verification
 from OpenSSL import SSL
 
 from .config import TLSConfig, TLSVersion
@@ -283,23 +284,24 @@ def _warn_about_validity(certificate: x509.Certificate, path: str) -> None:
 
 
 class BackendTLS:
-    """Re-encryption to backends: a client context, a trust store, and verification.
-
-    Verification (chain and name, RFC 6125) is done by ``cryptography``'s X.509
-    verifier after the handshake and before any client byte is forwarded.
+    """Re-encryption to backends: a client context that verifies the chain during the
+    handshake (OpenSSL, against ``backend_ca`` or the system store), then the name
+    (RFC 6125, by pyca's ``service_identity``) before any client byte is forwarded.
     """
 
     def __init__(self, ca_file: str | None, *, server_name: str | None, key_path: str) -> None:
         self.context = _policy_context(SSL.TLS_CLIENT_METHOD, TLSVersion.TLS1_2)
         self.server_name = server_name
         if ca_file is None:
-            ca_file = ssl.get_default_verify_paths().cafile or "/etc/ssl/certs/ca-certificates.crt"
-            key_path = "backend_ca (the system trust store)"
-        pem = _read_file(ca_file, "CA file", key_path)
-        try:
-            self._store = verification.Store(x509.load_pem_x509_certificates(pem))
-        except ValueError:
-            raise ConfigError(f"{key_path}: {ca_file!r} holds no PEM CA certificate") from None
+            self.context.set_default_verify_paths()
+        else:
+            pem = _read_file(ca_file, "CA file", key_path)
+            try:
+                x509.load_pem_x509_certificates(pem)
+                self.context.load_verify_locations(ca_file)
+            except (ValueError, SSL.Error):
+                raise ConfigError(f"{key_path}: {ca_file!r} holds no PEM CA certificate") from None
+        self.context.set_verify(SSL.VERIFY_PEER)
 
     def connection(self, host: str | None) -> tuple[SSL.Connection, str | None]:
         """A client connection and the name to verify: ``backend_sni`` or the host."""
@@ -311,24 +313,19 @@ class BackendTLS:
         return connection, name
 
     def verify(self, connection: SSL.Connection, name: str | None) -> None:
-        """Raise ``trio.BrokenResourceError`` unless the backend's chain is trusted and
-        names ``name``."""
-        chain = connection.get_peer_cert_chain(as_cryptography=True)
-        if not chain:
-            raise trio.BrokenResourceError("backend sent no certificate")
+        """Raise ``trio.BrokenResourceError`` unless the (already chain-verified)
+        certificate names ``name``."""
         if name is None:
             raise trio.BrokenResourceError(
                 "no name to verify the backend against (set backend_sni)"
             )
-        subject: x509.DNSName | x509.IPAddress
-        subject = x509.IPAddress(ipaddress.ip_address(name)) if _is_ip(name) else x509.DNSName(name)
-        verifier = verification.PolicyBuilder().store(self._store).build_server_verifier(subject)
         try:
-            verifier.verify(chain[0], chain[1:])
-        except verification.VerificationError as exc:
-            raise trio.BrokenResourceError(
-                f"backend certificate rejected for {name!r}: {exc}"
-            ) from exc
+            if _is_ip(name):
+                service_identity.pyopenssl.verify_ip_address(connection, name)
+            else:
+                service_identity.pyopenssl.verify_hostname(connection, name)
+        except (service_identity.VerificationError, service_identity.CertificateError) as exc:
+            raise trio.BrokenResourceError(f"backend certificate does not match {name!r}") from exc
 
 
 def _is_ip(name: str) -> bool:
@@ -409,28 +406,39 @@ class TLSStream(trio.abc.HalfCloseableStream):
         await self._flush()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if max_bytes is None:
+            max_bytes = RECEIVE_SIZE
+        else:
+            max_bytes = operator.index(max_bytes)
+            if max_bytes < 1:
+                raise ValueError("max_bytes must be >= 1")
         self._check_usable()
         if self._receiving:
             raise trio.BusyResourceError("another task is receiving on this TLSStream")
         self._receiving = True
+        waited = False
         try:
             while True:
                 try:
-                    return self.connection.recv(max_bytes or RECEIVE_SIZE)
+                    data = self.connection.recv(max_bytes)
                 except SSL.WantReadError:
                     await self._flush()  # e.g. a KeyUpdate reply OpenSSL queued while reading
-                    if not await self._feed():
-                        continue  # OpenSSL now sees the EOF and answers on the next recv
+                    waited = True
+                    await self._feed()  # at EOF, the next recv reports it
+                    continue
                 except SSL.ZeroReturnError:
-                    return b""
+                    data = b""  # close_notify
                 except SSL.SysCallError as exc:
-                    if exc.args and exc.args[0] == -1:
-                        return b""  # EOF without close_notify
-                    self._state = _State.BROKEN
-                    raise trio.BrokenResourceError(describe_ssl_error(exc)) from exc
+                    if not exc.args or exc.args[0] != -1:
+                        self._state = _State.BROKEN
+                        raise trio.BrokenResourceError(describe_ssl_error(exc)) from exc
+                    data = b""  # transport EOF without close_notify
                 except SSL.Error as exc:
                     self._state = _State.BROKEN
                     raise trio.BrokenResourceError(describe_ssl_error(exc)) from exc
+                if not waited:
+                    await trio.lowlevel.checkpoint()  # trio streams always checkpoint
+                return data
         finally:
             self._receiving = False
 

@@ -145,3 +145,6 @@ def access() -> Iterator[AccessWatcher]:
     finally:
         logger.removeHandler(watcher)
         logger.setLevel(level)
+
+
+from .tlsfixtures import pki  # noqa: E402, F401  (a session fixture for every module)
