@@ -245,3 +245,144 @@ def test_bad_enums_in_code_are_config_errors() -> None:
         Config(listeners=[ListenerConfig(listen=[":1"], backends=["a:1"])], log_level="loud")
     with pytest.raises(ConfigError, match="listen: needs at least one address"):
         ListenerConfig(listen=[], backends=["a:1"])
+
+
+def tls_listener(**extra: object) -> dict[str, object]:
+    return {"listen": [":443"], "tls": {"certs": [{"cert": "a.pem", "key": "a.key"}]}, **extra}
+
+
+def test_tls_routes_and_backend_tls_from_toml_shape(tmp_path: Path) -> None:
+    path = tmp_path / "l4proxy.toml"
+    path.write_text(
+        """
+handshake_timeout = 4
+[[listeners]]
+name = "public"
+listen = [":443"]
+backends = ["127.0.0.1:8080"]
+backend_tls = true
+backend_ca = "ca/backends.pem"
+backend_sni = "internal.example"
+tls = { certs = [{cert = "a.pem", key = "/etc/a.key"}, {cert = "b.pem"}], client_ca = "ca.pem", allow_subjects = ["CN=alice"], alpn = ["h2", "http/1.1"], min_version = "1.3" }
+[[listeners.routes]]
+sni = ["DB.example.com."]
+alpn = ["postgresql"]
+backends = ["10.0.0.5:5432"]
+[[listeners.routes]]
+sni = ["*.example.com"]
+backends = ["10.0.0.6:443"]
+"""
+    )
+    (listener,) = Config.load(path).listeners
+    assert listener.handshake_timeout == 4.0
+    assert listener.tls is not None
+    assert [(c.cert, c.key) for c in listener.tls.certs] == [
+        (str(tmp_path / "a.pem"), "/etc/a.key"),  # relative to the file; absolute stays
+        (str(tmp_path / "b.pem"), None),
+    ]
+    assert listener.tls.client_ca == str(tmp_path / "ca.pem")
+    assert (listener.tls.alpn, listener.tls.min_version) == (("h2", "http/1.1"), "1.3")
+    assert listener.backend_ca == str(tmp_path / "ca" / "backends.pem")
+    assert [route.sni for route in listener.routes] == [("db.example.com",), ("*.example.com",)]
+    assert listener.routes[0].alpn == ("postgresql",)
+    assert listener.inspects_tls
+
+
+@pytest.mark.parametrize(
+    ("listener", "expected"),
+    [
+        (
+            tls_listener(),
+            "listeners[0].backends: required (a list of addresses)",
+        ),
+        (
+            {**tls_listener(backends=["a:1"]), "passthrough": True},
+            "listeners[0].passthrough: cannot be combined with tls (terminating)",
+        ),
+        (
+            {"listen": [":1"], "routes": [{"sni": ["a.example"], "backends": ["a:1"]}]},
+            "listeners[0].routes: need tls (to terminate) or passthrough = true (to read the SNI)",
+        ),
+        (
+            {"listen": [":1"], "backends": ["a:1"], "backend_ca": "ca.pem"},
+            "listeners[0].backend_ca: needs backend_tls = true",
+        ),
+        (
+            {
+                "listen": [":1"],
+                "passthrough": True,
+                "routes": [
+                    {"sni": ["a.example"], "backends": ["a:1"]},
+                    {"sni": ["A.example"], "backends": ["b:1"]},
+                ],
+            },
+            "listeners[0].routes[1].sni: 'a.example' already routed by routes[0]",
+        ),
+        (
+            {
+                "listen": [":1"],
+                "passthrough": True,
+                "routes": [{"sni": ["a.*.example"], "backends": ["a:1"]}],
+            },
+            "listeners[0].routes[0].sni: 'a.*.example' is not a valid host name (wildcards only as a whole first label: '*.example.com')",
+        ),
+        (
+            {
+                "listen": [":1"],
+                "passthrough": True,
+                "routes": [{"sni": ["*.com"], "backends": ["a:1"]}],
+            },
+            "listeners[0].routes[0].sni: a wildcard needs a domain of two or more labels, got '*.com'",
+        ),
+        (
+            {
+                "listen": [":1"],
+                "passthrough": True,
+                "routes": [{"sni": ["a.example"], "backend": ["a:1"]}],
+            },
+            "listeners[0].routes[0].backend: unknown key (did you mean 'backends'?)",
+        ),
+        (
+            tls_listener(backends=["a:1"], tls={"certs": []}),
+            "listeners[0].tls.certs: expected a non-empty list of {cert, key} tables",
+        ),
+        (
+            tls_listener(backends=["a:1"], tls={"certs": [{"key": "a.key"}]}),
+            "listeners[0].tls.certs[0].cert: required (a file path)",
+        ),
+        (
+            tls_listener(backends=["a:1"], tls={"certs": ["a.pem"], "min_version": "1.1"}),
+            'listeners[0].tls.certs[0]: expected a table like {cert = "a.pem", key = "a.key"}',
+        ),
+        (
+            tls_listener(
+                backends=["a:1"], tls={"certs": [{"cert": "a.pem"}], "min_version": "1.1"}
+            ),
+            "listeners[0].tls.min_version: expected '1.2' or '1.3', got '1.1'",
+        ),
+        (
+            tls_listener(backends=["a:1"], tls={"certs": [{"cert": "a.pem"}], "allow_sans": ["x"]}),
+            "listeners[0].tls.allow_subjects/allow_sans need client_ca",
+        ),
+        (
+            tls_listener(backends=["a:1"], tls={"certs": [{"cert": "a.pem"}], "ciphers": "x"}),
+            "listeners[0].tls.ciphers: unknown key (did you mean 'certs'?)",
+        ),
+        (
+            {"listen": [":1"], "backends": ["a:1"], "passthrough": "yes"},
+            "listeners[0].passthrough: expected true or false, got 'yes'",
+        ),
+    ],
+)
+def test_tls_config_problems_name_the_key(listener: dict[str, object], expected: str) -> None:
+    assert expected in problems_of(listeners(listener))
+
+
+def test_tls_min_version_accepts_a_toml_float() -> None:
+    config = Config.from_mapping(
+        listeners(
+            tls_listener(backends=["a:1"], tls={"certs": [{"cert": "a.pem"}], "min_version": 1.3})
+        )
+    )
+    assert config.listeners[0].tls is not None
+    assert config.listeners[0].tls.min_version == "1.3"
