@@ -2,11 +2,13 @@
 
 Usage: ``.venv/bin/python benchmarks/bulk.py [--mib 512] [--rounds 3]``
 
-A sink backend (a separate process, blocking sockets, ``recv_into`` a reused buffer)
-counts bytes until EOF and acknowledges; a client sends ``--mib`` MiB. The same transfer
-runs direct and through ``l4proxy`` (the real command, in its own process), alternating,
-``--rounds`` times. With two or more cores the proxy is pinned to core 0 and the client
-and sink to core 1. Prints each rate and the median ratio proxy/direct. Loopback only.
+Three paths, alternating round by round: direct to the sink, through a plain l4proxy
+listener, and through a TLS-terminating listener (the client encrypts with Python's
+``ssl``: TLS 1.3, AES-128-GCM, an ECDSA P-256 certificate from ``trustme``). The client
+sends an 8-byte length, then the payload from a reused 1 MiB buffer; the sink (its own
+process, ``recv_into`` a reused buffer) acknowledges once it has it all. l4proxy runs as
+the real command in its own process. With two or more cores the proxy is pinned to core
+0 and the client and sink to core 1. Prints each rate and the medians; loopback only.
 """
 
 from __future__ import annotations
@@ -16,10 +18,14 @@ import multiprocessing
 import os
 import re
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+
+import trustme
 
 CHUNK = 1 << 20
 
@@ -31,47 +37,50 @@ def _pin(core: int) -> None:
 
 def _sink(listener: socket.socket) -> None:
     _pin(1)
-    buffer = bytearray(CHUNK)
-    view = memoryview(buffer)
+    buffer = memoryview(bytearray(CHUNK))
     while True:
         conn, _ = listener.accept()
         with conn:
+            expected = int.from_bytes(conn.recv(8, socket.MSG_WAITALL), "big")
             total = 0
-            while count := conn.recv_into(view):
+            while total < expected:
+                count = conn.recv_into(buffer)
+                if not count:
+                    break
                 total += count
-            conn.sendall(str(total).encode())
+            conn.sendall(total.to_bytes(8, "big"))
 
 
-def _transfer(port: int, size: int) -> float:
+def _transfer(port: int, size: int, tls: ssl.SSLContext | None) -> float:
     payload = memoryview(os.urandom(CHUNK))
-    with socket.create_connection(("127.0.0.1", port)) as conn:
+    raw = socket.create_connection(("127.0.0.1", port))
+    conn = tls.wrap_socket(raw, server_hostname="bench.example") if tls is not None else raw
+    with conn:
         start = time.perf_counter()
+        conn.sendall(size.to_bytes(8, "big"))
         for _ in range(size // CHUNK):
             conn.sendall(payload)
-        conn.shutdown(socket.SHUT_WR)
-        acknowledged = int(conn.recv(64))
+        acknowledged = int.from_bytes(conn.recv(8), "big")
         elapsed = time.perf_counter() - start
     if acknowledged != size:
         raise SystemExit(f"sink received {acknowledged} bytes, expected {size}")
     return size / elapsed
 
 
-def _start_proxy(backend_port: int) -> tuple[subprocess.Popen[str], int]:
+def _start_proxy(backend_port: int, *extra: str) -> tuple[subprocess.Popen[str], int]:
+    command = [
+        sys.executable,
+        "-m",
+        "l4proxy",
+        "-l",
+        "127.0.0.1:0",
+        "-b",
+        f"127.0.0.1:{backend_port}",
+        "-q",
+        "-v",
+    ]
     proxy = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "l4proxy",
-            "-l",
-            "127.0.0.1:0",
-            "-b",
-            f"127.0.0.1:{backend_port}",
-            "-q",
-            "-v",
-        ],
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=lambda: _pin(0),
+        [*command, *extra], stderr=subprocess.PIPE, text=True, preexec_fn=lambda: _pin(0)
     )
     assert proxy.stderr is not None
     deadline = time.monotonic() + 20
@@ -95,29 +104,49 @@ def main() -> None:
     args = parser.parse_args()
     size = args.mib * CHUNK
     _pin(1)
+    workdir = tempfile.mkdtemp(prefix="l4proxy-bench-")
+    ca = trustme.CA()
+    cert_file = os.path.join(workdir, "bench.pem")
+    ca.issue_cert("bench.example").private_key_and_cert_chain_pem.write_to_path(cert_file)
+    client_tls = ssl.create_default_context()
+    ca.configure_trust(client_tls)
+
     listener = socket.create_server(("127.0.0.1", 0))
     sink = multiprocessing.Process(target=_sink, args=(listener,), daemon=True)
     sink.start()
     backend_port = listener.getsockname()[1]
-    proxy, proxy_port = _start_proxy(backend_port)
-    direct_rates, proxy_rates = [], []
+    plain, plain_port = _start_proxy(backend_port)
+    terminating, tls_port = _start_proxy(backend_port, "--tls-cert", cert_file)
+    paths = {
+        "direct": (backend_port, None),
+        "l4proxy": (plain_port, None),
+        "l4proxy+tls": (tls_port, client_tls),
+    }
+    rates: dict[str, list[float]] = {name: [] for name in paths}
     try:
         for round_number in range(1, args.rounds + 1):
-            direct_rates.append(_transfer(backend_port, size))
-            proxy_rates.append(_transfer(proxy_port, size))
+            for name, (port, tls) in paths.items():
+                rates[name].append(_transfer(port, size, tls))
             print(
-                f"round {round_number}: direct {direct_rates[-1] * 8 / 1e9:6.2f} Gbit/s   "
-                f"l4proxy {proxy_rates[-1] * 8 / 1e9:6.2f} Gbit/s",
+                f"round {round_number}: "
+                + "   ".join(
+                    f"{name} {values[-1] * 8 / 1e9:6.2f} Gbit/s" for name, values in rates.items()
+                ),
                 flush=True,
             )
     finally:
-        proxy.terminate()
-        proxy.wait(timeout=10)
+        for proxy in (plain, terminating):
+            proxy.terminate()
+            proxy.wait(timeout=10)
         sink.terminate()
-    direct, proxied = statistics.median(direct_rates), statistics.median(proxy_rates)
+    medians = {name: statistics.median(values) for name, values in rates.items()}
     print(
-        f"median of {args.rounds} x {args.mib} MiB: direct {direct * 8 / 1e9:.2f} Gbit/s, "
-        f"l4proxy {proxied * 8 / 1e9:.2f} Gbit/s, ratio l4proxy/direct {proxied / direct:.2f}"
+        f"median of {args.rounds} x {args.mib} MiB: "
+        + ", ".join(f"{name} {rate * 8 / 1e9:.2f} Gbit/s" for name, rate in medians.items())
+    )
+    print(
+        f"ratios: l4proxy/direct {medians['l4proxy'] / medians['direct']:.2f}, "
+        f"l4proxy+tls/l4proxy {medians['l4proxy+tls'] / medians['l4proxy']:.2f}"
     )
 
 
