@@ -6,8 +6,9 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-# Debian packages the test suite runs for real: PostgreSQL (server, psql, pgbench) and Redis.
-TEST_DEBS := postgresql redis-server redis-tools
+# Debian packages the test suite runs for real: PostgreSQL (server, psql, pgbench), Redis,
+# and the TLS clients openssl (s_client) and curl.
+TEST_DEBS := postgresql redis-server redis-tools openssl curl
 
 .PHONY: demo test lint bench system-deps clean
 
@@ -41,6 +42,8 @@ system-deps:
 	  ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	  command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	  command -v redis-cli >/dev/null && command -v redis-benchmark >/dev/null || missing="$$missing redis-tools"; \
+	  command -v openssl >/dev/null || missing="$$missing openssl"; \
+	  command -v curl >/dev/null || missing="$$missing curl"; \
 	  if [ -n "$$missing" ]; then \
 	    echo "installing Debian packages:$$missing"; \
 	    $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \

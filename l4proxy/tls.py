@@ -219,16 +219,15 @@ def build_server_tls(tls: TLSConfig, *, session_id: bytes, key_path: str) -> Ser
             ) from None
         try:
             context.use_privatekey_file(key_file)
+            context.check_privatekey()
         except SSL.Error as exc:
+            if "mismatch" in describe_ssl_error(exc) or not exc.args or not exc.args[0]:
+                raise ConfigError(
+                    f"{where}.key: {key_file!r} does not match the certificate {pair.cert!r}"
+                ) from None
             hint = "" if pair.key else " (give a key file, or put the key in the certificate's PEM)"
             raise ConfigError(
                 f"{where}.key: no usable private key in {key_file!r}{hint}: {describe_ssl_error(exc)}"
-            ) from None
-        try:
-            context.check_privatekey()
-        except SSL.Error:
-            raise ConfigError(
-                f"{where}.key: {key_file!r} does not match the certificate {pair.cert!r}"
             ) from None
         if tls.alpn:
             context.set_alpn_select_callback(_select_alpn)

@@ -6,7 +6,10 @@ import json
 import resource
 import signal
 import socket
+import ssl
+import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import trio
@@ -15,6 +18,11 @@ from l4proxy.cli import main
 
 from .conftest import echo, identify, receive_all, receive_exactly, start_backend
 from .proxyprocess import ProxyProcess
+
+if TYPE_CHECKING:
+    import trustme
+
+    from .tlsfixtures import PKI
 
 
 def run_main(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -345,3 +353,73 @@ async def test_memory_stays_flat_while_a_client_reads_slowly(nursery: trio.Nurse
         f"backend sent {sent[0]} bytes, client read {received}; proxy RSS {baseline} -> {peak} KiB"
     )
     assert peak - baseline < 8 * 1024, f"RSS grew from {baseline} KiB to {peak} KiB"
+
+
+async def _served_certificate(host: str, port: int, pki: PKI) -> bytes:
+    """The DER of the certificate the proxy serves for a.example."""
+    stream = trio.SSLStream(
+        await trio.open_tcp_stream(host, port), pki.client_context(), server_hostname="a.example"
+    )
+    async with stream:
+        await stream.do_handshake()
+        der = stream.getpeercert(binary_form=True)
+    assert der is not None
+    return der
+
+
+async def test_sighup_re_reads_certificates_given_as_flags(
+    nursery: trio.Nursery, tmp_path: Path, pki: PKI
+) -> None:
+    backend = await start_backend(nursery)
+    cert = trio.Path(tmp_path / "site.pem")
+    await cert.write_bytes(await trio.Path(pki.a.combined).read_bytes())
+    with trio.fail_after(20):
+        async with ProxyProcess(
+            nursery, ["-l", "127.0.0.1:0", "-b", backend, "--tls-cert", str(cert)]
+        ) as proc:
+            ((host, port),) = await proc.listening()
+            first = await _served_certificate(host, port, pki)
+            renewed = pki.ca.issue_cert("a.example", "*.b.example")
+            await cert.write_bytes(renewed.private_key_and_cert_chain_pem.bytes())
+            proc.signal(signal.SIGHUP)
+            await proc.wait_for("configuration reloaded")
+            second = await _served_certificate(host, port, pki)
+            assert second != first
+            assert second == x509_der(renewed)
+            await cert.write_text("not a certificate")
+            proc.signal(signal.SIGHUP)
+            await proc.wait_for(
+                "SIGHUP: reload failed, keeping the running configuration: .*holds no PEM certificate"
+            )
+            assert await _served_certificate(host, port, pki) == second
+            proc.signal(signal.SIGTERM)
+            assert await proc.wait() == 0
+
+
+def x509_der(cert: trustme.LeafCert) -> bytes:
+    return ssl.PEM_cert_to_DER_cert(cert.cert_chain_pems[0].bytes().decode())
+
+
+async def test_bad_certificate_files_exit_2_naming_the_file(tmp_path: Path, pki: PKI) -> None:
+    with trio.fail_after(20):
+        result = await trio.run_process(
+            [
+                sys.executable,
+                "-m",
+                "l4proxy",
+                "-l",
+                "127.0.0.1:0",
+                "-b",
+                "127.0.0.1:1",
+                "--tls-cert",
+                pki.a.cert,
+                "--tls-key",
+                pki.c.key,
+            ],
+            capture_stderr=True,
+            check=False,
+        )
+    assert result.returncode == 2
+    message = result.stderr.decode()
+    assert message.count("\n") == 1
+    assert f"--tls-key: {pki.c.key!r} does not match the certificate {pki.a.cert!r}" in message
