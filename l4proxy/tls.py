@@ -38,6 +38,7 @@ import service_identity
 import service_identity.pyopenssl
 import trio
 from cryptography import x509
+from cryptography.hazmat.bindings.openssl.binding import Binding
 from OpenSSL import SSL
 
 from .config import TLSConfig, TLSVersion
@@ -91,7 +92,31 @@ def _policy_context(method: int, min_version: TLSVersion) -> SSL.Context:
     context.set_cipher_list(TLS12_CIPHERS.encode())
     context.set_tls13_ciphersuites(TLS13_CIPHERSUITES.encode())
     context.set_mode(SSL.MODE_RELEASE_BUFFERS)  # idle connections hold no record buffers
+    _restrict_groups(context)
     return context
+
+
+def _restrict_groups(context: SSL.Context) -> None:
+    """Key exchange only over X25519 and P-256 (plus the X25519+ML-KEM-768 hybrid
+    where OpenSSL has it), per issue #3's policy.
+
+    pyOpenSSL has no public call for SSL_CTX_set1_groups_list, so this is the one place
+    that reaches past its API: the raw SSL_CTX handle, and the function from the
+    ``cryptography`` bindings pyOpenSSL itself is built on. If either is missing in a
+    future release, the proxy keeps OpenSSL's default groups and says so once.
+    """
+    handle = getattr(context, "_context", None)
+    set_groups = getattr(Binding.lib, "SSL_CTX_set1_curves_list", None)
+    if handle is not None and set_groups is not None:
+        for groups in (b"X25519MLKEM768:X25519:P-256", b"X25519:P-256"):
+            if set_groups(handle, groups) == 1:
+                return
+    if not _warned_about_groups:
+        _warned_about_groups.append(True)
+        LOGGER.warning("cannot restrict TLS key exchange groups here; using OpenSSL's defaults")
+
+
+_warned_about_groups: list[bool] = []  # a warn-once latch
 
 
 def _select_alpn(connection: SSL.Connection, offered: list[bytes]) -> bytes:
@@ -229,8 +254,8 @@ def build_server_tls(tls: TLSConfig, *, session_id: bytes, key_path: str) -> Ser
             raise ConfigError(
                 f"{where}.key: no usable private key in {key_file!r}{hint}: {describe_ssl_error(exc)}"
             ) from None
-        if tls.alpn:
-            context.set_alpn_select_callback(_select_alpn)
+        # Always installed: routes may offer ALPN protocols the listener does not.
+        context.set_alpn_select_callback(_select_alpn)
         if tls.client_ca:
             _require_client_certificates(context, tls.client_ca, f"{key_path}.client_ca")
         _warn_about_validity(leaf, pair.cert)
