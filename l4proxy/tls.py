@@ -108,7 +108,8 @@ def _restrict_groups(context: SSL.Context) -> None:
     handle = getattr(context, "_context", None)
     set_groups = getattr(Binding.lib, "SSL_CTX_set1_curves_list", None)
     if handle is not None and set_groups is not None:
-        for groups in (b"X25519MLKEM768:X25519:P-256", b"X25519:P-256"):
+        # "*" (OpenSSL 3.5+): send key shares for both, so older peers need no HelloRetryRequest.
+        for groups in (b"*X25519MLKEM768:*X25519:P-256", b"X25519:P-256"):
             if set_groups(handle, groups) == 1:
                 return
     if not _warned_about_groups:
