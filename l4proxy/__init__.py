@@ -7,11 +7,22 @@ from ._version import __version__
 from .accesslog import AccessRecord
 from .addresses import Address, TCPAddress, UnixAddress, parse_address
 from .backends import Connector
-from .config import Config, ListenerConfig, LogFormat, LogLevel
+from .config import (
+    CertKey,
+    Config,
+    ListenerConfig,
+    LogFormat,
+    LogLevel,
+    RouteConfig,
+    TLSConfig,
+    TLSVersion,
+)
 from .errors import (
+    ClientHelloError,
     ConfigError,
     L4ProxyError,
     ListenError,
+    ProtocolError,
     UpstreamConnectError,
     UpstreamError,
 )
@@ -21,6 +32,8 @@ __all__ = [
     "AccessRecord",
     "Address",
     "BoundAddress",
+    "CertKey",
+    "ClientHelloError",
     "Config",
     "ConfigError",
     "Connector",
@@ -29,8 +42,12 @@ __all__ = [
     "ListenerConfig",
     "LogFormat",
     "LogLevel",
+    "ProtocolError",
     "Proxy",
+    "RouteConfig",
     "TCPAddress",
+    "TLSConfig",
+    "TLSVersion",
     "UnixAddress",
     "UpstreamConnectError",
     "UpstreamError",

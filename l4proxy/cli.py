@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import logging.handlers
 import math
+import os
 import queue
 import re
 import signal
@@ -275,10 +276,10 @@ def cli(
             ("idle_timeout", idle_timeout),
             ("drain_timeout", drain_timeout),
             ("handshake_timeout", handshake_timeout),
-            ("access_log", access_log),
+            ("access_log", _absolute(access_log)),
             ("log_format", log_format),
             ("backend_tls", backend_tls or None),
-            ("backend_ca", backend_ca),
+            ("backend_ca", _absolute(backend_ca)),
             ("backend_sni", backend_sni),
         )
         if value is not None
@@ -317,21 +318,27 @@ def cli(
 
     flags = config is None
     loaded = _or_usage_error(load, flags=flags)
-    proxy = _or_usage_error(lambda: Proxy(loaded), flags=flags)  # reads certificates and keys
-    if check:
-        count = len(loaded.listeners)
-        names = ", ".join(listener.name for listener in loaded.listeners)
-        click.echo(
-            f"{config or 'command line'}: ok ({count} listener{'s' * (count != 1)}: {names})"
-        )
-        return 0
     verbosity = _LEVEL_INDEX[loaded.log_level] - verbose + quiet
     writer = configure_logging(_LEVELS[max(0, min(len(_LEVELS) - 1, verbosity))])
     try:
+        proxy = _or_usage_error(lambda: Proxy(loaded), flags=flags)  # reads certificates and keys
+        if check:
+            count = len(loaded.listeners)
+            names = ", ".join(listener.name for listener in loaded.listeners)
+            click.echo(
+                f"{config or 'command line'}: ok ({count} listener{'s' * (count != 1)}: {names})"
+            )
+            return 0
         return trio.run(run_proxy, proxy, load)
     finally:
         writer.stop()
         _report_dropped_access_lines()
+
+
+def _absolute(path: str | None) -> str | None:
+    """Flag paths are relative to the working directory, even next to --config (whose
+    own relative paths are relative to the file)."""
+    return path if path is None or path == "-" else os.path.abspath(path)
 
 
 def _listener_from_flags(

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import attrs
+from cryptography import x509
 
 from .addresses import HOSTNAME_LABEL, Address, Role, TCPAddress, UnixAddress, parse_address
 from .errors import ConfigError
@@ -228,6 +229,13 @@ class TLSConfig:
     def __attrs_post_init__(self) -> None:
         if (self.allow_subjects or self.allow_sans) and not self.client_ca:
             raise ConfigError("allow_subjects/allow_sans need client_ca")
+        for index, subject in enumerate(self.allow_subjects):
+            try:
+                x509.Name.from_rfc4514_string(subject)
+            except ValueError:
+                raise ConfigError(
+                    f"allow_subjects[{index}]: {subject!r} is not an RFC 4514 name like 'CN=alice,O=Example'"
+                ) from None
         for protocol in self.alpn:
             if not protocol or len(protocol.encode()) > 255:
                 raise ConfigError(f"alpn: bad protocol name {protocol!r}")
@@ -295,6 +303,10 @@ class ListenerConfig:
             problems.append("backends: needs at least one address (or [[listeners.routes]])")
         if self.passthrough and self.tls is not None:
             problems.append("passthrough: cannot be combined with tls (terminating)")
+        if self.passthrough and self.backend_tls:
+            problems.append(
+                "backend_tls: cannot be combined with passthrough (the client's TLS goes to the backend as is)"
+            )
         if self.routes and self.tls is None and not self.passthrough:
             problems.append(
                 "routes: need tls (to terminate) or passthrough = true (to read the SNI)"
@@ -305,8 +317,10 @@ class ListenerConfig:
                 for key in ("backend_ca", "backend_sni")
                 if getattr(self, key)
             )
-        if self.backend_sni is not None and server_name_problem(self.backend_sni):
-            problems.append(f"backend_sni: {server_name_problem(self.backend_sni)}")
+        if self.backend_sni is not None:
+            problem = server_name_problem(self.backend_sni)
+            if problem or self.backend_sni.startswith("*"):
+                problems.append(f"backend_sni: {problem or 'must be a host name, not a wildcard'}")
         seen: dict[tuple[str, tuple[str, ...]], int] = {}
         for index, route in enumerate(self.routes):
             for name in route.sni:

@@ -176,7 +176,10 @@ async def _open_front(
         route = listener.router.match(hello.server_name, hello.alpn_protocols)
         if route is None:
             state.fail(
-                "no_route", f"no route for sni {hello.server_name!r} on listener {config.name!r}"
+                "no_route",
+                f"no route for sni {hello.server_name!r} on listener {config.name!r}"
+                if hello.server_name
+                else f"no route for a ClientHello without sni on listener {config.name!r}",
             )
             if listener.server_tls is not None:  # RFC 6066 §3: a fatal unrecognized_name
                 with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):

@@ -81,7 +81,8 @@ class _Serving:
 class Proxy:
     """A layer-4 proxy for one :class:`~l4proxy.config.Config`.
 
-    Creating one does no I/O. Run it like ``trio.serve_tcp``::
+    Creating one reads the certificate, key and CA files the config names (raising
+    ``ConfigError`` naming them) but opens no socket. Run it like ``trio.serve_tcp``::
 
         proxy = l4proxy.Proxy(l4proxy.Config.load("l4proxy.toml"))
         async with trio.open_nursery() as nursery:

@@ -234,26 +234,31 @@ def build_server_tls(tls: TLSConfig, *, session_id: bytes, key_path: str) -> Ser
         except ValueError:
             raise ConfigError(f"{where}.cert: {pair.cert!r} holds no PEM certificate") from None
         key_file = pair.key or pair.cert
-        _read_file(key_file, "key", where + (".key" if pair.key else ".cert"))
+        _read_file(
+            key_file, "key", where + (".key" if pair.key else ".cert")
+        )  # a clear error first
         context = _policy_context(SSL.TLS_SERVER_METHOD, tls.min_version)
         context.set_session_id(session_id[:32])
+        # Resumption by stateless tickets only: no per-session state kept in the proxy.
+        context.set_session_cache_mode(SSL.SESS_CACHE_OFF)
         try:
             context.use_certificate_chain_file(pair.cert)
         except SSL.Error as exc:
             raise ConfigError(
                 f"{where}.cert: cannot use {pair.cert!r}: {describe_ssl_error(exc)}"
             ) from None
+        key_where = where + (".key" if pair.key else ".cert")
         try:
             context.use_privatekey_file(key_file)
             context.check_privatekey()
         except SSL.Error as exc:
             if "mismatch" in describe_ssl_error(exc) or not exc.args or not exc.args[0]:
                 raise ConfigError(
-                    f"{where}.key: {key_file!r} does not match the certificate {pair.cert!r}"
+                    f"{key_where}: {key_file!r} does not match the certificate {pair.cert!r}"
                 ) from None
             hint = "" if pair.key else " (give a key file, or put the key in the certificate's PEM)"
             raise ConfigError(
-                f"{where}.key: no usable private key in {key_file!r}{hint}: {describe_ssl_error(exc)}"
+                f"{key_where}: no usable private key in {key_file!r}{hint}: {describe_ssl_error(exc)}"
             ) from None
         # Always installed: routes may offer ALPN protocols the listener does not.
         context.set_alpn_select_callback(_select_alpn)

@@ -25,10 +25,12 @@ class ProxyProcess:
         args: Sequence[str],
         *,
         preexec_fn: Callable[[], None] | None = None,
+        cwd: str | None = None,
     ) -> None:
         self.nursery = nursery
         self.args = [sys.executable, "-m", "l4proxy", *args]
         self.preexec_fn = preexec_fn
+        self.cwd = cwd
         self.stdout: list[str] = []
         self.stderr: list[str] = []
         self._changed = trio.Event()
@@ -41,6 +43,7 @@ class ProxyProcess:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             preexec_fn=self.preexec_fn,
+            cwd=self.cwd,
         )
         assert self.process.stdout is not None
         assert self.process.stderr is not None

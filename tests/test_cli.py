@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 import resource
 import signal
 import socket
 import ssl
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,6 +25,18 @@ if TYPE_CHECKING:
     import trustme
 
     from .tlsfixtures import PKI
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """main() configures logging as a command should; undo it for the next tests."""
+    loggers = [logging.getLogger(name) for name in ("l4proxy", "l4proxy.access")]
+    saved = [(logger.handlers[:], logger.level, logger.propagate) for logger in loggers]
+    yield
+    for logger, (handlers, level, propagate) in zip(loggers, saved, strict=True):
+        logger.handlers[:] = handlers
+        logger.setLevel(level)
+        logger.propagate = propagate
 
 
 def run_main(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -423,3 +437,27 @@ async def test_bad_certificate_files_exit_2_naming_the_file(tmp_path: Path, pki:
     message = result.stderr.decode()
     assert message.count("\n") == 1
     assert f"--tls-key: {pki.c.key!r} does not match the certificate {pki.a.cert!r}" in message
+
+
+async def test_flag_paths_stay_relative_to_the_working_directory(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """Relative paths in a config file are relative to the file; on the command line,
+    to the working directory, even when the flag sits next to --config."""
+    backend = await start_backend(nursery)
+    sub = trio.Path(tmp_path / "sub")
+    await sub.mkdir()
+    await (sub / "l4proxy.toml").write_text(
+        f'[[listeners]]\nlisten = ["127.0.0.1:0"]\nbackends = ["{backend}"]\n'
+    )
+    with trio.fail_after(20):
+        args = ["--config", "sub/l4proxy.toml", "--access-log", "access.log"]
+        async with ProxyProcess(nursery, args, cwd=str(tmp_path)) as proc:
+            ((host, port),) = await proc.listening()
+            async with await trio.open_tcp_stream(host, port) as client:
+                await client.send_all(b"x")
+                await receive_exactly(client, 1)
+            proc.signal(signal.SIGTERM)
+            assert await proc.wait() == 0
+    assert "outcome=" in await trio.Path(tmp_path / "access.log").read_text()
+    assert not await (sub / "access.log").exists()

@@ -386,3 +386,35 @@ def test_tls_min_version_accepts_a_toml_float() -> None:
     )
     assert config.listeners[0].tls is not None
     assert config.listeners[0].tls.min_version == "1.3"
+
+
+def test_tls_combinations_that_cannot_work_are_refused() -> None:
+    problems = problems_of(
+        listeners(
+            {"listen": [":1"], "backends": ["a:1"], "passthrough": True, "backend_tls": True},
+            {
+                "listen": [":2"],
+                "backends": ["a:1"],
+                "backend_tls": True,
+                "backend_sni": "*.example.com",
+            },
+            tls_listener(
+                listen=[":3"],
+                backends=["a:1"],
+                tls={
+                    "certs": [{"cert": "a.pem"}],
+                    "client_ca": "ca.pem",
+                    "allow_subjects": ["alice"],
+                },
+            ),
+        )
+    )
+    assert (
+        "listeners[0].backend_tls: cannot be combined with passthrough (the client's TLS goes to the backend as is)"
+        in problems
+    )
+    assert "listeners[1].backend_sni: must be a host name, not a wildcard" in problems
+    assert (
+        "listeners[2].tls.allow_subjects[0]: 'alice' is not an RFC 4514 name like 'CN=alice,O=Example'"
+        in problems
+    )
