@@ -279,6 +279,8 @@ class ListenerConfig:
         backend_ca: CA file to verify backends with (default: the system store).
         backend_sni: server name to send to and verify at backends (default: the
             backend's host name).
+        splice: move plain TCP bytes with zero-copy ``splice(2)`` (Linux) instead of
+            through Python; on by default, off only to compare or to work around a kernel.
     """
 
     listen: tuple[Address, ...] = attrs.field(converter=_listen_addresses, validator=_non_empty)
@@ -291,6 +293,7 @@ class ListenerConfig:
     backend_tls: bool = False
     backend_ca: str | None = None
     backend_sni: str | None = None
+    splice: bool = True
     connect_timeout: float = attrs.field(default=5.0, validator=_duration(positive=True))
     idle_timeout: float = attrs.field(default=0.0, validator=_duration())
     drain_timeout: float = attrs.field(default=30.0, validator=_duration())
@@ -415,6 +418,7 @@ _LISTENER_SETTINGS = (
     "backend_tls",
     "backend_ca",
     "backend_sni",
+    "splice",
 )
 _TOP_LEVEL_KEYS = ("listeners", "log_level", *_LISTENER_SETTINGS)
 _LISTENER_KEYS = ("name", "listen", "backends", "tls", "passthrough", "routes", *_LISTENER_SETTINGS)
@@ -691,7 +695,7 @@ class _MappingReader:
                 self.problems.append(f"{path}: expected a file path or '-', got {value!r}")
                 return None
             return self._file(value, path)
-        if key == "backend_tls":
+        if key in ("backend_tls", "splice"):
             return self._bool(value, path)
         if key == "backend_ca":
             return self._file(value, path, required=True)

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
     from .config import ListenerConfig
     from .routing import Router
+    from .splice import PipePool
     from .tls import BackendTLS, ServerTLS
 
 LOGGER = logging.getLogger("l4proxy.connection")
@@ -45,6 +46,7 @@ class ListenerRuntime:
     access_log: AccessSink
     server_tls: ServerTLS | None = None
     backend_tls: BackendTLS | None = None
+    pipes: PipePool | None = None  # zero-copy splice for plain TCP, when enabled
 
 
 @attrs.define(slots=True, eq=False)
@@ -280,7 +282,7 @@ async def _proxy_to_backend(
                 await back.send_all(front.replay)
                 transfer.to_backend += len(front.replay)
             state.outcome = await pump(
-                front.stream, back, transfer, idle_seconds=config.idle_timeout
+                front.stream, back, transfer, idle_seconds=config.idle_timeout, pipes=listener.pipes
             )
         finally:
             if back is not upstream:

@@ -30,6 +30,8 @@ from typing import Literal
 import attrs
 import trio
 
+from .splice import PipePool, splice_both_ways
+
 #: Largest read per direction, and so the most bytes the proxy buffers per direction.
 CHUNK_SIZE = 65536
 
@@ -58,6 +60,7 @@ async def pump(
     transfer: Transfer,
     *,
     idle_seconds: float = 0.0,
+    pipes: PipePool | None = None,
 ) -> Outcome:
     """Copy both ways until both directions ended, a side failed, or the link went idle.
 
@@ -66,6 +69,8 @@ async def pump(
         backend: the connection to the chosen backend.
         transfer: counters to update; read them even if this is cancelled.
         idle_seconds: close after this long without a byte either way; ``0`` is off.
+        pipes: when given and both streams are plain sockets, move the bytes with
+            ``splice(2)`` through pipes from this pool (see :mod:`l4proxy.splice`).
 
     Returns:
         ``ok`` when both directions reached EOF, ``idle_timeout``, or
@@ -76,14 +81,23 @@ async def pump(
         is also how a failure on one side reaches the other.
     """
     deadline = trio.current_time() + idle_seconds if idle_seconds > 0 else math.inf
-    splice = _Splice(trio.CancelScope(deadline=deadline), idle_seconds, transfer)
-    with splice.idle_scope:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_client_to_backend, client, backend, splice, nursery.cancel_scope)
-            nursery.start_soon(_backend_to_client, backend, client, splice, nursery.cancel_scope)
-    if splice.broken is not None:
-        return "error:client_reset" if splice.broken == "client" else "error:backend_reset"
-    if splice.idle_scope.cancelled_caught:
+    state = _Splice(trio.CancelScope(deadline=deadline), idle_seconds, transfer)
+    with state.idle_scope:
+        if (
+            pipes is not None
+            and type(client) is trio.SocketStream
+            and type(backend) is trio.SocketStream
+        ):
+            state.broken = await splice_both_ways(
+                client, backend, transfer, pipes, state.idle_scope, idle_seconds
+            )
+        else:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_client_to_backend, client, backend, state, nursery.cancel_scope)
+                nursery.start_soon(_backend_to_client, backend, client, state, nursery.cancel_scope)
+    if state.broken is not None:
+        return "error:client_reset" if state.broken == "client" else "error:backend_reset"
+    if state.idle_scope.cancelled_caught:
         return "idle_timeout"
     return "ok"
 

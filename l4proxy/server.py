@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 import attrs
 import trio
 
+from . import splice
 from .accesslog import FileSink, LoggerSink
 from .addresses import Address, TCPAddress, UnixAddress
 from .backends import BackendPool, Connector, open_connection
@@ -99,6 +100,7 @@ class Proxy:
         self._config = config
         self._connect: Connector = connect or open_connection
         self._file_sinks: dict[str, FileSink] = {}
+        self._pipes = splice.PipePool()
         self._logger_sink = LoggerSink()
         self._runtimes = self._build_runtimes(config)
         self._serving: list[_Serving] = []
@@ -147,8 +149,9 @@ class Proxy:
                     server_name=listener.backend_sni,
                     key_path=f"listeners[{index}].backend_ca",
                 )
+            pipes = self._pipes if listener.splice and splice.AVAILABLE else None
             runtimes[listener.name] = ListenerRuntime(
-                listener, router, sink, server_tls, backend_tls
+                listener, router, sink, server_tls, backend_tls, pipes
             )
         return runtimes
 
@@ -226,6 +229,7 @@ class Proxy:
         finally:
             self._serving.clear()
             self._is_serving = False
+            self._pipes.close()
             with trio.move_on_after(5) as cleanup:
                 cleanup.shield = True
                 for sink in self._file_sinks.values():

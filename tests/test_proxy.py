@@ -14,6 +14,7 @@ import trio
 import trio.testing
 
 import l4proxy
+import l4proxy.splice
 
 from .conftest import (
     AccessWatcher,
@@ -27,6 +28,31 @@ from .conftest import (
     start_backend,
     start_proxy,
 )
+
+
+@pytest.fixture(params=["splice", "copy"], autouse=True)
+def pump_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test here runs on both pumps: zero-copy splice and the generic copy loop."""
+    if request.param == "copy":
+        monkeypatch.setattr(l4proxy.splice, "AVAILABLE", False)
+    else:
+        assert l4proxy.splice.AVAILABLE, "this kernel/Python has no os.splice"
+    return request.param  # type: ignore[no-any-return]
+
+
+async def test_the_chosen_pump_is_used_and_idle_connections_hold_no_pipe(
+    nursery: trio.Nursery, pump_path: str
+) -> None:
+    backend = await start_backend(nursery)
+    proxy, bound = await start_proxy(nursery, [backend])
+    async with await connect_to(bound[0]) as client:
+        for _ in range(3):
+            await client.send_all(b"x" * 100_000)
+            await receive_exactly(client, 100_000)
+        await trio.testing.wait_all_tasks_blocked()
+        pool = proxy._pipes  # the proxy's pipe pool
+        assert pool.in_use == 0  # established but idle: no pipe held
+        assert (pool.created > 0) == (pump_path == "splice")
 
 
 async def test_echo_through_the_proxy_is_logged(
