@@ -15,7 +15,6 @@ import queue
 import re
 import signal
 import sys
-from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn, TypeVar
 
 import click
@@ -23,9 +22,10 @@ import trio
 
 from ._version import __version__
 from .addresses import Address, Role, parse_address
-from .config import Config, LogLevel, read_toml, server_name_problem
+from .config import Config, LogLevel, server_name_problem
 from .errors import ConfigError, ListenError
 from .server import BoundAddress, Proxy
+from .workers import ConfigSource, supervise
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Sequence
@@ -228,6 +228,12 @@ class SecondsType(click.ParamType[float, str]):
     metavar="S",
     help="Seconds for the ClientHello and TLS handshake (also in passthrough).  [default: 10]",
 )
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 256),
+    metavar="N",
+    help="Worker processes sharing each port (SO_REUSEPORT) under a supervisor.  [default: 1]",
+)
 @click.option("--check", is_flag=True, help="Validate the configuration, print a summary and exit.")
 @click.version_option(
     __version__,
@@ -258,6 +264,7 @@ def cli(
     backend_sni: str | None,
     tls_min_version: str | None,
     handshake_timeout: float | None,
+    workers: int | None,
     check: bool,
 ) -> int:
     """A TCP/TLS layer-4 reverse proxy: accept on --listen, forward to --backend.
@@ -281,6 +288,7 @@ def cli(
             ("backend_tls", backend_tls or None),
             ("backend_ca", _absolute(backend_ca)),
             ("backend_sni", backend_sni),
+            ("workers", workers),
         )
         if value is not None
     }
@@ -301,20 +309,15 @@ def cli(
             raise click.UsageError(
                 f"{'/'.join(given)} cannot be combined with --config; put them in a [[listeners]] table"
             )
-        path = config
-
-        def load() -> Config:
-            return Config.from_mapping(
-                {**read_toml(path), **settings}, source=path, base_dir=Path(path).parent
-            )
+        source = ConfigSource(config, settings)
 
     else:
         listener = _listener_from_flags(
             listen, backend, tls_cert, tls_key, route, alpn, passthrough, client_ca, tls_min_version
         )
 
-        def load() -> Config:
-            return Config.from_mapping({"listeners": [listener], **settings}, source="command line")
+        source = ConfigSource(None, {"listeners": [listener], **settings})
+    load = source.load
 
     flags = config is None
     loaded = _or_usage_error(load, flags=flags)
@@ -329,6 +332,9 @@ def cli(
                 f"{config or 'command line'}: ok ({count} listener{'s' * (count != 1)}: {names})"
             )
             return 0
+        level = _LEVELS[max(0, min(len(_LEVELS) - 1, verbosity))]
+        if loaded.workers > 1:
+            return _or_usage_error(lambda: trio.run(supervise, loaded, source, level), flags=flags)
         return trio.run(run_proxy, proxy, load)
     finally:
         writer.stop()
@@ -445,14 +451,16 @@ def _report_dropped_access_lines() -> None:
             )
 
 
-def configure_logging(level: int) -> logging.handlers.QueueListener:
+def configure_logging(level: int, *, prefix: str = "") -> logging.handlers.QueueListener:
     """Diagnostics to standard error; access lines (when not sent to a file) too, bare.
 
     Access lines pass through a bounded queue to a writer thread, so a slow standard
     error never stalls the event loop. Stop the returned listener to flush it.
     """
     diagnostics = logging.StreamHandler(sys.stderr)
-    diagnostics.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    diagnostics.setFormatter(
+        logging.Formatter(f"%(asctime)s %(levelname)s {prefix}%(name)s: %(message)s")
+    )
     package = logging.getLogger("l4proxy")
     package.handlers[:] = [diagnostics]
     package.setLevel(level)

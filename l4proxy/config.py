@@ -364,6 +364,12 @@ class Config:
 
     listeners: tuple[ListenerConfig, ...] = attrs.field(converter=_listener_tuple)
     log_level: LogLevel = attrs.field(default=LogLevel.INFO, converter=_log_level)
+    workers: int = attrs.field(default=1)
+
+    @workers.validator
+    def _check_workers(self, _attribute: attrs.Attribute[int], value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 256:
+            raise ConfigError(f"workers: expected a whole number from 1 to 256, got {value!r}")
 
     def __attrs_post_init__(self) -> None:
         problems = _cross_check(self.listeners)
@@ -420,7 +426,7 @@ _LISTENER_SETTINGS = (
     "backend_sni",
     "splice",
 )
-_TOP_LEVEL_KEYS = ("listeners", "log_level", *_LISTENER_SETTINGS)
+_TOP_LEVEL_KEYS = ("listeners", "log_level", "workers", *_LISTENER_SETTINGS)
 _LISTENER_KEYS = ("name", "listen", "backends", "tls", "passthrough", "routes", *_LISTENER_SETTINGS)
 _TLS_KEYS = ("certs", "client_ca", "allow_subjects", "allow_sans", "alpn", "min_version")
 _ROUTE_KEYS = ("sni", "alpn", "backends")
@@ -497,6 +503,10 @@ class _MappingReader:
                 if value is not None:
                     defaults[key] = value
         log_level = self._enum(LogLevel, data.get("log_level", LogLevel.INFO), "log_level")
+        workers = data.get("workers", 1)
+        if isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= 256:
+            self.problems.append(f"workers: expected a whole number from 1 to 256, got {workers!r}")
+            workers = 1
         raw_listeners = data.get("listeners")
         if raw_listeners is None:
             self.problems.append("listeners: at least one [[listeners]] table is required")
@@ -516,7 +526,7 @@ class _MappingReader:
         if self.problems:
             return None
         complete = tuple(listener for listener in listeners if listener is not None)
-        return Config(listeners=complete, log_level=log_level or LogLevel.INFO)
+        return Config(listeners=complete, log_level=log_level or LogLevel.INFO, workers=workers)
 
     def listener(
         self, data: object, path: str, defaults: Mapping[str, object]

@@ -94,11 +94,16 @@ class Proxy:
     Args:
         config: the listeners and their settings.
         connect: how to dial a backend; defaults to TCP / Unix sockets.
+        reuse_port: bind TCP listeners with ``SO_REUSEPORT`` so several processes can
+            share each port (what ``--workers`` does).
     """
 
-    def __init__(self, config: Config, *, connect: Connector | None = None) -> None:
+    def __init__(
+        self, config: Config, *, connect: Connector | None = None, reuse_port: bool = False
+    ) -> None:
         self._config = config
         self._connect: Connector = connect or open_connection
+        self._reuse_port = reuse_port
         self._file_sinks: dict[str, FileSink] = {}
         self._pipes = splice.PipePool()
         self._logger_sink = LoggerSink()
@@ -204,7 +209,7 @@ class Proxy:
         self._is_serving = True
         try:
             await self._open_access_logs()
-            opened = await _bind_all(self._config.listeners)
+            opened = await _bind_all(self._config.listeners, reuse_port=self._reuse_port)
             try:
                 async with trio.open_nursery() as nursery:
                     bound: list[BoundAddress] = []
@@ -404,7 +409,7 @@ def _close_listener(listener: trio.SocketListener) -> None:
 
 
 async def _bind_all(
-    listeners: Iterable[ListenerConfig],
+    listeners: Iterable[ListenerConfig], *, reuse_port: bool = False
 ) -> list[tuple[str, list[trio.SocketListener]]]:
     """Bind every address of every listener, or none: on failure, close what was bound."""
     opened: list[tuple[str, list[trio.SocketListener]]] = []
@@ -414,7 +419,7 @@ async def _bind_all(
             opened.append((config.name, sockets))
             for address in config.listen:
                 try:
-                    sockets.extend(await _bind(address))
+                    sockets.extend(await _bind(address, reuse_port=reuse_port))
                 except OSError as exc:
                     reason = exc.strerror or str(exc)
                     raise ListenError(
@@ -428,10 +433,40 @@ async def _bind_all(
     return opened
 
 
-async def _bind(address: Address) -> list[trio.SocketListener]:
+async def _bind(address: Address, *, reuse_port: bool = False) -> list[trio.SocketListener]:
     if isinstance(address, TCPAddress):
+        if reuse_port:
+            return await _bind_tcp_reuse_port(address)
         return await trio.open_tcp_listeners(address.port, host=address.host)
     return [await _bind_unix(address.path)]
+
+
+async def _bind_tcp_reuse_port(address: TCPAddress) -> list[trio.SocketListener]:
+    """Like ``trio.open_tcp_listeners``, plus ``SO_REUSEPORT``: several worker processes
+    bind the same address and the kernel spreads new connections across them."""
+    infos = await trio.socket.getaddrinfo(
+        address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )
+    listeners: list[trio.SocketListener] = []
+    try:
+        for family, kind, proto, _, sockaddr in dict.fromkeys(infos):
+            sock = trio.socket.socket(family, kind, proto)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                await sock.bind(sockaddr)
+                sock.listen(socket.SOMAXCONN)
+            except BaseException:
+                sock.close()
+                raise
+            listeners.append(trio.SocketListener(sock))
+    except BaseException:
+        for listener in listeners:
+            _close_listener(listener)
+        raise
+    return listeners
 
 
 async def _bind_unix(path: str) -> trio.SocketListener:

@@ -418,3 +418,14 @@ def test_tls_combinations_that_cannot_work_are_refused() -> None:
         "listeners[2].tls.allow_subjects[0]: 'alice' is not an RFC 4514 name like 'CN=alice,O=Example'"
         in problems
     )
+
+
+def test_workers_is_a_top_level_whole_number() -> None:
+    config = Config.from_mapping(
+        {"workers": 2, **listeners({"listen": ["127.0.0.1:7000"], "backends": ["a:1"]})}
+    )
+    assert config.workers == 2
+    for bad in (0, 257, 1.5, True, "2"):
+        assert f"workers: expected a whole number from 1 to 256, got {bad!r}" in problems_of(
+            {"workers": bad, **listeners({"listen": [":1"], "backends": ["a:1"]})}
+        )
