@@ -93,8 +93,9 @@ async def pump(
             )
         else:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(_client_to_backend, client, backend, state, nursery.cancel_scope)
+                # One task per connection fewer: this task copies client -> backend itself.
                 nursery.start_soon(_backend_to_client, backend, client, state, nursery.cancel_scope)
+                await _client_to_backend(client, backend, state, nursery.cancel_scope)
     if state.broken is not None:
         return "error:client_reset" if state.broken == "client" else "error:backend_reset"
     if state.idle_scope.cancelled_caught:
