@@ -147,8 +147,11 @@ class FileSink:
         later on are logged once and the sink keeps counting what it could not write.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, stream: IO[str] | None = None) -> None:
+        """``path`` is a file, or ``-`` for standard output; ``stream`` (an already
+        open text stream such as ``sys.stderr``, never closed here) overrides both."""
         self.path = path
+        self._stream = stream
         self.dropped = 0
         self._queue: queue.Queue[tuple[AccessRecord, LogFormat] | None] = queue.Queue(QUEUE_LIMIT)
         self._thread: threading.Thread | None = None
@@ -165,7 +168,9 @@ class FileSink:
                 await self._open()
 
     async def _open(self) -> None:
-        if self.path == "-":
+        if self._stream is not None:
+            self._file = self._stream
+        elif self.path == "-":
             self._file = sys.stdout
         else:
             self._file = await trio.to_thread.run_sync(
@@ -228,5 +233,5 @@ class FileSink:
                 if stop:
                     return
         finally:
-            if file is not sys.stdout:
+            if file is not sys.stdout and file is not self._stream:
                 file.close()

@@ -9,6 +9,8 @@ the listener's connect timeout.
 from __future__ import annotations
 
 import errno
+import functools
+import ipaddress
 import os
 import socket
 from collections.abc import Awaitable, Callable
@@ -23,11 +25,34 @@ Connector = Callable[[Address], Awaitable[trio.abc.Stream]]
 
 
 async def open_connection(address: Address) -> trio.abc.Stream:
-    """The default connector: TCP (names resolved off the event loop) or Unix socket."""
+    """The default connector: TCP (names resolved off the event loop) or Unix socket.
+
+    An IP literal is connected directly; only host names go through
+    ``trio.open_tcp_stream`` (resolution in a thread, happy eyeballs), which costs
+    several tasks per connection that a literal does not need.
+    """
     if isinstance(address, UnixAddress):
         return await trio.open_unix_socket(address.path)
     assert address.host is not None  # backends always have a host (config rule)
-    return await trio.open_tcp_stream(address.host, address.port)
+    family = _literal_family(address.host)
+    if family is None:
+        return await trio.open_tcp_stream(address.host, address.port)
+    sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    try:
+        await sock.connect((address.host, address.port))
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketStream(sock)
+
+
+@functools.lru_cache(maxsize=1024)
+def _literal_family(host: str) -> int | None:
+    try:
+        version = ipaddress.ip_address(host).version
+    except ValueError:
+        return None
+    return socket.AF_INET if version == 4 else socket.AF_INET6
 
 
 class BackendPool:

@@ -8,10 +8,8 @@ line on standard error and exit status 2; runtime failures (a port in use) exit 
 from __future__ import annotations
 
 import logging
-import logging.handlers
 import math
 import os
-import queue
 import re
 import signal
 import sys
@@ -322,23 +320,20 @@ def cli(
     flags = config is None
     loaded = _or_usage_error(load, flags=flags)
     verbosity = _LEVEL_INDEX[loaded.log_level] - verbose + quiet
-    writer = configure_logging(_LEVELS[max(0, min(len(_LEVELS) - 1, verbosity))])
-    try:
-        proxy = _or_usage_error(lambda: Proxy(loaded), flags=flags)  # reads certificates and keys
-        if check:
-            count = len(loaded.listeners)
-            names = ", ".join(listener.name for listener in loaded.listeners)
-            click.echo(
-                f"{config or 'command line'}: ok ({count} listener{'s' * (count != 1)}: {names})"
-            )
-            return 0
-        level = _LEVELS[max(0, min(len(_LEVELS) - 1, verbosity))]
-        if loaded.workers > 1:
-            return _or_usage_error(lambda: trio.run(supervise, loaded, source, level), flags=flags)
-        return trio.run(run_proxy, proxy, load)
-    finally:
-        writer.stop()
-        _report_dropped_access_lines()
+    level = _LEVELS[max(0, min(len(_LEVELS) - 1, verbosity))]
+    configure_logging(level)
+    # Reads certificates and keys now, so bad files exit 2 before anything binds.
+    proxy = _or_usage_error(lambda: Proxy(loaded, access_stream=sys.stderr), flags=flags)
+    if check:
+        count = len(loaded.listeners)
+        names = ", ".join(listener.name for listener in loaded.listeners)
+        click.echo(
+            f"{config or 'command line'}: ok ({count} listener{'s' * (count != 1)}: {names})"
+        )
+        return 0
+    if loaded.workers > 1:
+        return _or_usage_error(lambda: trio.run(supervise, loaded, source, level), flags=flags)
+    return trio.run(run_proxy, proxy, load)
 
 
 def _absolute(path: str | None) -> str | None:
@@ -431,31 +426,13 @@ def _flag_names(problem: str) -> str:
     return problem
 
 
-class _DroppingQueueHandler(logging.handlers.QueueHandler):
-    """Hands records to the writer thread; drops (and counts) instead of blocking."""
+def configure_logging(level: int, *, prefix: str = "") -> None:
+    """Diagnostics to standard error at ``level``.
 
-    dropped = 0
-
-    def enqueue(self, record: logging.LogRecord) -> None:
-        try:
-            self.queue.put_nowait(record)
-        except queue.Full:
-            self.dropped += 1
-
-
-def _report_dropped_access_lines() -> None:
-    for handler in logging.getLogger("l4proxy.access").handlers:
-        if isinstance(handler, _DroppingQueueHandler) and handler.dropped:
-            LOGGER.warning(
-                "dropped %d access lines: standard error could not keep up", handler.dropped
-            )
-
-
-def configure_logging(level: int, *, prefix: str = "") -> logging.handlers.QueueListener:
-    """Diagnostics to standard error; access lines (when not sent to a file) too, bare.
-
-    Access lines pass through a bounded queue to a writer thread, so a slow standard
-    error never stalls the event loop. Stop the returned listener to flush it.
+    Access lines do not pass through here: the command gives the proxy standard error
+    as its access stream, written by the same bounded writer thread as access-log
+    files (see :class:`~l4proxy.accesslog.FileSink`), so a slow standard error never
+    stalls the event loop.
     """
     diagnostics = logging.StreamHandler(sys.stderr)
     diagnostics.setFormatter(
@@ -465,16 +442,6 @@ def configure_logging(level: int, *, prefix: str = "") -> logging.handlers.Queue
     package.handlers[:] = [diagnostics]
     package.setLevel(level)
     package.propagate = False
-    access_output = logging.StreamHandler(sys.stderr)
-    access_output.setFormatter(logging.Formatter("%(message)s"))
-    access_queue: queue.Queue[logging.LogRecord] = queue.Queue(65536)
-    access_logger = logging.getLogger("l4proxy.access")
-    access_logger.handlers[:] = [_DroppingQueueHandler(access_queue)]
-    access_logger.setLevel(logging.INFO)  # -q quiets diagnostics, not the access log
-    access_logger.propagate = False
-    writer = logging.handlers.QueueListener(access_queue, access_output)
-    writer.start()
-    return writer
 
 
 async def run_proxy(

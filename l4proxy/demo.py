@@ -88,12 +88,8 @@ def main(argv: list[str] | None = None) -> None:
         "--port", type=int, default=7000, help="port on 127.0.0.1 (default 7000; 0 = any)"
     )
     args = parser.parse_args(argv)
-    writer = configure_logging(logging.INFO)
-    try:
-        code = trio.run(_main, args.port)
-    finally:
-        writer.stop()
-    sys.exit(code)
+    configure_logging(logging.INFO)
+    sys.exit(trio.run(_main, args.port))
 
 
 if __name__ == "__main__":

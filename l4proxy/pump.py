@@ -82,25 +82,34 @@ async def pump(
     """
     deadline = trio.current_time() + idle_seconds if idle_seconds > 0 else math.inf
     state = _Splice(trio.CancelScope(deadline=deadline), idle_seconds, transfer)
-    with state.idle_scope:
-        if (
-            pipes is not None
-            and type(client) is trio.SocketStream
-            and type(backend) is trio.SocketStream
-        ):
-            state.broken = await splice_both_ways(
-                client, backend, transfer, pipes, state.idle_scope, idle_seconds
-            )
-        else:
-            async with trio.open_nursery() as nursery:
-                # One task per connection fewer: this task copies client -> backend itself.
-                nursery.start_soon(_backend_to_client, backend, client, state, nursery.cancel_scope)
-                await _client_to_backend(client, backend, state, nursery.cancel_scope)
+    if idle_seconds > 0:
+        with state.idle_scope:
+            await _both_ways(client, backend, state, pipes)
+    else:  # no deadline to keep: skip entering the scope (per-connection cost)
+        await _both_ways(client, backend, state, pipes)
     if state.broken is not None:
         return "error:client_reset" if state.broken == "client" else "error:backend_reset"
     if state.idle_scope.cancelled_caught:
         return "idle_timeout"
     return "ok"
+
+
+async def _both_ways(
+    client: trio.abc.Stream, backend: trio.abc.Stream, state: _Splice, pipes: PipePool | None
+) -> None:
+    if (
+        pipes is not None
+        and type(client) is trio.SocketStream
+        and type(backend) is trio.SocketStream
+    ):
+        state.broken = await splice_both_ways(
+            client, backend, state.transfer, pipes, state.idle_scope, state.idle_seconds
+        )
+        return
+    async with trio.open_nursery() as nursery:
+        # One task per connection fewer: this task copies client -> backend itself.
+        nursery.start_soon(_backend_to_client, backend, client, state, nursery.cancel_scope)
+        await _client_to_backend(client, backend, state, nursery.cancel_scope)
 
 
 async def _client_to_backend(

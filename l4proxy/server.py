@@ -39,6 +39,7 @@ from .tls import BackendTLS, build_server_tls
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping
+    from typing import IO
 
     from .config import Config, ListenerConfig
 
@@ -96,17 +97,27 @@ class Proxy:
         connect: how to dial a backend; defaults to TCP / Unix sockets.
         reuse_port: bind TCP listeners with ``SO_REUSEPORT`` so several processes can
             share each port (what ``--workers`` does).
+        access_stream: where listeners without ``access_log`` write access lines (the
+            command passes standard error), through the same writer thread as files;
+            by default they go to the ``l4proxy.access`` logger.
     """
 
     def __init__(
-        self, config: Config, *, connect: Connector | None = None, reuse_port: bool = False
+        self,
+        config: Config,
+        *,
+        connect: Connector | None = None,
+        reuse_port: bool = False,
+        access_stream: IO[str] | None = None,
     ) -> None:
         self._config = config
         self._connect: Connector = connect or open_connection
         self._reuse_port = reuse_port
         self._file_sinks: dict[str, FileSink] = {}
         self._pipes = splice.PipePool()
-        self._logger_sink = LoggerSink()
+        self._default_sink: LoggerSink | FileSink = (
+            LoggerSink() if access_stream is None else FileSink("<stream>", stream=access_stream)
+        )
         self._runtimes = self._build_runtimes(config)
         self._serving: list[_Serving] = []
         self._is_serving = False
@@ -131,7 +142,7 @@ class Proxy:
         runtimes = {}
         for index, listener in enumerate(config.listeners):
             if listener.access_log is None:
-                sink: LoggerSink | FileSink = self._logger_sink
+                sink: LoggerSink | FileSink = self._default_sink
             else:
                 sink = self._file_sinks.setdefault(
                     listener.access_log, FileSink(listener.access_log)
@@ -237,7 +248,7 @@ class Proxy:
             self._pipes.close()
             with trio.move_on_after(5) as cleanup:
                 cleanup.shield = True
-                for sink in self._file_sinks.values():
+                for sink in self._all_file_sinks():
                     await sink.aclose()
 
     def close(self, *, drain_timeout: float | None = None) -> None:
@@ -298,11 +309,17 @@ class Proxy:
         Only needed when the application calls ``handle_stream`` without ``serve``
         (which closes them itself when it returns).
         """
-        for sink in self._file_sinks.values():
+        for sink in self._all_file_sinks():
             await sink.aclose()
 
+    def _all_file_sinks(self) -> list[FileSink]:
+        sinks = list(self._file_sinks.values())
+        if isinstance(self._default_sink, FileSink):
+            sinks.append(self._default_sink)
+        return sinks
+
     async def _open_access_logs(self) -> None:
-        for sink in self._file_sinks.values():
+        for sink in self._all_file_sinks():
             try:
                 await sink.open()
             except OSError as exc:

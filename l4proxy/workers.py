@@ -276,22 +276,18 @@ def _worker_main(argv: list[str]) -> None:
 
     ready_fd = int(argv[1])
     spec: WorkerSpec = pickle.loads(sys.stdin.buffer.read())
-    writer = configure_logging(spec.log_level, prefix=f"[worker {spec.index}] ")
+    configure_logging(spec.log_level, prefix=f"[worker {spec.index}] ")
     try:
-        try:
-            proxy = Proxy(spec.config, reuse_port=True)
-        except ConfigError as exc:
-            print(f"l4proxy: error: {exc}", file=sys.stderr)
-            sys.exit(2)
+        proxy = Proxy(spec.config, reuse_port=True, access_stream=sys.stderr)
+    except ConfigError as exc:
+        print(f"l4proxy: error: {exc}", file=sys.stderr)
+        sys.exit(2)
 
-        def ready(_bound: object) -> None:
-            os.write(ready_fd, b"R")
-            os.close(ready_fd)
+    def ready(_bound: object) -> None:
+        os.write(ready_fd, b"R")
+        os.close(ready_fd)
 
-        code = trio.run(partial(run_proxy, proxy, spec.source.load, on_ready=ready))
-    finally:
-        writer.stop()
-    sys.exit(code)
+    sys.exit(trio.run(partial(run_proxy, proxy, spec.source.load, on_ready=ready)))
 
 
 if __name__ == "__main__":
