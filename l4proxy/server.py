@@ -116,7 +116,9 @@ class Proxy:
         self._file_sinks: dict[str, FileSink] = {}
         self._pipes = splice.PipePool()
         self._default_sink: LoggerSink | FileSink = (
-            LoggerSink() if access_stream is None else FileSink("<stream>", stream=access_stream)
+            LoggerSink()
+            if access_stream is None
+            else FileSink(getattr(access_stream, "name", "<stream>"), stream=access_stream)
         )
         self._runtimes = self._build_runtimes(config)
         self._serving: list[_Serving] = []
