@@ -10,7 +10,7 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # and the TLS clients openssl (s_client) and curl.
 TEST_DEBS := postgresql redis-server redis-tools openssl curl
 
-.PHONY: demo test lint bench system-deps clean
+.PHONY: demo test lint bench bench-deps system-deps clean
 
 demo: $(STAMP)
 	@command -v nc >/dev/null || { echo "installing netcat-openbsd for the demo's nc examples"; \
@@ -20,8 +20,28 @@ demo: $(STAMP)
 test: $(STAMP) system-deps lint
 	$(BIN)/pytest
 
-bench: $(STAMP)
-	$(BIN)/python benchmarks/bulk.py
+# make bench: l4proxy vs HAProxy, pproxy and direct (benchmarks/bench.py, about 4.5 minutes;
+# BENCH_ARGS=--quick for about 1.5). Never part of make test. benchmarks/bulk.py is the older
+# l4proxy-only bulk test: $(BIN)/python benchmarks/bulk.py
+BENCH_ARGS ?=
+PPROXY_VERSION := 2.7.9
+
+bench: $(STAMP) bench-deps
+	$(BIN)/python benchmarks/bench.py --markdown docs/performance-results.md $(BENCH_ARGS)
+
+bench-deps:
+	@missing=""; \
+	  command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || missing="$$missing haproxy"; \
+	  command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing="$$missing nginx-light"; \
+	  command -v iperf3 >/dev/null || missing="$$missing iperf3"; \
+	  command -v wrk >/dev/null || missing="$$missing wrk"; \
+	  command -v openssl >/dev/null || missing="$$missing openssl"; \
+	  if [ -n "$$missing" ]; then \
+	    echo "installing Debian packages:$$missing"; \
+	    $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  fi
+	@$(BIN)/python -c 'import pproxy' 2>/dev/null || { echo "installing pproxy $(PPROXY_VERSION)"; \
+	  $(BIN)/python -m pip install -q 'pproxy==$(PPROXY_VERSION)'; }
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -1,0 +1,173 @@
+"""Backends (nginx, iperf3 server, the idle-connection holder) and the proxies under test.
+
+Backends run on the load core, proxies on the proxy core. Every address is 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from _procs import LOAD_CORE, PROXY_CORE, BenchError, Proc, Procs, find_binary, free_port
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+SMALL_FILE = "small.txt"
+SMALL_SIZE = 64
+LARGE_FILE = "large.bin"
+LARGE_SIZE = 1 << 20
+HERE = Path(__file__).resolve().parent
+PROXIES = ("l4proxy", "haproxy", "pproxy")
+
+
+def venv_binary(name: str) -> str:
+    """A console script next to this interpreter (the venv's), else on PATH."""
+    candidate = Path(sys.executable).parent / name
+    if candidate.is_file():
+        return str(candidate)
+    return find_binary(name)
+
+
+def start_nginx(procs: Procs, workdir: Path) -> tuple[Proc, int]:
+    """nginx, one worker, serving a small and a large static file over plain HTTP."""
+    www = workdir / "www"
+    www.mkdir(exist_ok=True)
+    (www / SMALL_FILE).write_bytes(b"x" * (SMALL_SIZE - 1) + b"\n")
+    (www / LARGE_FILE).write_bytes(os.urandom(LARGE_SIZE))
+    # Started as root, nginx's worker runs as nobody: it must be able to read the files.
+    for path in (workdir, www):
+        path.chmod(0o755)
+    for path in www.iterdir():
+        path.chmod(0o644)
+    port = free_port()
+    temp = workdir / "nginx-temp"
+    temp.mkdir(exist_ok=True)
+    conf = workdir / "nginx.conf"
+    conf.write_text(
+        f"""daemon off;
+master_process on;
+worker_processes 1;
+worker_rlimit_nofile 20000;
+pid {workdir}/nginx.pid;
+error_log {workdir}/nginx-error.log warn;
+events {{ worker_connections 16384; multi_accept on; }}
+http {{
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    tcp_nodelay on;
+    keepalive_requests 10000000;
+    keepalive_timeout 120s;
+    default_type application/octet-stream;
+    client_body_temp_path {temp}/body;
+    proxy_temp_path {temp}/proxy;
+    fastcgi_temp_path {temp}/fastcgi;
+    uwsgi_temp_path {temp}/uwsgi;
+    scgi_temp_path {temp}/scgi;
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        root {www};
+    }}
+}}
+"""
+    )
+    nginx = find_binary("nginx")
+    proc = procs.start(
+        "nginx",
+        [nginx, "-p", str(workdir), "-e", str(workdir / "nginx-error.log"), "-c", str(conf)],
+        core=LOAD_CORE,
+    )
+    proc.wait_listening(port)
+    return proc, port
+
+
+def start_iperf3_server(procs: Procs) -> tuple[Proc, int]:
+    port = free_port()
+    proc = procs.start(
+        "iperf3-server",
+        [find_binary("iperf3"), "-s", "-B", "127.0.0.1", "-p", str(port)],
+        core=LOAD_CORE,
+    )
+    proc.wait_listening(port)
+    return proc, port
+
+
+def start_holder(procs: Procs) -> tuple[Proc, int]:
+    """A server that answers one byte per connection and then holds it idle until EOF."""
+    port = free_port()
+    proc = procs.start(
+        "holder", [sys.executable, str(HERE / "holdserver.py"), str(port)], core=LOAD_CORE
+    )
+    proc.wait_listening(port)
+    return proc, port
+
+
+def _haproxy_config(path: Path, listen: int, backend: int, cert: Path | None, maxconn: int) -> None:
+    ssl = f" ssl crt {cert}" if cert is not None else ""
+    # The TLS 1.3 suites in the order of Debian's packaged haproxy.cfg (Mozilla
+    # "intermediate"), which is also l4proxy's: both negotiate TLS_AES_128_GCM_SHA256.
+    path.write_text(
+        f"""global
+    nbthread 1
+    maxconn {maxconn}
+    ssl-default-bind-ciphersuites TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256
+    ssl-default-bind-options ssl-min-ver TLSv1.2
+
+defaults
+    mode tcp
+    option splice-auto
+    maxconn {maxconn}
+    timeout connect 5s
+    timeout client 120s
+    timeout server 120s
+
+frontend bench
+    bind 127.0.0.1:{listen}{ssl}
+    default_backend servers
+
+backend servers
+    server s1 127.0.0.1:{backend}
+"""
+    )
+
+
+def start_proxy(
+    procs: Procs,
+    kind: str,
+    backend: int,
+    *,
+    cert: Path | None = None,
+    maxconn: int = 8000,
+    l4proxy_args: Sequence[str] = (),
+    tag: str = "",
+) -> tuple[Proc, int]:
+    """Start ``kind`` (l4proxy, haproxy or pproxy) forwarding to 127.0.0.1:``backend``.
+
+    With ``cert`` (a PEM holding the chain and the key) the proxy terminates TLS.
+    """
+    port = free_port()
+    name = f"{kind}-{tag}" if tag else kind
+    argv: list[str]
+    if kind == "l4proxy":
+        argv = [venv_binary("l4proxy"), "-l", f"127.0.0.1:{port}", "-b", f"127.0.0.1:{backend}"]
+        if cert is not None:
+            argv += ["--tls-cert", str(cert)]
+        argv += list(l4proxy_args)
+    elif kind == "haproxy":
+        config = procs.workdir / f"{name}.cfg"
+        _haproxy_config(config, port, backend, cert, maxconn)
+        argv = [find_binary("haproxy"), "-db", "-f", str(config)]
+    elif kind == "pproxy":
+        ssl = "+ssl" if cert is not None else ""
+        scheme = f"tunnel{{127.0.0.1:{backend}}}{ssl}"
+        argv = [venv_binary("pproxy"), "-l", f"{scheme}://127.0.0.1:{port}"]
+        if cert is not None:
+            argv += ["--ssl", str(cert)]
+    else:
+        raise BenchError(f"unknown proxy {kind!r}")
+    proc = procs.start(name, argv, core=PROXY_CORE)
+    proc.wait_listening(port)
+    return proc, port
