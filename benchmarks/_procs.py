@@ -35,9 +35,13 @@ def two_cores() -> bool:
     return hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) >= 2
 
 
+#: Off with ``bench.py --no-pin``: every process may use every core (``--workers`` runs).
+PINNING = True
+
+
 def pin(core: int) -> None:
     """Pin the calling process (and what it forks later) to ``core``, when there are two."""
-    if two_cores():
+    if PINNING and two_cores():
         os.sched_setaffinity(0, {core})
 
 

@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Generic, NoReturn, TypeVar
 
 import _load
+import _procs
 import trustme
 from _procs import (
     LOAD_CORE,
@@ -569,7 +570,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--keep-workdir", action="store_true", help="keep the temporary directory and its logs"
     )
+    parser.add_argument(
+        "--no-pin",
+        action="store_true",
+        help="pin nothing: every process may use every core (to compare --workers runs)",
+    )
     args = parser.parse_args(argv)
+    _procs.PINNING = not args.no_pin
     if args.rounds is None:
         args.rounds = 1 if args.quick else 3
     if args.seconds is None:
