@@ -77,7 +77,7 @@ async def _main(port: int) -> int:
                 flush=True,
             )
 
-        code = await run_proxy(Proxy(config), on_ready=explain)
+        code = await run_proxy(Proxy(config, access_stream=sys.stderr), on_ready=explain)
         nursery.cancel_scope.cancel()
     return code
 
