@@ -28,6 +28,7 @@ import os
 import socket
 from typing import TYPE_CHECKING, Literal
 
+import attrs
 import trio
 
 if TYPE_CHECKING:
@@ -97,55 +98,38 @@ async def splice_both_ways(
     Returns:
         ``None`` when both directions ended with EOF, else the side that failed.
     """
-    broken: list[Literal["client", "backend"]] = []
     async with trio.open_nursery() as nursery:
+        state = _State(transfer, pool, idle_scope, idle_seconds, nursery.cancel_scope)
+        # No closures: an idle connection keeps as few frames alive as possible.
+        nursery.start_soon(_direction, backend, client, state, False)
+        await _direction(client, backend, state, True)  # in this task: one task fewer
+    return state.broken
 
-        async def client_to_backend() -> None:
-            await _direction(
-                client,
-                backend,
-                transfer,
-                pool,
-                idle_scope,
-                idle_seconds,
-                to_backend=True,
-                broken=broken,
-                both=nursery.cancel_scope,
-            )
 
-        async def backend_to_client() -> None:
-            await _direction(
-                backend,
-                client,
-                transfer,
-                pool,
-                idle_scope,
-                idle_seconds,
-                to_backend=False,
-                broken=broken,
-                both=nursery.cancel_scope,
-            )
+@attrs.define(slots=True, eq=False)
+class _State:
+    """What both directions of one connection share."""
 
-        nursery.start_soon(backend_to_client)
-        await client_to_backend()  # in this task: one task per connection fewer
-    return broken[0] if broken else None
+    transfer: Transfer
+    pool: PipePool
+    idle_scope: trio.CancelScope
+    idle_seconds: float
+    both: trio.CancelScope
+    broken: Literal["client", "backend"] | None = None
 
 
 async def _direction(
-    src: trio.SocketStream,
-    dst: trio.SocketStream,
-    transfer: Transfer,
-    pool: PipePool,
-    idle_scope: trio.CancelScope,
-    idle_seconds: float,
-    *,
-    to_backend: bool,
-    broken: list[Literal["client", "backend"]],
-    both: trio.CancelScope,
+    src: trio.SocketStream, dst: trio.SocketStream, state: _State, to_backend: bool
 ) -> None:
     src_name: Literal["client", "backend"] = "client" if to_backend else "backend"
     dst_name: Literal["client", "backend"] = "backend" if to_backend else "client"
     src_fd, dst_fd = src.socket.fileno(), dst.socket.fileno()
+    transfer, pool, idle_scope, idle_seconds = (
+        state.transfer,
+        state.pool,
+        state.idle_scope,
+        state.idle_seconds,
+    )
     try:
         while True:
             pipe = pool.acquire()
@@ -186,6 +170,6 @@ async def _direction(
             raise _Broken(dst_name) from exc
         await trio.lowlevel.checkpoint()
     except _Broken as failure:
-        if not broken:
-            broken.append(failure.side)
-        both.cancel()
+        if state.broken is None:
+            state.broken = failure.side
+        state.both.cancel()
