@@ -77,7 +77,6 @@ class _Front:
 
 async def serve_connection(
     stream: trio.abc.Stream,
-    *,
     listener: ListenerRuntime,
     client: str,
     connection_id: int,
