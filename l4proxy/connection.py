@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import socket
 import time
 from typing import TYPE_CHECKING
 
@@ -24,7 +25,7 @@ from .backends import BackendPool, Connector, connect_pool, describe_os_error
 from .clienthello import DEFAULT_LIMIT, ClientHello, parse_client_hello
 from .errors import ClientHelloError, L4ProxyError, UpstreamConnectError
 from .pump import Transfer, pump
-from .tls import ALERT_UNRECOGNIZED_NAME, ClientCertificateRejected, TLSStream
+from .tls import ALERT_UNRECOGNIZED_NAME, ClientCertificateRejected, SocketTLSStream, TLSStream
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -168,7 +169,7 @@ async def _open_front(
         return _Front(stream, default.pool)
     with trio.move_on_after(config.handshake_timeout):
         try:
-            hello, peeked = await read_client_hello(stream)
+            hello, peeked, in_socket = await _client_hello(stream)
         except ClientHelloError as exc:
             state.fail("bad_client_hello", str(exc))
             return None
@@ -182,19 +183,50 @@ async def _open_front(
                 if hello.server_name
                 else f"no route for a ClientHello without sni on listener {config.name!r}",
             )
-            if listener.server_tls is not None:  # RFC 6066 §3: a fatal unrecognized_name
-                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                if in_socket:  # read what was only peeked: closing with unread bytes is a reset
+                    await stream.receive_some(hello.size)
+                if listener.server_tls is not None:  # RFC 6066 §3: a fatal unrecognized_name
                     await stream.send_all(ALERT_UNRECOGNIZED_NAME)
             return None
-        if listener.server_tls is None:  # passthrough
+        if listener.server_tls is None:  # passthrough: replay only what was consumed
             return _Front(stream, route.pool, replay=peeked)
-        tls = await _terminate(stream, peeked, hello, route.alpn, listener.server_tls, state)
+        tls = await _terminate(
+            stream, peeked, in_socket, hello, route.alpn, listener.server_tls, state
+        )
         return None if tls is None else _Front(tls, route.pool)
     state.fail(
         "handshake_timeout",
         f"no complete ClientHello and handshake within {config.handshake_timeout:g}s",
     )
     return None
+
+
+async def _client_hello(stream: trio.abc.Stream) -> tuple[ClientHello, bytes, bool]:
+    """The ClientHello, the bytes consumed to get it, and whether it is still in the socket.
+
+    Fast path: most clients send the whole ClientHello in their first segment, so peek
+    at it (``MSG_PEEK``) and leave it in the socket; then OpenSSL can read it itself
+    and passthrough needs no replay. Anything else (a partial peek, a stream that is
+    not a plain socket) falls back to reading and keeping the bytes.
+    """
+    if type(stream) is trio.SocketStream:
+        try:
+            data = await stream.socket.recv(DEFAULT_LIMIT, socket.MSG_PEEK)
+        except OSError as exc:
+            raise trio.BrokenResourceError(f"while peeking at the ClientHello: {exc}") from exc
+        if not data:
+            raise ClientHelloError("connection closed before a ClientHello")
+        try:
+            hello = parse_client_hello(data)  # garbage is recognised at once
+        except ClientHelloError:
+            # Read what was only peeked: closing with unread bytes would send a reset.
+            await stream.receive_some(len(data))
+            raise
+        if hello is not None:
+            return hello, b"", True
+    hello, consumed = await read_client_hello(stream)
+    return hello, consumed, False
 
 
 async def read_client_hello(
@@ -221,15 +253,20 @@ async def read_client_hello(
 async def _terminate(
     stream: trio.abc.Stream,
     peeked: bytes,
+    in_socket: bool,
     hello: ClientHello,
     route_alpn: tuple[bytes, ...],
     server_tls: ServerTLS,
     state: _Connection,
 ) -> TLSStream | None:
     """The TLS handshake with the client, on the context for its SNI."""
-    tls = TLSStream(
-        stream, server_tls.connection(hello.server_name, route_alpn or None), initial=peeked
-    )
+    alpn = route_alpn or None
+    if in_socket and isinstance(stream, trio.SocketStream):  # OpenSSL reads the socket itself
+        tls: TLSStream = SocketTLSStream(
+            stream, server_tls.connection(hello.server_name, alpn, sock=stream.socket)
+        )
+    else:
+        tls = TLSStream(stream, server_tls.connection(hello.server_name, alpn), initial=peeked)
     try:
         await tls.do_handshake()
     except trio.BrokenResourceError as exc:

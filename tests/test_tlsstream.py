@@ -11,7 +11,7 @@ import trio.testing
 from OpenSSL import SSL
 
 from l4proxy.config import TLSConfig, TLSVersion
-from l4proxy.tls import BackendTLS, TLSStream, build_server_tls
+from l4proxy.tls import BackendTLS, SocketTLSStream, TLSStream, build_server_tls
 
 if TYPE_CHECKING:
     from .tlsfixtures import PKI
@@ -97,3 +97,41 @@ async def test_a_failed_handshake_is_a_broken_resource_with_the_reason(pki: PKI)
             match=r"wrong version number|record layer failure|packet length too long",
         ):
             await garbage_client.do_handshake()
+
+
+async def socket_tls_pair(pki: PKI, version: TLSVersion) -> tuple[TLSStream, SocketTLSStream]:
+    """Client over memory BIOs, server bound to its socket (the fast path)."""
+    server_tls = build_server_tls(
+        TLSConfig(certs=[{"cert": pki.a.cert, "key": pki.a.key}], min_version=version),
+        session_id=b"test",
+        key_path="tls",
+    )
+    backend = BackendTLS(pki.ca_file, server_name=None, key_path="backend_ca")
+    if version is TLSVersion.TLS1_2:
+        backend.context.set_max_proto_version(SSL.TLS1_2_VERSION)
+    left, right = trio.socket.socketpair()
+    client_transport, server_transport = trio.SocketStream(left), trio.SocketStream(right)
+    connection, _ = backend.connection("a.example")
+    client = TLSStream(client_transport, connection)
+    server = SocketTLSStream(
+        server_transport, server_tls.connection("a.example", sock=server_transport.socket)
+    )
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(client.do_handshake)
+        nursery.start_soon(server.do_handshake)
+    return client, server
+
+
+async def test_socket_bound_stream_behaves_like_a_half_closeable_stream(
+    pki: PKI, version: TLSVersion
+) -> None:
+    async def stream_maker() -> tuple[trio.abc.HalfCloseableStream, trio.abc.HalfCloseableStream]:
+        client, server = await socket_tls_pair(pki, version)
+        return server, client
+
+    async def reversed_maker() -> tuple[trio.abc.HalfCloseableStream, trio.abc.HalfCloseableStream]:
+        client, server = await socket_tls_pair(pki, version)
+        return client, server
+
+    await trio.testing.check_half_closeable_stream(stream_maker, None)
+    await trio.testing.check_half_closeable_stream(reversed_maker, None)
