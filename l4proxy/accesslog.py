@@ -216,9 +216,10 @@ class FileSink:
         try:
             while True:
                 items = [self._queue.get()]
-                if items[0] is not None:
+                if items[0] is not None and self._queue.qsize() < 1023:
                     # Let a batch gather: one wake-up (and GIL hand-over) per batch
                     # instead of per connection keeps this thread off the event loop's back.
+                    # A full batch already waiting is written at once (no rate cap).
                     time.sleep(BATCH_SECONDS)
                 while len(items) < 1024:
                     try:

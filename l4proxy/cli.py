@@ -505,11 +505,11 @@ async def _handle_signals(
             except ConfigError as exc:
                 LOGGER.error("%s: reload failed, keeping the running configuration: %s", name, exc)
         elif not proxy.draining:
+            proxy.close()  # listening sockets are closed when this returns
             LOGGER.info(
                 "%s: no longer accepting; draining established connections (signal again to stop now)",
                 name,
             )
-            proxy.close()
         else:
             LOGGER.warning("%s again: closing remaining connections now", name)
             proxy.close(drain_timeout=0)

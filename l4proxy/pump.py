@@ -18,8 +18,9 @@ streams, so a reset on one side reaches the other as a close.
 The idle timeout is one shared :class:`trio.CancelScope`; each chunk moved pushes its
 deadline forward.
 
-:func:`pump` is the one entry point, so a zero-copy path (``os.splice``) and a TLS path
-can slot in behind it with the same contract and the same tests.
+:func:`pump` is the one entry point: when both streams are plain sockets it hands the
+work to the zero-copy path in :mod:`l4proxy.splice` (same contract, same tests); TLS
+streams use the copy loop here.
 """
 
 from __future__ import annotations

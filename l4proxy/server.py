@@ -78,6 +78,7 @@ class _Serving:
     name: str
     accept_scope: trio.CancelScope
     drain_scope: trio.CancelScope
+    listeners: list[trio.SocketListener]
 
 
 class Proxy:
@@ -227,7 +228,7 @@ class Proxy:
                 async with trio.open_nursery() as nursery:
                     bound: list[BoundAddress] = []
                     for name, listeners in opened:
-                        serving = _Serving(name, trio.CancelScope(), trio.CancelScope())
+                        serving = _Serving(name, trio.CancelScope(), trio.CancelScope(), listeners)
                         self._serving.append(serving)
                         bound.extend(
                             BoundAddress(name, _bound_address(listener)) for listener in listeners
@@ -265,6 +266,8 @@ class Proxy:
         now = trio.current_time()
         for serving in self._serving:
             serving.accept_scope.cancel()
+            for listener in serving.listeners:  # refuse new connections from now on
+                _close_listener(listener)
             seconds = (
                 drain_timeout
                 if drain_timeout is not None
@@ -362,6 +365,8 @@ class Proxy:
         while True:
             try:
                 stream = await listener.accept()
+            except trio.ClosedResourceError:
+                return  # close() closed the socket
             except OSError as exc:
                 if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
                     raise

@@ -9,6 +9,13 @@ TLS is spoken, so it already knows the SNI and builds each ``SSL.Connection`` on
 right context: no servername callback is needed. The ALPN callback is the only callback,
 and it is total: it never raises.
 
+*Two streams, one contract.* The proxy peeks at the ClientHello; when the whole of it
+arrived in the first segment (nearly always) it is still in the socket, and
+:class:`SocketTLSStream` lets OpenSSL read and write the socket itself — no copying
+of records through Python (1.65x the decryption throughput of memory BIOs measured
+by ``benchmarks/tls_transport.py``). Otherwise, and over any other trio stream,
+:class:`TLSStream` is used, as described next.
+
 *TLSStream.* A :class:`trio.abc.HalfCloseableStream` over any transport stream, driving
 an ``SSL.Connection`` whose I/O goes through memory BIOs (the shape of trio's own
 ``SSLStream``): each operation is tried, whatever OpenSSL wrote is flushed to the
@@ -623,6 +630,14 @@ class SocketTLSStream(TLSStream):
             except (SSL.WantReadError, SSL.WantWriteError) as exc:
                 await self._wait(exc)
                 continue
+            except (SSL.ZeroReturnError, SSL.SysCallError) as exc:
+                # Same words as the memory-BIO path: the peer went away mid-handshake.
+                self._state = _State.BROKEN
+                code = exc.args[0] if exc.args and isinstance(exc.args[0], int) else -1
+                verb = "reset" if code > 0 else "closed"
+                raise trio.BrokenResourceError(
+                    f"peer {verb} the connection during the handshake"
+                ) from exc
             except SSL.Error as exc:
                 raise self._broken(exc) from exc
             break

@@ -237,9 +237,16 @@ async def test_quiet_hides_diagnostics_but_not_access_lines(
     path = tmp_path / "front.sock"
     with trio.fail_after(20):
         async with ProxyProcess(nursery, ["-l", f"unix:{path}", "-b", backend, "-q"]) as proc:
-            while not path.exists():  # noqa: ASYNC110 - another process; -q hides "accepting on"
-                await trio.sleep(0.02)
-            async with await trio.open_unix_socket(str(path)) as client:
+            # Another process, and -q hides "accepting on": try until it listens (the file
+            # exists from bind(), a moment before listen()).
+            while True:
+                try:
+                    client = await trio.open_unix_socket(str(path))
+                except (FileNotFoundError, ConnectionRefusedError):
+                    await trio.sleep(0.02)
+                    continue
+                break
+            async with client:
                 await client.send_all(b"q")
                 assert await receive_exactly(client, 1) == b"q"
             proc.signal(signal.SIGTERM)
