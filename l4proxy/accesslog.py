@@ -199,8 +199,10 @@ class FileSink:
         if thread is None:
             return
         self._thread = None
-        await trio.to_thread.run_sync(self._queue.put, None)  # None tells the writer to stop
-        await trio.to_thread.run_sync(thread.join)
+        # None tells the writer to stop. Abandonable: a writer stuck on a stream nobody
+        # reads must not hold up shutdown beyond the caller's deadline.
+        await trio.to_thread.run_sync(self._queue.put, None, abandon_on_cancel=True)
+        await trio.to_thread.run_sync(thread.join, abandon_on_cancel=True)
         if self.dropped:
             DIAGNOSTIC_LOGGER.warning(
                 "access log %s: dropped %d lines (writer could not keep up)",

@@ -112,23 +112,14 @@ async def serve_connection(
             finally:
                 if front.stream is not stream:
                     await front.stream.aclose()
-    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-        state.fail("error:reset", str(exc) or None)
-    except OSError as exc:
-        state.fail(
-            f"error:{errno.errorcode.get(exc.errno or 0, 'os_error').lower()}",
-            describe_os_error(exc),
-        )
-    except L4ProxyError as exc:
-        state.fail("error:proxy", str(exc))
+    except BaseExceptionGroup as group:
+        # A pump's nursery wraps what one direction raised; judge the one inside.
+        inner = _single(group)
+        if not isinstance(inner, Exception):
+            raise  # Cancelled (or KeyboardInterrupt) inside: never swallowed
+        _judge(inner, state, connection_id, client, config.name)
     except Exception as exc:
-        LOGGER.exception(
-            "connection %d from %s on listener %r failed unexpectedly",
-            connection_id,
-            client,
-            config.name,
-        )
-        state.fail("error:internal", f"{type(exc).__name__}: {exc}")
+        _judge(exc, state, connection_id, client, config.name)
     finally:
         if state.outcome is None:
             state.outcome = "drained" if is_draining() else "cancelled"
@@ -152,6 +143,35 @@ async def serve_connection(
             ),
             config.log_format,
         )
+
+
+def _single(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The exception inside a group of exactly one (nested groups unwrapped), or the group."""
+    inner: BaseException = group
+    while isinstance(inner, BaseExceptionGroup) and len(inner.exceptions) == 1:
+        inner = inner.exceptions[0]
+    return inner
+
+
+def _judge(
+    exc: Exception, state: _Connection, connection_id: int, client: str, listener: str
+) -> None:
+    """The outcome for an exception that ended a connection."""
+    if isinstance(exc, trio.BrokenResourceError | trio.ClosedResourceError):
+        state.fail("error:reset", str(exc) or None)
+    elif isinstance(exc, OSError):
+        state.fail(
+            f"error:{errno.errorcode.get(exc.errno or 0, 'os_error').lower()}",
+            describe_os_error(exc),
+        )
+    elif isinstance(exc, L4ProxyError):
+        state.fail("error:proxy", str(exc))
+    else:
+        LOGGER.exception(
+            "connection %d from %s on listener %r failed unexpectedly", connection_id, client, listener,
+            exc_info=exc,
+        )  # fmt: skip
+        state.fail("error:internal", f"{type(exc).__name__}: {exc}")
 
 
 async def _open_front(

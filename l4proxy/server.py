@@ -314,6 +314,7 @@ class Proxy:
         Only needed when the application calls ``handle_stream`` without ``serve``
         (which closes them itself when it returns).
         """
+        self._pipes.close()
         for sink in self._all_file_sinks():
             await sink.aclose()
 

@@ -56,11 +56,13 @@ class PipePool:
         self.created = 0
 
     def acquire(self) -> tuple[int, int]:
-        self.in_use += 1
+        """An empty pipe. Raises ``OSError`` (e.g. ``EMFILE``) if a new one cannot be made."""
         if self._idle:
+            self.in_use += 1
             return self._idle.pop()
-        self.created += 1
         read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.in_use += 1
+        self.created += 1
         with contextlib.suppress(OSError):  # keep the default (64 KiB) if the limit is lower
             fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
         return read_end, write_end

@@ -466,7 +466,11 @@ class TLSStream(trio.abc.HalfCloseableStream):
                 try:
                     data = self.connection.recv(max_bytes)
                 except SSL.WantReadError:
-                    await self._flush()  # e.g. a KeyUpdate reply OpenSSL queued while reading
+                    # Send what OpenSSL queued while reading (a KeyUpdate reply), unless a
+                    # sender holds the lock: it drains the BIO before it lets go, and
+                    # waiting for it could stall this direction behind a slow reader.
+                    if not self._transport_lock.locked():
+                        await self._flush()
                     waited = True
                     await self._feed()  # at EOF, the next recv reports it
                     continue

@@ -155,19 +155,26 @@ class _Supervisor:
         self.stopping = False
 
     async def run(self) -> int:
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
-            failed = await self._start_all()
-            if failed is not None:
-                return failed
-            LOGGER.info("%d workers running", len(self.processes))
-            async with trio.open_nursery() as nursery:
-                forwarder = trio.CancelScope()
-                nursery.start_soon(self._forward_signals, signals, forwarder)
-                async with trio.open_nursery() as watchers:
-                    for index, process in self.processes.items():
-                        watchers.start_soon(self._watch, index, process)
-                forwarder.cancel()  # every worker has drained and exited
-        return 0
+        try:
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+                failed = await self._start_all()
+                if failed is not None:
+                    return failed
+                LOGGER.info("%d workers running", len(self.processes))
+                async with trio.open_nursery() as nursery:
+                    forwarder = trio.CancelScope()
+                    nursery.start_soon(self._forward_signals, signals, forwarder)
+                    async with trio.open_nursery() as watchers:
+                        for index, process in self.processes.items():
+                            watchers.start_soon(self._watch, index, process)
+                    forwarder.cancel()  # every worker has drained and exited
+            return 0
+        finally:
+            # Whatever ended the supervisor, leave no worker behind (they are in their
+            # own process group, so nothing else would stop them).
+            with trio.CancelScope(shield=True), trio.move_on_after(20):
+                for process in self.processes.values():
+                    await self._stop(process)
 
     async def _start_all(self) -> int | None:
         """Start every worker; if one cannot start, stop the rest and return its status."""
@@ -191,21 +198,29 @@ class _Supervisor:
         """Start worker ``index``; return it once it listens, or ``None`` if it died."""
         ready_read, ready_write = os.pipe()
         try:
-            process = await trio.lowlevel.open_process(
-                [sys.executable, "-m", "l4proxy.workers", str(ready_write)],
-                stdin=subprocess.PIPE,
-                pass_fds=(ready_write,),
-                process_group=0,  # terminal signals reach the supervisor only
-            )
-        finally:
-            os.close(ready_write)
+            try:
+                process = await trio.lowlevel.open_process(
+                    [sys.executable, "-m", "l4proxy.workers", str(ready_write)],
+                    stdin=subprocess.PIPE,
+                    pass_fds=(ready_write,),
+                    process_group=0,  # terminal signals reach the supervisor only
+                )
+            finally:
+                os.close(ready_write)
+        except OSError as exc:
+            os.close(ready_read)
+            LOGGER.error("worker %d could not be started: %s", index + 1, exc)
+            return None
         self.processes[index] = process
         assert process.stdin is not None
         spec = WorkerSpec(
             index=index + 1, config=self.config, source=self.source, log_level=self.log_level
         )
-        async with process.stdin:
-            await process.stdin.send_all(pickle.dumps(spec))
+        try:
+            async with process.stdin:
+                await process.stdin.send_all(pickle.dumps(spec))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # it died already; the readiness pipe says so below
         async with trio.lowlevel.FdStream(ready_read) as ready:
             with trio.move_on_after(READY_TIMEOUT):
                 if await ready.receive_some(1):  # b"" when the worker died first
@@ -237,6 +252,9 @@ class _Supervisor:
                     return
                 restarted = await self._start(index)
                 backoff = min(max(backoff * 2, 1.0), MAX_BACKOFF)
+            if self._draining():  # SIGTERM arrived while it was starting: it missed it
+                await self._stop(restarted)
+                return
             process = restarted
 
     def _draining(self) -> bool:
