@@ -22,7 +22,7 @@ import attrs
 
 from .errors import ClientHelloError
 
-__all__ = ["DEFAULT_LIMIT", "ClientHello", "parse_client_hello"]
+__all__ = ["DEFAULT_LIMIT", "MAX_RECORDS", "ClientHello", "next_size", "parse_client_hello"]
 
 #: Largest number of bytes (records included) the parser will ask the caller to buffer.
 DEFAULT_LIMIT = 64 * 1024
@@ -30,6 +30,9 @@ DEFAULT_LIMIT = 64 * 1024
 _HANDSHAKE_RECORD = 22
 _CLIENT_HELLO = 1
 _MAX_RECORD = 2**14 + 256  # RFC 8446 §5.2 allows a little expansion over 2^14
+#: Real clients use one record (a few for a huge post-quantum ClientHello); a peer that
+#: fragments into many tiny records only makes the proxy work harder.
+MAX_RECORDS = 64
 _EXT_SERVER_NAME = 0
 _EXT_ALPN = 16
 _EXT_SUPPORTED_VERSIONS = 43
@@ -86,7 +89,11 @@ def parse_client_hello(
     body = bytearray()
     needed: int | None = None  # length of the handshake message once its header is known
     offset = 0
+    records = 0
     while needed is None or len(body) < needed + 4:
+        if records == MAX_RECORDS:
+            raise ClientHelloError(f"ClientHello split into more than {MAX_RECORDS} records")
+        records += 1
         if len(view) - offset < 5:
             _check_record_header(view[offset:])
             _check_fits(offset + 5, limit)
@@ -116,6 +123,23 @@ def parse_client_hello(
     if len(body) != needed + 4:
         raise ClientHelloError("data after the ClientHello in the same record")
     return _parse_body(memoryview(body)[4:], size=offset)
+
+
+def next_size(data: bytes | bytearray | memoryview) -> int:
+    """The buffer size at which parsing ``data`` again can make progress: the end of
+    the record being received (or one more byte while a record header is incomplete).
+
+    Lets a caller that reads a trickle parse once per record instead of once per read,
+    so the work stays linear in the ClientHello's size. It only walks record headers.
+    """
+    view = memoryview(data)
+    offset = 0
+    while len(view) - offset >= 5:
+        end = offset + 5 + int.from_bytes(view[offset + 3 : offset + 5], "big")
+        if end > len(view):
+            return end
+        offset = end
+    return len(view) + 1
 
 
 def _check_fits(required: int, limit: int) -> None:

@@ -22,7 +22,7 @@ import trio
 from .accesslog import AccessRecord, AccessSink
 from .addresses import Address, TCPAddress
 from .backends import BackendPool, Connector, connect_pool, describe_os_error
-from .clienthello import DEFAULT_LIMIT, ClientHello, parse_client_hello
+from .clienthello import DEFAULT_LIMIT, ClientHello, next_size, parse_client_hello
 from .errors import ClientHelloError, L4ProxyError, UpstreamConnectError
 from .pump import Transfer, pump
 from .tls import ALERT_UNRECOGNIZED_NAME, ClientCertificateRejected, SocketTLSStream, TLSStream
@@ -258,6 +258,7 @@ async def read_client_hello(
     that is not a ClientHello, including EOF before a complete one.
     """
     buffer = bytearray()
+    parse_at = 1  # parse only once a record can have completed: linear, not quadratic
     while True:
         chunk = await stream.receive_some(limit - len(buffer))
         if not chunk:
@@ -265,9 +266,12 @@ async def read_client_hello(
                 f"connection closed after {len(buffer)} bytes, before a complete ClientHello"
             )
         buffer += chunk
+        if len(buffer) < parse_at:
+            continue
         hello = parse_client_hello(buffer, limit=limit)
         if hello is not None:
             return hello, bytes(buffer)
+        parse_at = next_size(buffer)
 
 
 async def _terminate(

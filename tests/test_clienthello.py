@@ -202,3 +202,26 @@ def test_never_asks_for_more_than_the_limit(limit: int) -> None:
             continue
         assert result is None
         assert end <= limit
+
+
+def test_too_many_records_is_refused() -> None:
+    from l4proxy.clienthello import MAX_RECORDS
+
+    hello = _with_extension(python_client_hello(), 0xFFAA, b"\x00" * 2000)
+    within = split_into_records(hello, [10] * (MAX_RECORDS - 2))
+    assert parse_client_hello(within) is not None
+    beyond = split_into_records(hello, [1] * (MAX_RECORDS + 1))
+    with pytest.raises(ClientHelloError, match=f"more than {MAX_RECORDS} records"):
+        parse_client_hello(beyond)
+
+
+@given(st.lists(st.integers(1, 300), max_size=20), st.integers(1, 400))
+@settings(deadline=None)
+def test_next_size_never_skips_the_completing_byte(sizes: list[int], cut: int) -> None:
+    """Parsing only at next_size() finds the ClientHello exactly when it is complete."""
+    from l4proxy.clienthello import next_size
+
+    framed = split_into_records(_HELLO, sizes)
+    prefix = framed[: min(cut, len(framed) - 1)]
+    assert parse_client_hello(prefix) is None
+    assert len(prefix) < next_size(prefix) <= len(framed)

@@ -135,3 +135,25 @@ async def test_socket_bound_stream_behaves_like_a_half_closeable_stream(
 
     await trio.testing.check_half_closeable_stream(stream_maker, None)
     await trio.testing.check_half_closeable_stream(reversed_maker, None)
+
+
+def _socketpair_streams() -> tuple[trio.abc.Stream, trio.abc.Stream]:
+    left, right = trio.socket.socketpair()
+    return trio.SocketStream(left), trio.SocketStream(right)
+
+
+async def test_receiving_is_not_held_up_by_a_sender_stalled_on_a_slow_reader(
+    pki: PKI, version: TLSVersion
+) -> None:
+    """The backend streams a reply the client does not read yet while the client still
+    uploads: the memory-BIO stream must keep receiving (no head-of-line blocking)."""
+    client, server = await tls_pair(pki, _socketpair_streams, version)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.send_all, b"\0" * (8 << 20))  # stalls: nobody reads it
+        await trio.testing.wait_all_tasks_blocked()
+        await client.send_all(b"hello")
+        with trio.fail_after(5):
+            assert await server.receive_some(5) == b"hello"
+        nursery.cancel_scope.cancel()
+    await trio.aclose_forcefully(client)
+    await trio.aclose_forcefully(server)
