@@ -496,3 +496,20 @@ async def test_real_client_hellos_parse(nursery: trio.Nursery, name: str) -> Non
     assert 0x0303 in parsed.versions
     # Arriving one byte at a time, every proper prefix is "need more", never an error.
     assert all(parse_client_hello(hello[:end]) is None for end in range(len(hello)))
+
+
+async def test_s_client_renegotiation_is_refused(nursery: trio.Nursery, pki: PKI) -> None:
+    """TLS 1.2 renegotiation (s_client's "R" command) is refused by the server."""
+    backend = await start_backend(nursery, echo_line)
+    with trio.fail_after(TEST_SECONDS):
+        args = ["-l", "127.0.0.1:0", "-b", backend, *tls_args(pki.a)]
+        async with ProxyProcess(nursery, args) as proc:
+            port = await proxy_port(proc)
+            command = s_client(port, "-servername", "a.example", "-CAfile", pki.ca_file, "-tls1_2")
+            result = await run_client(command, stdin=b"R\n")
+            output = (result.stdout + result.stderr).decode(errors="replace")
+            assert "RENEGOTIATING" in output, describe(result)
+            assert "no renegotiation" in output, describe(result)
+            (record,) = await access_records(proc, 1)
+    assert record["tls_version"] == "TLSv1.2"
+    assert record["bytes_to_backend"] == 0  # nothing got through the refused renegotiation
