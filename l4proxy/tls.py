@@ -465,25 +465,18 @@ class TLSStream(trio.abc.HalfCloseableStream):
             while True:
                 try:
                     data = self.connection.recv(max_bytes)
-                except SSL.WantReadError:
-                    # Send what OpenSSL queued while reading (a KeyUpdate reply), unless a
-                    # sender holds the lock: it drains the BIO before it lets go, and
-                    # waiting for it could stall this direction behind a slow reader.
-                    if not self._transport_lock.locked():
-                        await self._flush()
+                except (SSL.WantReadError, SSL.WantWriteError) as exc:
+                    await self._more_io(exc)
                     waited = True
-                    await self._feed()  # at EOF, the next recv reports it
                     continue
                 except SSL.ZeroReturnError:
                     data = b""  # close_notify
                 except SSL.SysCallError as exc:
                     if not exc.args or exc.args[0] != -1:
-                        self._state = _State.BROKEN
-                        raise trio.BrokenResourceError(describe_ssl_error(exc)) from exc
+                        raise self._broken(exc) from exc
                     data = b""  # transport EOF without close_notify
                 except SSL.Error as exc:
-                    self._state = _State.BROKEN
-                    raise trio.BrokenResourceError(describe_ssl_error(exc)) from exc
+                    raise self._broken(exc) from exc
                 if not waited:
                     await trio.lowlevel.checkpoint()  # trio streams always checkpoint
                 return data
@@ -502,14 +495,30 @@ class TLSStream(trio.abc.HalfCloseableStream):
             if not view:
                 await trio.lowlevel.checkpoint()
             for start in range(0, len(view), SEND_CHUNK):
-                try:
-                    self.connection.sendall(view[start : start + SEND_CHUNK])
-                except SSL.Error as exc:
-                    self._state = _State.BROKEN
-                    raise trio.BrokenResourceError(describe_ssl_error(exc)) from exc
-                await self._flush()
+                await self._send_chunk(view[start : start + SEND_CHUNK])
         finally:
             self._sending = False
+
+    async def _more_io(self, exc: SSL.WantReadError | SSL.WantWriteError) -> None:
+        """OpenSSL needs more bytes from the peer (memory BIOs: feed it one read)."""
+        # Send what OpenSSL queued while reading (a KeyUpdate reply), unless a sender
+        # holds the lock: it drains the BIO before it lets go, and waiting for it could
+        # stall this direction behind a slow reader.
+        if not self._transport_lock.locked():
+            await self._flush()
+        await self._feed()  # at EOF, the next recv reports it
+
+    async def _send_chunk(self, chunk: memoryview) -> None:
+        """Encrypt ``chunk`` into the BIO (which grows: never WantWrite) and flush it."""
+        try:
+            self.connection.sendall(chunk)
+        except SSL.Error as exc:
+            raise self._broken(exc) from exc
+        await self._flush()
+
+    def _broken(self, exc: BaseException) -> trio.BrokenResourceError:
+        self._state = _State.BROKEN
+        return trio.BrokenResourceError(describe_ssl_error(exc))
 
     async def wait_send_all_might_not_block(self) -> None:
         self._check_usable()
@@ -527,8 +536,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
         try:
             self.connection.shutdown()
         except SSL.Error as exc:
-            self._state = _State.BROKEN
-            raise trio.BrokenResourceError(describe_ssl_error(exc)) from exc
+            raise self._broken(exc) from exc
         await self._flush()
 
     async def aclose(self) -> None:
@@ -622,10 +630,6 @@ class SocketTLSStream(TLSStream):
             async with self._writable:
                 await trio.lowlevel.wait_writable(self._sock)
 
-    def _broken(self, exc: BaseException) -> trio.BrokenResourceError:
-        self._state = _State.BROKEN
-        return trio.BrokenResourceError(describe_ssl_error(exc))
-
     async def do_handshake(self) -> None:
         self._check_usable()
         while True:
@@ -647,63 +651,21 @@ class SocketTLSStream(TLSStream):
             break
         await trio.lowlevel.checkpoint()
 
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        if max_bytes is None:
-            max_bytes = RECEIVE_SIZE
-        else:
-            max_bytes = operator.index(max_bytes)
-            if max_bytes < 1:
-                raise ValueError("max_bytes must be >= 1")
-        self._check_usable()
-        if self._receiving:
-            raise trio.BusyResourceError("another task is receiving on this TLSStream")
-        self._receiving = True
-        waited = False
-        try:
-            while True:
-                try:
-                    data = self.connection.recv(max_bytes)
-                except (SSL.WantReadError, SSL.WantWriteError) as exc:
-                    await self._wait(exc)
-                    waited = True
-                    continue
-                except SSL.ZeroReturnError:
-                    data = b""
-                except SSL.SysCallError as exc:
-                    if not exc.args or exc.args[0] != -1:
-                        raise self._broken(exc) from exc
-                    data = b""
-                except SSL.Error as exc:
-                    raise self._broken(exc) from exc
-                if not waited:
-                    await trio.lowlevel.checkpoint()
-                return data
-        finally:
-            self._receiving = False
+    async def _more_io(self, exc: SSL.WantReadError | SSL.WantWriteError) -> None:
+        await self._wait(exc)
 
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        self._check_usable()
-        if self._eof_sent:
-            raise trio.ClosedResourceError("send_eof() was already called")
-        if self._sending:
-            raise trio.BusyResourceError("another task is sending on this TLSStream")
-        self._sending = True
-        try:
-            view = memoryview(data)
-            position = 0
-            while position < len(view):
-                try:
-                    position += self.connection.send(view[position : position + SEND_CHUNK])
-                except (SSL.WantReadError, SSL.WantWriteError) as exc:
-                    await self._wait(exc)
-                    continue
-                except SSL.Error as exc:
-                    raise self._broken(exc) from exc
-                await trio.lowlevel.checkpoint()
-            if not view:
-                await trio.lowlevel.checkpoint()
-        finally:
-            self._sending = False
+    async def _send_chunk(self, chunk: memoryview) -> None:
+        """OpenSSL writes the socket; with partial writes on, it may take several calls."""
+        position = 0
+        while position < len(chunk):
+            try:
+                position += self.connection.send(chunk[position:])
+            except (SSL.WantReadError, SSL.WantWriteError) as exc:
+                await self._wait(exc)
+                continue
+            except SSL.Error as exc:
+                raise self._broken(exc) from exc
+            await trio.lowlevel.checkpoint()
 
     async def wait_send_all_might_not_block(self) -> None:
         self._check_usable()

@@ -11,7 +11,7 @@ import trio.testing
 from OpenSSL import SSL
 
 from l4proxy.config import TLSConfig, TLSVersion
-from l4proxy.tls import BackendTLS, SocketTLSStream, TLSStream, build_server_tls
+from l4proxy.tls import BackendTLS, ServerTLS, SocketTLSStream, TLSStream, build_server_tls
 
 if TYPE_CHECKING:
     from .tlsfixtures import PKI
@@ -19,9 +19,8 @@ if TYPE_CHECKING:
 Transport = Callable[[], tuple[trio.abc.Stream, trio.abc.Stream]]
 
 
-async def tls_pair(
-    pki: PKI, transport: Transport, version: TLSVersion
-) -> tuple[TLSStream, TLSStream]:
+def tls_ends(pki: PKI, version: TLSVersion) -> tuple[ServerTLS, BackendTLS]:
+    """A server for a.example (at least ``version``) and a client that speaks ``version``."""
     server_tls = build_server_tls(
         TLSConfig(certs=[{"cert": pki.a.cert, "key": pki.a.key}], min_version=version),
         session_id=b"test",
@@ -30,6 +29,13 @@ async def tls_pair(
     backend = BackendTLS(pki.ca_file, server_name=None, key_path="backend_ca")
     if version is TLSVersion.TLS1_2:
         backend.context.set_max_proto_version(SSL.TLS1_2_VERSION)
+    return server_tls, backend
+
+
+async def tls_pair(
+    pki: PKI, transport: Transport, version: TLSVersion
+) -> tuple[TLSStream, TLSStream]:
+    server_tls, backend = tls_ends(pki, version)
     client_transport, server_transport = transport()
     connection, name = backend.connection("a.example")
     client = TLSStream(client_transport, connection)
@@ -101,14 +107,7 @@ async def test_a_failed_handshake_is_a_broken_resource_with_the_reason(pki: PKI)
 
 async def socket_tls_pair(pki: PKI, version: TLSVersion) -> tuple[TLSStream, SocketTLSStream]:
     """Client over memory BIOs, server bound to its socket (the fast path)."""
-    server_tls = build_server_tls(
-        TLSConfig(certs=[{"cert": pki.a.cert, "key": pki.a.key}], min_version=version),
-        session_id=b"test",
-        key_path="tls",
-    )
-    backend = BackendTLS(pki.ca_file, server_name=None, key_path="backend_ca")
-    if version is TLSVersion.TLS1_2:
-        backend.context.set_max_proto_version(SSL.TLS1_2_VERSION)
+    server_tls, backend = tls_ends(pki, version)
     left, right = trio.socket.socketpair()
     client_transport, server_transport = trio.SocketStream(left), trio.SocketStream(right)
     connection, _ = backend.connection("a.example")
