@@ -533,6 +533,10 @@ class TLSStream(trio.abc.HalfCloseableStream):
             await trio.lowlevel.checkpoint()
             return
         self._eof_sent = True
+        await self._close_notify()
+
+    async def _close_notify(self) -> None:
+        """Write close_notify (memory BIOs: into the BIO, then flush it)."""
         try:
             self.connection.shutdown()
         except SSL.Error as exc:
@@ -672,14 +676,7 @@ class SocketTLSStream(TLSStream):
         async with self._writable:
             await trio.lowlevel.wait_writable(self._sock)
 
-    async def send_eof(self) -> None:
-        self._check_usable()
-        if self._sending:
-            raise trio.BusyResourceError("another task is sending on this TLSStream")
-        if self._eof_sent:
-            await trio.lowlevel.checkpoint()
-            return
-        self._eof_sent = True
+    async def _close_notify(self) -> None:
         while True:
             try:
                 self.connection.shutdown()
