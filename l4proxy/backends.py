@@ -15,9 +15,10 @@ import os
 import socket
 from collections.abc import Awaitable, Callable
 
+import attrs
 import trio
 
-from .addresses import Address, UnixAddress
+from .addresses import Address, TCPAddress, UnixAddress
 from .errors import UpstreamConnectError
 
 #: How the proxy dials a backend; injectable, after Go tcpproxy's ``DialContext``.
@@ -55,21 +56,37 @@ def _literal_family(host: str) -> int | None:
     return socket.AF_INET if version == 4 else socket.AF_INET6
 
 
+@attrs.frozen
+class DirectTarget:
+    """A backend at an IP literal, ready for a raw non-blocking ``connect``."""
+
+    family: int
+    sockaddr: tuple[str, int]
+    name: str  # as the access log writes it
+
+
 class BackendPool:
     """Round-robin over a listener's backends.
+
+    ``direct`` holds, when every backend is a TCP address with an IP literal, what a
+    raw ``connect`` needs for each (see :func:`connect_direct`), worked out once here.
 
     Example:
         >>> pool = BackendPool(("a", "b", "c"))  # doctest: +SKIP
         >>> pool.order(), pool.order()  # ((a, b, c), (b, c, a))
     """
 
-    __slots__ = ("_cursor", "backends")
+    __slots__ = ("_cursor", "backends", "direct")
 
     def __init__(self, backends: tuple[Address, ...]) -> None:
         if not backends:
             raise ValueError("a backend pool needs at least one backend")
         self.backends = backends
         self._cursor = 0
+        targets = [_direct_target(address) for address in backends]
+        self.direct: tuple[DirectTarget, ...] | None = (
+            tuple(t for t in targets if t is not None) if None not in targets else None
+        )
 
     def order(self) -> tuple[Address, ...]:
         """The backends in the order this connection should try them."""
@@ -78,6 +95,70 @@ class BackendPool:
         if start == 0:
             return self.backends
         return self.backends[start:] + self.backends[:start]
+
+    def direct_order(self) -> tuple[DirectTarget, ...]:
+        """Like :meth:`order`, for pools with ``direct`` targets (same cursor)."""
+        assert self.direct is not None
+        start = self._cursor
+        self._cursor = (start + 1) % len(self.direct)
+        if start == 0:
+            return self.direct
+        return self.direct[start:] + self.direct[:start]
+
+
+def _direct_target(address: Address) -> DirectTarget | None:
+    if not isinstance(address, TCPAddress) or address.host is None:
+        return None
+    family = _literal_family(address.host)
+    if family is None:
+        return None
+    return DirectTarget(family, (address.host, address.port), str(address))
+
+
+async def connect_direct(
+    pool: BackendPool, *, attempt_seconds: float
+) -> tuple[socket.socket, DirectTarget]:
+    """:func:`connect_pool` for a pool of IP literals, without trio's socket wrappers.
+
+    One non-blocking ``connect`` per attempt and a wait for writability: the plain-TCP
+    fast path's way, a good deal cheaper per connection than a ``trio.SocketStream``.
+
+    Returns:
+        A connected non-blocking socket (``TCP_NODELAY`` set) and its target.
+
+    Error handling:
+        As :func:`connect_pool`: each backend at most once, then
+        :class:`~l4proxy.errors.UpstreamConnectError` listing each and why.
+    """
+    attempts: list[tuple[str, str]] = []
+    for target in pool.direct_order():
+        sock = socket.socket(target.family, _NONBLOCKING_STREAM)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            failure = sock.connect_ex(target.sockaddr)
+            if failure == errno.EINPROGRESS:
+                failure = -1
+                with trio.move_on_after(attempt_seconds):
+                    await trio.lowlevel.wait_writable(sock)
+                    failure = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        except BaseException:
+            sock.close()
+            raise
+        if failure == 0:
+            return sock, target
+        sock.close()
+        attempts.append(
+            (
+                target.name,
+                f"timed out after {attempt_seconds:g}s"
+                if failure < 0
+                else os.strerror(failure).lower(),
+            )
+        )
+    raise UpstreamConnectError(tuple(attempts))
+
+
+_NONBLOCKING_STREAM = socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
 
 
 async def connect_pool(

@@ -31,7 +31,7 @@ from typing import Literal
 import attrs
 import trio
 
-from .splice import PipePool, splice_both_ways
+from .splice import PipePool, splice_pump
 
 #: Largest read per direction, and so the most bytes the proxy buffers per direction.
 CHUNK_SIZE = 65536
@@ -81,13 +81,19 @@ async def pump(
         Does not close either stream; the caller owns both and must close them, which
         is also how a failure on one side reaches the other.
     """
+    if (
+        pipes is not None
+        and type(client) is trio.SocketStream
+        and type(backend) is trio.SocketStream
+    ):
+        return await splice_pump(client.socket, backend.socket, transfer, pipes, idle_seconds)
     deadline = trio.current_time() + idle_seconds if idle_seconds > 0 else math.inf
     state = _Splice(trio.CancelScope(deadline=deadline), idle_seconds, transfer)
     if idle_seconds > 0:
         with state.idle_scope:
-            await _both_ways(client, backend, state, pipes)
+            await _both_ways(client, backend, state)
     else:  # no deadline to keep: skip entering the scope (per-connection cost)
-        await _both_ways(client, backend, state, pipes)
+        await _both_ways(client, backend, state)
     if state.broken is not None:
         return "error:client_reset" if state.broken == "client" else "error:backend_reset"
     if state.idle_scope.cancelled_caught:
@@ -95,18 +101,7 @@ async def pump(
     return "ok"
 
 
-async def _both_ways(
-    client: trio.abc.Stream, backend: trio.abc.Stream, state: _Splice, pipes: PipePool | None
-) -> None:
-    if (
-        pipes is not None
-        and type(client) is trio.SocketStream
-        and type(backend) is trio.SocketStream
-    ):
-        state.broken = await splice_both_ways(
-            client, backend, state.transfer, pipes, state.idle_scope, state.idle_seconds
-        )
-        return
+async def _both_ways(client: trio.abc.Stream, backend: trio.abc.Stream, state: _Splice) -> None:
     async with trio.open_nursery() as nursery:
         # One task per connection fewer: this task copies client -> backend itself.
         nursery.start_soon(_backend_to_client, backend, client, state, nursery.cancel_scope)

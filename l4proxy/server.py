@@ -32,7 +32,7 @@ from . import splice
 from .accesslog import FileSink, LoggerSink
 from .addresses import Address, TCPAddress, UnixAddress
 from .backends import BackendPool, Connector, open_connection
-from .connection import ListenerRuntime, serve_connection
+from .connection import ListenerRuntime, serve_connection, serve_socket
 from .errors import ConfigError, ListenError
 from .routing import Router
 from .tls import BackendTLS, build_server_tls
@@ -50,6 +50,17 @@ ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, er
 ACCEPT_BACKOFF_MIN = 0.005
 ACCEPT_BACKOFF_MAX = 0.25
 ACCEPT_RECOVERY_QUIET = 1.0
+#: accept() errors that concern only the connection being accepted: take the next one.
+ACCEPT_SKIP_ERRNOS = frozenset(
+    getattr(errno, name)
+    for name in ("ECONNABORTED", "EPROTO", "EPERM", "ENETDOWN", "ENOPROTOOPT", "EHOSTDOWN",
+                 "ENONET", "EHOSTUNREACH", "EOPNOTSUPP", "ENETUNREACH", "ETIMEDOUT", "ECONNRESET")
+    if hasattr(errno, name)
+)  # fmt: skip
+#: Connections taken per wake-up of an accept loop before letting other tasks run.
+ACCEPT_BATCH = 32
+#: Listen backlog; the kernel caps it at net.core.somaxconn.
+LISTEN_BACKLOG = 0xFFFF
 
 
 @attrs.frozen
@@ -78,7 +89,7 @@ class _Serving:
     name: str
     accept_scope: trio.CancelScope
     drain_scope: trio.CancelScope
-    listeners: list[trio.SocketListener]
+    listeners: list[socket.socket]
 
 
 class Proxy:
@@ -169,8 +180,19 @@ class Proxy:
                     key_path=f"listeners[{index}].backend_ca",
                 )
             pipes = self._pipes if listener.splice and splice.AVAILABLE else None
+            default = router.match(None, ())
+            direct = (
+                default.pool
+                if default is not None
+                and default.pool.direct is not None
+                and pipes is not None
+                and not listener.inspects_tls
+                and backend_tls is None
+                and self._connect is open_connection
+                else None
+            )
             runtimes[listener.name] = ListenerRuntime(
-                listener, router, sink, server_tls, backend_tls, pipes
+                listener, router, sink, server_tls, backend_tls, pipes, direct
             )
         return runtimes
 
@@ -333,7 +355,7 @@ class Proxy:
                     f"access_log: cannot open {sink.path!r}: {exc.strerror or exc}"
                 ) from exc
 
-    async def _run_listener(self, serving: _Serving, listeners: list[trio.SocketListener]) -> None:
+    async def _run_listener(self, serving: _Serving, listeners: list[socket.socket]) -> None:
         with serving.drain_scope:
             async with trio.open_nursery() as handlers:
                 with serving.accept_scope:
@@ -352,9 +374,13 @@ class Proxy:
                     )
 
     async def _accept_loop(
-        self, listener: trio.SocketListener, name: str, handlers: trio.Nursery
+        self, listener: socket.socket, name: str, handlers: trio.Nursery
     ) -> None:
         """Accept forever; out-of-descriptor errors back off instead of spinning or dying.
+
+        Accepts in batches: after a wake-up, every waiting connection is taken before
+        waiting again (with a checkpoint every :data:`ACCEPT_BATCH`, so a flood cannot
+        starve the connections already running).
 
         An "episode" of capacity errors is logged once when it starts and once when it
         ends, i.e. when an accept succeeds after ACCEPT_RECOVERY_QUIET seconds without
@@ -363,12 +389,20 @@ class Proxy:
         backoff = 0.0
         failures = 0
         last_failure = -math.inf
+        accepted = 0
+        accept = listener.accept
         while True:
+            # The waits stay outside the except blocks (no exception kept alive).
+            delay = 0.0
             try:
-                stream = await listener.accept()
-            except trio.ClosedResourceError:
-                return  # close() closed the socket
+                sock, peer = accept()
+            except BlockingIOError:
+                sock = None
             except OSError as exc:
+                if listener.fileno() == -1:
+                    return  # close() closed the socket
+                if exc.errno in ACCEPT_SKIP_ERRNOS:
+                    continue  # that connection died in the backlog: take the next
                 if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
                     raise
                 if not failures:
@@ -379,7 +413,16 @@ class Proxy:
                 failures += 1
                 last_failure = trio.current_time()
                 backoff = min(max(backoff * 2, ACCEPT_BACKOFF_MIN), ACCEPT_BACKOFF_MAX)
-                await trio.sleep(backoff)
+                sock, delay = None, backoff
+            if sock is None:
+                accepted = 0
+                if delay:
+                    await trio.sleep(delay)
+                    continue
+                try:
+                    await trio.lowlevel.wait_readable(listener)
+                except trio.ClosedResourceError:
+                    return  # close() closed the socket
                 continue
             if failures and trio.current_time() - last_failure >= ACCEPT_RECOVERY_QUIET:
                 LOGGER.warning(
@@ -390,45 +433,49 @@ class Proxy:
                 backoff = 0.0
             # Positional arguments and no wrapper coroutine: one frame less per connection.
             handlers.start_soon(
-                serve_connection,
-                stream,
+                serve_socket,
+                sock,
                 self._runtimes[name],
-                _peer_name(stream),
+                _peer_name(peer),
                 next(self._ids),
                 self._connect,
                 self._is_draining,
             )
+            accepted += 1
+            if accepted >= ACCEPT_BATCH:
+                accepted = 0
+                await trio.lowlevel.checkpoint()
 
     def _is_draining(self) -> bool:
         return self._draining
 
 
-def _peer_name(stream: trio.SocketStream) -> str:
-    try:
-        peer = stream.socket.getpeername()
-    except OSError:
-        return "-"
+def _peer_name(peer: object) -> str:
+    """How the access log names a client, from the address ``accept`` returned."""
     if isinstance(peer, tuple):
         host, port = peer[0], peer[1]
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if isinstance(peer, bytes):
+        peer = os.fsdecode(peer)
     return f"unix:{peer}" if peer else "unix"
 
 
-def _bound_address(listener: trio.SocketListener) -> Address:
-    sockname = listener.socket.getsockname()
+def _bound_address(listener: socket.socket) -> Address:
+    sockname = listener.getsockname()
     if isinstance(sockname, tuple):
         return TCPAddress(sockname[0], sockname[1])
     return UnixAddress(sockname if isinstance(sockname, str) else os.fsdecode(sockname))
 
 
-def _close_listener(listener: trio.SocketListener) -> None:
+def _close_listener(listener: socket.socket) -> None:
     """Close now, synchronously: it runs in ``finally`` blocks while cancelled, where
-    any checkpoint would raise before the remaining listeners were closed."""
-    sock = listener.socket
-    if sock.fileno() == -1:
+    any checkpoint would raise before the remaining listeners were closed. An accept
+    loop waiting on it wakes with ``ClosedResourceError`` and returns."""
+    if listener.fileno() == -1:
         return
-    path = sock.getsockname() if sock.family == socket.AF_UNIX else None
-    sock.close()
+    path = listener.getsockname() if listener.family == socket.AF_UNIX else None
+    trio.lowlevel.notify_closing(listener)
+    listener.close()
     if isinstance(path, str) and path:
         with contextlib.suppress(OSError):
             os.unlink(path)
@@ -436,12 +483,12 @@ def _close_listener(listener: trio.SocketListener) -> None:
 
 async def _bind_all(
     listeners: Iterable[ListenerConfig], *, reuse_port: bool = False
-) -> list[tuple[str, list[trio.SocketListener]]]:
+) -> list[tuple[str, list[socket.socket]]]:
     """Bind every address of every listener, or none: on failure, close what was bound."""
-    opened: list[tuple[str, list[trio.SocketListener]]] = []
+    opened: list[tuple[str, list[socket.socket]]] = []
     try:
         for config in listeners:
-            sockets: list[trio.SocketListener] = []
+            sockets: list[socket.socket] = []
             opened.append((config.name, sockets))
             for address in config.listen:
                 try:
@@ -459,43 +506,53 @@ async def _bind_all(
     return opened
 
 
-async def _bind(address: Address, *, reuse_port: bool = False) -> list[trio.SocketListener]:
+async def _bind(address: Address, *, reuse_port: bool = False) -> list[socket.socket]:
     if isinstance(address, TCPAddress):
-        if reuse_port:
-            return await _bind_tcp_reuse_port(address)
-        return await trio.open_tcp_listeners(address.port, host=address.host)
+        return await _bind_tcp(address, reuse_port=reuse_port)
     return [await _bind_unix(address.path)]
 
 
-async def _bind_tcp_reuse_port(address: TCPAddress) -> list[trio.SocketListener]:
-    """Like ``trio.open_tcp_listeners``, plus ``SO_REUSEPORT``: several worker processes
-    bind the same address and the kernel spreads new connections across them."""
+async def _bind_tcp(address: TCPAddress, *, reuse_port: bool) -> list[socket.socket]:
+    """Like ``trio.open_tcp_listeners`` (every address the host resolves to; no host is
+    every interface, IPv4 and IPv6), with plain non-blocking sockets for the accept
+    loop, and ``SO_REUSEPORT`` when asked so several worker processes bind the same
+    address and the kernel spreads new connections across them."""
     infos = await trio.socket.getaddrinfo(
         address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
     )
-    listeners: list[trio.SocketListener] = []
+    listeners: list[socket.socket] = []
+    unsupported: list[OSError] = []
     try:
         for family, kind, proto, _, sockaddr in dict.fromkeys(infos):
-            sock = trio.socket.socket(family, kind, proto)
+            try:
+                sock = socket.socket(family, kind | socket.SOCK_NONBLOCK, proto)
+            except OSError as exc:
+                if exc.errno != errno.EAFNOSUPPORT:
+                    raise
+                unsupported.append(exc)
+                continue
             try:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                if reuse_port:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
                 if family == socket.AF_INET6:
                     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                await sock.bind(sockaddr)
-                sock.listen(socket.SOMAXCONN)
+                sock.bind(sockaddr)
+                sock.listen(LISTEN_BACKLOG)
             except BaseException:
                 sock.close()
                 raise
-            listeners.append(trio.SocketListener(sock))
+            listeners.append(sock)
     except BaseException:
         for listener in listeners:
-            _close_listener(listener)
+            listener.close()
         raise
+    if unsupported and not listeners:
+        raise unsupported[0]
     return listeners
 
 
-async def _bind_unix(path: str) -> trio.SocketListener:
+async def _bind_unix(path: str) -> socket.socket:
     """Bind a Unix socket, replacing a stale socket file nobody listens on."""
     try:
         mode = os.lstat(path).st_mode
@@ -507,14 +564,14 @@ async def _bind_unix(path: str) -> trio.SocketListener:
         if await _unix_socket_in_use(path):
             raise OSError(errno.EADDRINUSE, "address already in use")
         os.unlink(path)
-    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
     try:
-        await sock.bind(path)
-        sock.listen(socket.SOMAXCONN)
+        sock.bind(path)
+        sock.listen(LISTEN_BACKLOG)
     except BaseException:
         sock.close()
         raise
-    return trio.SocketListener(sock)
+    return sock
 
 
 async def _unix_socket_in_use(path: str) -> bool:

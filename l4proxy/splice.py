@@ -26,13 +26,22 @@ import contextlib
 import fcntl
 import os
 import socket
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import attrs
 import trio
 
 if TYPE_CHECKING:
-    from .pump import Transfer
+    from .pump import Outcome, Transfer
+
+
+class SpliceSocket(Protocol):
+    """What splicing needs of a socket: a standard-library or a trio socket."""
+
+    def fileno(self) -> int: ...
+
+    def shutdown(self, how: int, /) -> None: ...
+
 
 #: Bytes moved per splice call, and the pipe's capacity (the most held in flight).
 PIPE_SIZE = 256 * 1024
@@ -87,25 +96,43 @@ class _Broken(Exception):
         self.side = side
 
 
-async def splice_both_ways(
-    client: trio.SocketStream,
-    backend: trio.SocketStream,
+async def splice_pump(
+    client: SpliceSocket,
+    backend: SpliceSocket,
     transfer: Transfer,
     pool: PipePool,
-    idle_scope: trio.CancelScope,
-    idle_seconds: float,
-) -> Literal["client", "backend"] | None:
-    """Move bytes both ways until both directions reached EOF or one side broke.
+    idle_seconds: float = 0.0,
+) -> Outcome:
+    """Move bytes both ways until both directions reached EOF, one side broke, or the
+    link went idle; the same contract as :func:`l4proxy.pump.pump`.
 
-    Returns:
-        ``None`` when both directions ended with EOF, else the side that failed.
+    ``client`` and ``backend`` are connected, non-blocking sockets: the standard
+    library's (the plain-TCP fast path) or trio's (``SocketStream.socket``).
+
+    Resource handling:
+        Closes neither socket; the caller must close both right after, which also sends
+        the last FIN: the direction that ends second skips its ``shutdown``.
     """
+    state = _State(transfer, pool, idle_seconds)
+    if idle_seconds > 0:
+        state.idle_scope = trio.CancelScope(deadline=trio.current_time() + idle_seconds)
+        with state.idle_scope:
+            await _both_ways(client, backend, state)
+        if state.broken is None and state.idle_scope.cancelled_caught:
+            return "idle_timeout"
+    else:  # no deadline to keep: no scope to enter (per-connection cost)
+        await _both_ways(client, backend, state)
+    if state.broken is not None:
+        return "error:client_reset" if state.broken == "client" else "error:backend_reset"
+    return "ok"
+
+
+async def _both_ways(client: SpliceSocket, backend: SpliceSocket, state: _State) -> None:
     async with trio.open_nursery() as nursery:
-        state = _State(transfer, pool, idle_scope, idle_seconds, nursery.cancel_scope)
-        # No closures: an idle connection keeps as few frames alive as possible.
+        state.both = nursery.cancel_scope
+        # No closures: an idle connection keeps as few objects alive as possible.
         nursery.start_soon(_direction, backend, client, state, False)
         await _direction(client, backend, state, True)  # in this task: one task fewer
-    return state.broken
 
 
 @attrs.define(slots=True, eq=False)
@@ -114,64 +141,74 @@ class _State:
 
     transfer: Transfer
     pool: PipePool
-    idle_scope: trio.CancelScope
     idle_seconds: float
-    both: trio.CancelScope
+    idle_scope: trio.CancelScope | None = None
+    both: trio.CancelScope | None = None
     broken: Literal["client", "backend"] | None = None
+    finished: int = 0  # directions that reached EOF
 
 
-async def _direction(
-    src: trio.SocketStream, dst: trio.SocketStream, state: _State, to_backend: bool
-) -> None:
-    src_name: Literal["client", "backend"] = "client" if to_backend else "backend"
-    dst_name: Literal["client", "backend"] = "backend" if to_backend else "client"
-    src_fd, dst_fd = src.socket.fileno(), dst.socket.fileno()
+async def _direction(src: SpliceSocket, dst: SpliceSocket, state: _State, to_backend: bool) -> None:
+    src_fd, dst_fd = src.fileno(), dst.fileno()
     transfer, pool, idle_scope, idle_seconds = (
         state.transfer,
         state.pool,
         state.idle_scope,
         state.idle_seconds,
     )
+    # Awaits stay outside ``except`` blocks: a task waiting inside one keeps the
+    # exception and its traceback alive, ~0.5 KiB per idle direction.
+    chunks_without_wait = 0
     try:
         while True:
             pipe = pool.acquire()
             try:
                 in_pipe = os.splice(src_fd, pipe[1], PIPE_SIZE, flags=_FLAGS)
             except BlockingIOError:
-                pool.release(pipe, empty=True)  # never hold a pipe while waiting
-                await trio.lowlevel.wait_readable(src.socket)
-                continue
+                in_pipe = -1
             except OSError as exc:
                 pool.release(pipe, empty=True)
-                raise _Broken(src_name) from exc
-            if in_pipe == 0:
-                pool.release(pipe, empty=True)
-                break  # EOF
+                raise _Broken("client" if to_backend else "backend") from exc
+            if in_pipe <= 0:
+                pool.release(pipe, empty=True)  # never hold a pipe while waiting
+                if in_pipe == 0:
+                    break  # EOF
+                chunks_without_wait = 0
+                await trio.lowlevel.wait_readable(src_fd)
+                continue
             try:
                 while in_pipe:
                     try:
                         moved = os.splice(pipe[0], dst_fd, in_pipe, flags=_FLAGS)
                     except BlockingIOError:
-                        await trio.lowlevel.wait_writable(dst.socket)
-                        continue
+                        moved = -1
                     except OSError as exc:
-                        raise _Broken(dst_name) from exc
+                        raise _Broken("backend" if to_backend else "client") from exc
+                    if moved < 0:
+                        chunks_without_wait = 0
+                        await trio.lowlevel.wait_writable(dst_fd)
+                        continue
                     in_pipe -= moved
                     if to_backend:
                         transfer.to_backend += moved
                     else:
                         transfer.to_client += moved
-                    if idle_seconds:
+                    if idle_scope is not None:
                         idle_scope.deadline = trio.current_time() + idle_seconds
             finally:
                 pool.release(pipe, empty=in_pipe == 0)
-            await trio.lowlevel.checkpoint()  # fairness, and a cancellation point per chunk
-        try:
-            dst.socket.shutdown(socket.SHUT_WR)
-        except OSError as exc:
-            raise _Broken(dst_name) from exc
-        await trio.lowlevel.checkpoint()
+            chunks_without_wait += 1
+            if chunks_without_wait > 1:  # a busy stream still lets others run
+                chunks_without_wait = 0
+                await trio.lowlevel.checkpoint()
+        state.finished += 1
+        if state.finished == 1:  # the other way is still open: pass the EOF on
+            try:
+                dst.shutdown(socket.SHUT_WR)
+            except OSError as exc:
+                raise _Broken("backend" if to_backend else "client") from exc
     except _Broken as failure:
         if state.broken is None:
             state.broken = failure.side
+        assert state.both is not None
         state.both.cancel()
