@@ -32,7 +32,7 @@ from .backends import (
 from .clienthello import DEFAULT_LIMIT, ClientHello, next_size, parse_client_hello
 from .errors import ClientHelloError, L4ProxyError, UpstreamConnectError
 from .pump import Transfer, pump
-from .splice import splice_pump
+from .splice import SpliceLink
 from .tls import ALERT_UNRECOGNIZED_NAME, ClientCertificateRejected, SocketTLSStream, TLSStream
 
 if TYPE_CHECKING:
@@ -44,6 +44,15 @@ if TYPE_CHECKING:
     from .tls import BackendTLS, ServerTLS
 
 LOGGER = logging.getLogger("l4proxy.connection")
+
+
+class LiveCount:
+    """Connections of one listener that are open right now (kept across reloads)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
 
 
 @attrs.frozen(eq=False)
@@ -58,6 +67,7 @@ class ListenerRuntime:
     pipes: PipePool | None = None  # zero-copy splice for plain TCP, when enabled
     #: The plain-TCP fast path's pool (see :func:`serve_socket`), when it applies.
     direct: BackendPool | None = None
+    live: LiveCount = attrs.field(factory=LiveCount)
 
 
 @attrs.define(slots=True, eq=False)
@@ -109,6 +119,7 @@ class _Contained:
 
 
 def _write_access(listener: ListenerRuntime, state: _Connection, is_draining: bool) -> None:
+    listener.live.value -= 1
     if state.outcome is None:
         state.outcome = "drained" if is_draining else "cancelled"
     config = listener.config
@@ -167,6 +178,7 @@ async def serve_connection(
     state = _Connection(
         id=connection_id, client=client, started_wall=time.time(), started=trio.current_time()
     )
+    listener.live.value += 1
     try:
         with _Contained(state, listener.config.name):
             async with stream:
@@ -189,30 +201,40 @@ async def serve_socket(
     connection_id: int,
     connect: Connector,
     is_draining: Callable[[], bool],
+    nursery: trio.Nursery,
 ) -> None:
     """Proxy one accepted socket: the plain-TCP fast path when it applies, else
     :func:`serve_connection` on a ``trio.SocketStream``.
 
     The fast path is for plain listeners whose backends are IP literals, with splice
-    on and the default connector: no stream wrappers, a raw non-blocking ``connect``
-    (:func:`~l4proxy.backends.connect_direct`) and :func:`~l4proxy.splice.splice_pump`
-    on the two sockets. It keeps every behaviour of the general path (failover,
-    timeouts, half-close, outcomes, the access line) at about half the CPU per
-    connection (docs/performance.md).
+    on, no backend TLS and the default connector: no stream wrappers, a raw
+    non-blocking ``connect`` (:func:`~l4proxy.backends.connect_direct`), and a
+    :class:`~l4proxy.splice.SpliceLink` whose second direction runs as a sibling task
+    in ``nursery`` (the listener's), the last direction to end closing both sockets
+    and writing the access line. It keeps every behaviour of the general path
+    (failover, timeouts, half-close, outcomes, the access line) at about half the CPU
+    per connection (docs/performance.md).
 
     Resource handling:
-        Closes ``sock`` on every path, cancellation included.
+        ``sock`` is closed on every path, cancellation included.
     """
     pool = listener.direct
     if pool is None or listener.pipes is None or connect is not open_connection:
         stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
         await serve_connection(stream, listener, client, connection_id, connect, is_draining)
         return
-    state = _Connection(
-        id=connection_id, client=client, started_wall=time.time(), started=trio.current_time()
+    state = _Spliced(
+        id=connection_id,
+        client=client,
+        started_wall=time.time(),
+        started=trio.current_time(),
+        runtime=listener,
+        is_draining=is_draining,
     )
+    listener.live.value += 1
     config = listener.config
     backend = None
+    linked = False
     try:
         with _Contained(state, config.name):
             sock.setblocking(False)
@@ -224,16 +246,40 @@ async def serve_socket(
                 state.fail("connect_failed", _attempts(exc))
                 return
             state.backend = target.name
-            state.outcome = await splice_pump(
-                sock, backend, state, listener.pipes, config.idle_timeout
+            link = SpliceLink(
+                sock, backend, state, listener.pipes, config.idle_timeout, state.link_done
             )
+            nursery.start_soon(link.run, False)
+            linked = True
+            await link.run(True)
     finally:
-        # No task waits on either socket any more (the pump's nursery has exited), so
-        # a plain close is safe: trio holds no registration for them.
-        sock.close()
-        if backend is not None:
-            backend.close()
-        _write_access(listener, state, is_draining())
+        if not linked:  # else the link's last direction finishes the connection
+            sock.close()
+            if backend is not None:
+                backend.close()
+            _write_access(listener, state, is_draining())
+
+
+@attrs.define(slots=True, eq=False)
+class _Spliced(_Connection):
+    """A fast-path connection: its access line, and what its last direction needs to
+    finish it (:meth:`link_done`, a bound method rather than a closure)."""
+
+    runtime: ListenerRuntime | None = None
+    is_draining: Callable[[], bool] | None = None
+
+    def link_done(self, link: SpliceLink) -> None:
+        """Close both sockets and write the access line; runs in a ``finally``."""
+        assert self.runtime is not None
+        assert self.is_draining is not None
+        if not link.closed:  # both directions have returned: nobody waits on them
+            link.client.close()
+            link.backend.close()
+        if link.error is not None:
+            _judge(link.error, self, self.runtime.config.name)
+        else:
+            self.outcome = link.outcome
+        _write_access(self.runtime, self, self.is_draining())
 
 
 def _attempts(exc: UpstreamConnectError) -> str:

@@ -32,7 +32,7 @@ from . import splice
 from .accesslog import FileSink, LoggerSink
 from .addresses import Address, TCPAddress, UnixAddress
 from .backends import BackendPool, Connector, open_connection
-from .connection import ListenerRuntime, serve_connection, serve_socket
+from .connection import ListenerRuntime, LiveCount, serve_connection, serve_socket
 from .errors import ConfigError, ListenError
 from .routing import Router
 from .tls import BackendTLS, build_server_tls
@@ -132,6 +132,7 @@ class Proxy:
             if access_stream is None
             else FileSink(getattr(access_stream, "name", "<stream>"), stream=access_stream)
         )
+        self._live: dict[str, LiveCount] = {}
         self._runtimes = self._build_runtimes(config)
         self._serving: list[_Serving] = []
         self._is_serving = False
@@ -192,7 +193,14 @@ class Proxy:
                 else None
             )
             runtimes[listener.name] = ListenerRuntime(
-                listener, router, sink, server_tls, backend_tls, pipes, direct
+                listener,
+                router,
+                sink,
+                server_tls,
+                backend_tls,
+                pipes,
+                direct,
+                self._live.setdefault(listener.name, LiveCount()),
             )
         return runtimes
 
@@ -366,12 +374,9 @@ class Proxy:
                             )
                 for listener in listeners:
                     _close_listener(listener)
-                if handlers.child_tasks:
-                    LOGGER.info(
-                        "listener %r: draining %d connections",
-                        serving.name,
-                        len(handlers.child_tasks),
-                    )
+                live = self._live[serving.name].value
+                if live:
+                    LOGGER.info("listener %r: draining %d connections", serving.name, live)
 
     async def _accept_loop(
         self, listener: socket.socket, name: str, handlers: trio.Nursery
@@ -440,6 +445,7 @@ class Proxy:
                 next(self._ids),
                 self._connect,
                 self._is_draining,
+                handlers,
             )
             accepted += 1
             if accepted >= ACCEPT_BATCH:

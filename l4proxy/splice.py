@@ -14,6 +14,16 @@ empty, so an idle connection holds no pipe (two descriptors fewer per connection
 direction). The pipe is the only buffer: at most :data:`PIPE_SIZE` bytes per direction,
 whatever the peers do — the same bound as the generic pump's chunk.
 
+A :class:`SpliceLink` is one connection: its two directions run as two tasks, each
+calling :meth:`SpliceLink.run`. They need no nursery of their own: a direction that
+fails, or whose idle deadline passes, *closes both sockets* (``notify_closing`` first),
+which wakes the other direction wherever it waits, and every wait is followed by a
+look at the link's ``closed`` flag, so a direction never touches a descriptor number
+after the close (it may already belong to another connection). The fast path
+(:func:`l4proxy.connection.serve_socket`) runs the second direction as a sibling task
+in the listener's nursery, which saves a nursery per connection; :func:`splice_pump`
+runs both in a nursery of its own for callers holding trio streams.
+
 Every behaviour of the generic pump holds and is tested against both: half-close (EOF
 becomes ``shutdown(SHUT_WR)`` on the other socket, the other direction keeps flowing),
 resets end both directions, the idle deadline moves with every chunk, byte counts are
@@ -28,10 +38,11 @@ import os
 import socket
 from typing import TYPE_CHECKING, Literal, Protocol
 
-import attrs
 import trio
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from .pump import Outcome, Transfer
 
 
@@ -41,6 +52,8 @@ class SpliceSocket(Protocol):
     def fileno(self) -> int: ...
 
     def shutdown(self, how: int, /) -> None: ...
+
+    def close(self) -> None: ...
 
 
 #: Bytes moved per splice call, and the pipe's capacity (the most held in flight).
@@ -106,60 +119,136 @@ async def splice_pump(
     """Move bytes both ways until both directions reached EOF, one side broke, or the
     link went idle; the same contract as :func:`l4proxy.pump.pump`.
 
-    ``client`` and ``backend`` are connected, non-blocking sockets: the standard
-    library's (the plain-TCP fast path) or trio's (``SocketStream.socket``).
+    ``client`` and ``backend`` are connected, non-blocking sockets (here trio's, from
+    ``SocketStream.socket``).
 
     Resource handling:
-        Closes neither socket; the caller must close both right after, which also sends
+        Closes both sockets when a side failed or the link went idle (which is how the
+        other direction is stopped); otherwise the caller closes them, which also sends
         the last FIN: the direction that ends second skips its ``shutdown``.
     """
-    state = _State(transfer, pool, idle_seconds)
-    if idle_seconds > 0:
-        state.idle_scope = trio.CancelScope(deadline=trio.current_time() + idle_seconds)
-        with state.idle_scope:
-            await _both_ways(client, backend, state)
-        if state.broken is None and state.idle_scope.cancelled_caught:
-            return "idle_timeout"
-    else:  # no deadline to keep: no scope to enter (per-connection cost)
-        await _both_ways(client, backend, state)
-    if state.broken is not None:
-        return "error:client_reset" if state.broken == "client" else "error:backend_reset"
-    return "ok"
-
-
-async def _both_ways(client: SpliceSocket, backend: SpliceSocket, state: _State) -> None:
+    link = SpliceLink(client, backend, transfer, pool, idle_seconds)
     async with trio.open_nursery() as nursery:
-        state.both = nursery.cancel_scope
-        # No closures: an idle connection keeps as few objects alive as possible.
-        nursery.start_soon(_direction, backend, client, state, False)
-        await _direction(client, backend, state, True)  # in this task: one task fewer
+        nursery.start_soon(link.run, False)
+        await link.run(True)
+    if link.error is not None:
+        raise link.error
+    outcome = link.outcome
+    assert outcome is not None  # both directions ran to their end
+    return outcome
 
 
-@attrs.define(slots=True, eq=False)
-class _State:
-    """What both directions of one connection share."""
+class SpliceLink:
+    """Both directions of one spliced connection, and how they ended.
 
-    transfer: Transfer
-    pool: PipePool
-    idle_seconds: float
-    idle_scope: trio.CancelScope | None = None
-    both: trio.CancelScope | None = None
-    broken: Literal["client", "backend"] | None = None
-    finished: int = 0  # directions that reached EOF
+    Two tasks each call :meth:`run` (one per direction); the one that finishes second
+    calls ``on_done(link)``, also when they were cancelled, so the owner can close the
+    sockets and log the connection without a nursery of its own. ``on_done`` runs in a
+    ``finally`` block: it must not await.
+    """
 
-
-async def _direction(src: SpliceSocket, dst: SpliceSocket, state: _State, to_backend: bool) -> None:
-    src_fd, dst_fd = src.fileno(), dst.fileno()
-    transfer, pool, idle_scope, idle_seconds = (
-        state.transfer,
-        state.pool,
-        state.idle_scope,
-        state.idle_seconds,
+    __slots__ = (
+        "_on_done",
+        "backend",
+        "broken",
+        "client",
+        "closed",
+        "error",
+        "finished",
+        "idle_expired",
+        "idle_scopes",
+        "idle_seconds",
+        "pool",
+        "running",
+        "transfer",
     )
-    # Awaits stay outside ``except`` blocks: a task waiting inside one keeps the
-    # exception and its traceback alive, ~0.5 KiB per idle direction.
-    chunks_without_wait = 0
-    try:
+
+    def __init__(
+        self,
+        client: SpliceSocket,
+        backend: SpliceSocket,
+        transfer: Transfer,
+        pool: PipePool,
+        idle_seconds: float = 0.0,
+        on_done: Callable[[SpliceLink], None] | None = None,
+    ) -> None:
+        self.client, self.backend = client, backend
+        self.transfer, self.pool, self.idle_seconds = transfer, pool, idle_seconds
+        self._on_done = on_done
+        self.idle_scopes: list[trio.CancelScope] = []
+        self.running = 2  # directions not yet returned
+        self.finished = 0  # directions that reached EOF
+        self.closed = False
+        self.idle_expired = False
+        self.broken: Literal["client", "backend"] | None = None
+        self.error: Exception | None = None  # something unexpected ended it
+
+    @property
+    def outcome(self) -> Outcome | None:
+        """How it ended; ``None`` while running or when cancelled."""
+        if self.broken is not None:
+            return "error:client_reset" if self.broken == "client" else "error:backend_reset"
+        if self.idle_expired:
+            return "idle_timeout"
+        return "ok" if self.finished == 2 else None
+
+    def close(self) -> None:
+        """Close both sockets, waking a direction that waits on either."""
+        self.closed = True
+        for sock in (self.client, self.backend):
+            if sock.fileno() != -1:
+                trio.lowlevel.notify_closing(sock)
+                sock.close()
+
+    async def run(self, to_backend: bool) -> None:
+        """Move one direction until EOF, failure, idleness or cancellation.
+
+        Error handling:
+            Failures of either side end both directions and show in :attr:`outcome`;
+            anything unexpected is kept in :attr:`error` (never raised: this may run
+            in the listener's nursery, where it would end the listener). ``Cancelled``
+            propagates.
+        """
+        try:
+            if self.idle_seconds > 0:
+                scope = trio.CancelScope(deadline=trio.current_time() + self.idle_seconds)
+                self.idle_scopes.append(scope)
+                with scope:
+                    await self._move(to_backend)
+                if scope.cancelled_caught:
+                    self.idle_expired = True
+                    self.close()
+            else:  # no deadline to keep: no scope to enter (per-connection cost)
+                await self._move(to_backend)
+        except _Broken as failure:
+            if self.broken is None and not self.closed:
+                self.broken = failure.side
+            self.close()
+        except Exception as exc:
+            if self.error is None:
+                self.error = exc
+            self.close()
+        finally:
+            self.running -= 1
+            if not self.running and self._on_done is not None:
+                self._on_done(self)
+
+    async def _move(self, to_backend: bool) -> None:
+        src, dst = (self.client, self.backend) if to_backend else (self.backend, self.client)
+        src_side: Literal["client", "backend"] = "client" if to_backend else "backend"
+        dst_side: Literal["client", "backend"] = "backend" if to_backend else "client"
+        src_fd, dst_fd = src.fileno(), dst.fileno()
+        transfer, pool, idle_scopes, idle_seconds = (
+            self.transfer,
+            self.pool,
+            self.idle_scopes,
+            self.idle_seconds,
+        )
+        # After every wait: has the other direction closed the sockets? Then the
+        # descriptor numbers may already be someone else's. Waits stay outside
+        # ``except`` blocks: a task waiting inside one keeps the exception and its
+        # traceback alive, ~0.5 KiB per idle direction.
+        chunks_without_wait = 0
         while True:
             pipe = pool.acquire()
             try:
@@ -168,13 +257,18 @@ async def _direction(src: SpliceSocket, dst: SpliceSocket, state: _State, to_bac
                 in_pipe = -1
             except OSError as exc:
                 pool.release(pipe, empty=True)
-                raise _Broken("client" if to_backend else "backend") from exc
+                raise _Broken(src_side) from exc
             if in_pipe <= 0:
                 pool.release(pipe, empty=True)  # never hold a pipe while waiting
                 if in_pipe == 0:
                     break  # EOF
                 chunks_without_wait = 0
-                await trio.lowlevel.wait_readable(src_fd)
+                try:
+                    await trio.lowlevel.wait_readable(src_fd)
+                except trio.ClosedResourceError:
+                    return
+                if self.closed:
+                    return
                 continue
             try:
                 while in_pipe:
@@ -183,32 +277,36 @@ async def _direction(src: SpliceSocket, dst: SpliceSocket, state: _State, to_bac
                     except BlockingIOError:
                         moved = -1
                     except OSError as exc:
-                        raise _Broken("backend" if to_backend else "client") from exc
+                        raise _Broken(dst_side) from exc
                     if moved < 0:
                         chunks_without_wait = 0
-                        await trio.lowlevel.wait_writable(dst_fd)
+                        try:
+                            await trio.lowlevel.wait_writable(dst_fd)
+                        except trio.ClosedResourceError:
+                            return
+                        if self.closed:
+                            return
                         continue
                     in_pipe -= moved
                     if to_backend:
                         transfer.to_backend += moved
                     else:
                         transfer.to_client += moved
-                    if idle_scope is not None:
-                        idle_scope.deadline = trio.current_time() + idle_seconds
+                    if idle_scopes:
+                        deadline = trio.current_time() + idle_seconds
+                        for scope in idle_scopes:
+                            scope.deadline = deadline
             finally:
                 pool.release(pipe, empty=in_pipe == 0)
             chunks_without_wait += 1
             if chunks_without_wait > 1:  # a busy stream still lets others run
                 chunks_without_wait = 0
                 await trio.lowlevel.checkpoint()
-        state.finished += 1
-        if state.finished == 1:  # the other way is still open: pass the EOF on
+                if self.closed:
+                    return
+        self.finished += 1
+        if self.finished == 1:  # the other way is still open: pass the EOF on
             try:
                 dst.shutdown(socket.SHUT_WR)
             except OSError as exc:
-                raise _Broken("backend" if to_backend else "client") from exc
-    except _Broken as failure:
-        if state.broken is None:
-            state.broken = failure.side
-        assert state.both is not None
-        state.both.cancel()
+                raise _Broken(dst_side) from exc
