@@ -8,8 +8,8 @@ import pytest
 import trio
 import trio.testing
 
-from l4proxy import TCPAddress, UpstreamConnectError
-from l4proxy.backends import BackendPool, connect_pool, open_connection
+from l4proxy import TCPAddress, UnixAddress, UpstreamConnectError
+from l4proxy.backends import BackendPool, connect_direct, connect_pool, open_connection
 
 from .conftest import refused_port
 
@@ -93,7 +93,8 @@ async def _close_at_once(stream: trio.SocketStream) -> None:
     await stream.aclose()
 
 
-async def test_real_connect_timeout_on_a_backend_whose_backlog_is_full() -> None:
+@contextlib.contextmanager
+def _backend_with_a_full_backlog():
     """A listener that never accepts and has a full queue drops SYNs: connects hang."""
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
@@ -107,13 +108,62 @@ async def test_real_connect_timeout_on_a_backend_whose_backlog_is_full() -> None
                 fillers.append(filler)
                 with contextlib.suppress(BlockingIOError):
                     filler.connect(("127.0.0.1", port))
-            with pytest.raises(UpstreamConnectError) as info:
-                await connect_pool(
-                    BackendPool((TCPAddress("127.0.0.1", port),)),
-                    open_connection,
-                    attempt_seconds=0.3,
-                )
-            assert info.value.attempts == (("127.0.0.1:" + str(port), "timed out after 0.3s"),)
+            yield port
         finally:
             for filler in fillers:
                 filler.close()
+
+
+async def test_real_connect_timeout_on_a_backend_whose_backlog_is_full() -> None:
+    with _backend_with_a_full_backlog() as port:
+        with pytest.raises(UpstreamConnectError) as info:
+            await connect_pool(
+                BackendPool((TCPAddress("127.0.0.1", port),)),
+                open_connection,
+                attempt_seconds=0.3,
+            )
+        assert info.value.attempts == (("127.0.0.1:" + str(port), "timed out after 0.3s"),)
+
+
+def test_direct_targets_only_when_every_backend_is_an_ip_literal() -> None:
+    literal = BackendPool((TCPAddress("127.0.0.1", 1), TCPAddress("::1", 2)))
+    assert literal.direct is not None
+    assert [(t.family, t.sockaddr, t.name) for t in literal.direct] == [
+        (socket.AF_INET, ("127.0.0.1", 1), "127.0.0.1:1"),
+        (socket.AF_INET6, ("::1", 2), "[::1]:2"),
+    ]
+    assert BackendPool((TCPAddress("127.0.0.1", 1), TCPAddress("localhost", 2))).direct is None
+    assert BackendPool((UnixAddress("/run/db.sock"),)).direct is None
+
+
+def test_direct_order_shares_the_round_robin_cursor() -> None:
+    pool = BackendPool((A, B, C))
+    assert pool.direct is not None
+    names = [[t.name for t in pool.direct_order()] for _ in range(2)]
+    assert names == [[str(A), str(B), str(C)], [str(B), str(C), str(A)]]
+    assert pool.order() == (C, A, B)
+
+
+async def test_direct_connect_fails_over_from_a_refused_backend(nursery: trio.Nursery) -> None:
+    refused = TCPAddress("127.0.0.1", refused_port())
+    listeners = await nursery.start(partial(trio.serve_tcp, _close_at_once, 0, host="127.0.0.1"))
+    good = TCPAddress("127.0.0.1", listeners[0].socket.getsockname()[1])
+    pool = BackendPool((refused, good))
+    sock, target = await connect_direct(pool, attempt_seconds=5)
+    with sock:
+        assert target.name == str(good)
+        assert sock.getpeername() == ("127.0.0.1", good.port)
+        assert not sock.getblocking()
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    with pytest.raises(UpstreamConnectError) as info:
+        await connect_direct(BackendPool((refused,)), attempt_seconds=5)
+    assert info.value.attempts == ((str(refused), "connection refused"),)
+
+
+async def test_direct_connect_times_out_on_a_backend_whose_backlog_is_full() -> None:
+    with _backend_with_a_full_backlog() as port:
+        with pytest.raises(UpstreamConnectError) as info:
+            await connect_direct(
+                BackendPool((TCPAddress("127.0.0.1", port),)), attempt_seconds=0.3
+            )
+        assert info.value.attempts == (("127.0.0.1:" + str(port), "timed out after 0.3s"),)

@@ -30,13 +30,17 @@ from .conftest import (
 )
 
 
-@pytest.fixture(params=["splice", "copy"], autouse=True)
+@pytest.fixture(params=["fast", "streams", "copy"], autouse=True)
 def pump_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Every test here runs on both pumps: zero-copy splice and the generic copy loop."""
+    """Every test here runs on each way of moving bytes: the plain-TCP fast path (raw
+    sockets, splice, the second direction a sibling task), splice between trio streams
+    (the general path, e.g. for backends given by host name) and the copy loop."""
     if request.param == "copy":
         monkeypatch.setattr(l4proxy.splice, "AVAILABLE", False)
     else:
         assert l4proxy.splice.AVAILABLE, "this kernel/Python has no os.splice"
+    if request.param == "streams":  # no pool is "direct": the general path it is
+        monkeypatch.setattr(l4proxy.backends, "_direct_target", lambda address: None)
     return request.param  # type: ignore[no-any-return]
 
 
@@ -52,7 +56,9 @@ async def test_the_chosen_pump_is_used_and_idle_connections_hold_no_pipe(
         await trio.testing.wait_all_tasks_blocked()
         pool = proxy._pipes  # the proxy's pipe pool
         assert pool.in_use == 0  # established but idle: no pipe held
-        assert (pool.created > 0) == (pump_path == "splice")
+        assert (pool.created > 0) == (pump_path != "copy")
+        runtime = proxy._runtimes[proxy.config.listeners[0].name]
+        assert (runtime.direct is not None) == (pump_path == "fast")
 
 
 async def test_echo_through_the_proxy_is_logged(
