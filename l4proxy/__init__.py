@@ -26,7 +26,7 @@ from .errors import (
     UpstreamConnectError,
     UpstreamError,
 )
-from .server import BoundAddress, Proxy
+from .server import BoundAddress, ListenerStats, Proxy
 
 __all__ = [
     "AccessRecord",
@@ -40,6 +40,7 @@ __all__ = [
     "L4ProxyError",
     "ListenError",
     "ListenerConfig",
+    "ListenerStats",
     "LogFormat",
     "LogLevel",
     "ProtocolError",

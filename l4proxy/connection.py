@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from .config import ListenerConfig
+    from .parking import ParkingLot
     from .routing import Router
     from .splice import PipePool
     from .tls import BackendTLS, ServerTLS
@@ -201,7 +202,7 @@ async def serve_socket(
     connection_id: int,
     connect: Connector,
     is_draining: Callable[[], bool],
-    nursery: trio.Nursery,
+    lot: ParkingLot,
 ) -> None:
     """Proxy one accepted socket: the plain-TCP fast path when it applies, else
     :func:`serve_connection` on a ``trio.SocketStream``.
@@ -210,8 +211,9 @@ async def serve_socket(
     on, no backend TLS and the default connector: no stream wrappers, a raw
     non-blocking ``connect`` (:func:`~l4proxy.backends.connect_direct`), and a
     :class:`~l4proxy.splice.SpliceLink` whose second direction runs as a sibling task
-    in ``nursery`` (the listener's), the last direction to end closing both sockets
-    and writing the access line. It keeps every behaviour of the general path
+    in the listener's nursery (``lot.nursery``), the last direction to end closing both
+    sockets and writing the access line; while idle both ways, the link waits in the
+    listener's :class:`~l4proxy.parking.ParkingLot` instead, without tasks. It keeps every behaviour of the general path
     (failover, timeouts, half-close, outcomes, the access line) at about half the CPU
     per connection (docs/performance.md).
 
@@ -247,9 +249,9 @@ async def serve_socket(
                 return
             state.backend = target.name
             link = SpliceLink(
-                sock, backend, state, listener.pipes, config.idle_timeout, state.link_done
+                sock, backend, state, listener.pipes, config.idle_timeout, state.link_done, lot
             )
-            nursery.start_soon(link.run, False)
+            lot.nursery.start_soon(link.run, False)
             linked = True
             await link.run(True)
     finally:

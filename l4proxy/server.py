@@ -34,6 +34,7 @@ from .addresses import Address, TCPAddress, UnixAddress
 from .backends import BackendPool, Connector, open_connection
 from .connection import ListenerRuntime, LiveCount, serve_connection, serve_socket
 from .errors import ConfigError, ListenError
+from .parking import ParkingLot
 from .routing import Router
 from .tls import BackendTLS, build_server_tls
 
@@ -82,6 +83,14 @@ class BoundAddress:
         return str(self.address)
 
 
+@attrs.frozen
+class ListenerStats:
+    """One listener's connections at one moment (see :meth:`Proxy.stats`)."""
+
+    open: int  # accepted and not yet logged
+    parked: int  # of those, idle both ways and held without tasks
+
+
 @attrs.define(eq=False)
 class _Serving:
     """The cancel scopes of one listener config while ``serve`` runs."""
@@ -90,6 +99,7 @@ class _Serving:
     accept_scope: trio.CancelScope
     drain_scope: trio.CancelScope
     listeners: list[socket.socket]
+    lot: ParkingLot | None = None
 
 
 class Proxy:
@@ -148,6 +158,16 @@ class Proxy:
     def draining(self) -> bool:
         """True once :meth:`close` was called."""
         return self._draining
+
+    def stats(self) -> dict[str, ListenerStats]:
+        """Open and parked connections per listener name, right now."""
+        parked = {
+            serving.name: serving.lot.parked_links for serving in self._serving if serving.lot
+        }
+        return {
+            name: ListenerStats(live.value, parked.get(name, 0))
+            for name, live in self._live.items()
+        }
 
     def _build_runtimes(self, config: Config) -> Mapping[str, ListenerRuntime]:
         """Everything per-listener that can be done once: pools, routes, TLS contexts.
@@ -366,21 +386,20 @@ class Proxy:
     async def _run_listener(self, serving: _Serving, listeners: list[socket.socket]) -> None:
         with serving.drain_scope:
             async with trio.open_nursery() as handlers:
+                lot = serving.lot = ParkingLot(handlers)  # idle connections, held without tasks
+                handlers.start_soon(lot.run, name=f"l4proxy parking lot {serving.name}")
                 with serving.accept_scope:
                     async with trio.open_nursery() as acceptors:
                         for listener in listeners:
-                            acceptors.start_soon(
-                                self._accept_loop, listener, serving.name, handlers
-                            )
+                            acceptors.start_soon(self._accept_loop, listener, serving.name, lot)
                 for listener in listeners:
                     _close_listener(listener)
+                lot.stop_parking()
                 live = self._live[serving.name].value
                 if live:
                     LOGGER.info("listener %r: draining %d connections", serving.name, live)
 
-    async def _accept_loop(
-        self, listener: socket.socket, name: str, handlers: trio.Nursery
-    ) -> None:
+    async def _accept_loop(self, listener: socket.socket, name: str, lot: ParkingLot) -> None:
         """Accept forever; out-of-descriptor errors back off instead of spinning or dying.
 
         Accepts in batches: after a wake-up, every waiting connection is taken before
@@ -437,7 +456,7 @@ class Proxy:
                 failures = 0
                 backoff = 0.0
             # Positional arguments and no wrapper coroutine: one frame less per connection.
-            handlers.start_soon(
+            lot.nursery.start_soon(
                 serve_socket,
                 sock,
                 self._runtimes[name],
@@ -445,7 +464,7 @@ class Proxy:
                 next(self._ids),
                 self._connect,
                 self._is_draining,
-                handlers,
+                lot,
             )
             accepted += 1
             if accepted >= ACCEPT_BATCH:

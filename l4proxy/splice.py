@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import math
 import os
 import socket
 from typing import TYPE_CHECKING, Literal, Protocol
@@ -43,6 +44,7 @@ import trio
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from .parking import ParkingLot
     from .pump import Outcome, Transfer
 
 
@@ -145,20 +147,30 @@ class SpliceLink:
     calls ``on_done(link)``, also when they were cancelled, so the owner can close the
     sockets and log the connection without a nursery of its own. ``on_done`` runs in a
     ``finally`` block: it must not await.
+
+    With a ``lot`` (:class:`~l4proxy.parking.ParkingLot`), a link idle both ways is
+    handed to the lot instead (both tasks return; the lot spawns them again when there
+    is work), which is how an idle connection costs no task.
     """
 
     __slots__ = (
         "_on_done",
         "backend",
         "broken",
+        "cancelled",
         "client",
         "closed",
         "error",
         "finished",
+        "idle_deadline",
         "idle_expired",
         "idle_scopes",
         "idle_seconds",
+        "lot",
+        "park_token",
+        "parking",
         "pool",
+        "reading",
         "running",
         "transfer",
     )
@@ -171,14 +183,21 @@ class SpliceLink:
         pool: PipePool,
         idle_seconds: float = 0.0,
         on_done: Callable[[SpliceLink], None] | None = None,
+        lot: ParkingLot | None = None,
     ) -> None:
         self.client, self.backend = client, backend
         self.transfer, self.pool, self.idle_seconds = transfer, pool, idle_seconds
         self._on_done = on_done
+        self.lot = lot
         self.idle_scopes: list[trio.CancelScope] = []
+        self.idle_deadline = trio.current_time() + idle_seconds if idle_seconds > 0 else math.inf
         self.running = 2  # directions not yet returned
+        self.reading = 0  # directions waiting to read
         self.finished = 0  # directions that reached EOF
         self.closed = False
+        self.parking = False  # the lot asked both directions to return
+        self.park_token = -1  # the lot's, while parked
+        self.cancelled = False
         self.idle_expired = False
         self.broken: Literal["client", "backend"] | None = None
         self.error: Exception | None = None  # something unexpected ended it
@@ -200,8 +219,32 @@ class SpliceLink:
                 trio.lowlevel.notify_closing(sock)
                 sock.close()
 
+    def request_park(self) -> None:
+        """The lot's: both directions wait to read; wake them so that they return."""
+        self.parking = True
+        trio.lowlevel.notify_closing(self.client)
+        trio.lowlevel.notify_closing(self.backend)
+
+    def resume(self, nursery: trio.Nursery) -> None:
+        """The lot's: run both directions again, in ``nursery``."""
+        self.parking = False
+        self.running = 2
+        nursery.start_soon(self.run, True)
+        nursery.start_soon(self.run, False)
+
+    def expire(self) -> None:
+        """The lot's: the idle timeout passed while parked."""
+        self.idle_expired = True
+        self.cut()
+
+    def cut(self) -> None:
+        """The lot's: end a parked link (drain cut or idle timeout) and finish it."""
+        self.close()
+        if self._on_done is not None:
+            self._on_done(self)
+
     async def run(self, to_backend: bool) -> None:
-        """Move one direction until EOF, failure, idleness or cancellation.
+        """Move one direction until EOF, failure, idleness, parking or cancellation.
 
         Error handling:
             Failures of either side end both directions and show in :attr:`outcome`;
@@ -209,9 +252,10 @@ class SpliceLink:
             in the listener's nursery, where it would end the listener). ``Cancelled``
             propagates.
         """
+        scope = None
         try:
             if self.idle_seconds > 0:
-                scope = trio.CancelScope(deadline=trio.current_time() + self.idle_seconds)
+                scope = trio.CancelScope(deadline=self.idle_deadline)
                 self.idle_scopes.append(scope)
                 with scope:
                     await self._move(to_backend)
@@ -228,10 +272,19 @@ class SpliceLink:
             if self.error is None:
                 self.error = exc
             self.close()
+        except BaseException:
+            self.cancelled = True  # Cancelled: noted, and never swallowed
+            raise
         finally:
+            if scope is not None:
+                self.idle_scopes.remove(scope)
             self.running -= 1
-            if not self.running and self._on_done is not None:
-                self._on_done(self)
+            if not self.running:
+                if self.parking and not (self.closed or self.cancelled):
+                    assert self.lot is not None
+                    self.lot.park(self)
+                elif self._on_done is not None:
+                    self._on_done(self)
 
     async def _move(self, to_backend: bool) -> None:
         src, dst = (self.client, self.backend) if to_backend else (self.backend, self.client)
@@ -263,12 +316,19 @@ class SpliceLink:
                 if in_pipe == 0:
                     break  # EOF
                 chunks_without_wait = 0
+                self.reading += 1
+                if self.reading == 2 and self.lot is not None:
+                    self.lot.both_reading(self)
                 try:
                     await trio.lowlevel.wait_readable(src_fd)
                 except trio.ClosedResourceError:
-                    return
-                if self.closed:
-                    return
+                    return  # closed by the other direction, or woken to park
+                finally:
+                    if self.reading == 2 and self.lot is not None:
+                        self.lot.waiting.pop(self, None)
+                    self.reading -= 1
+                if self.closed or self.parking:
+                    return  # nothing read yet: the lot finds the data where it is
                 continue
             try:
                 while in_pipe:
@@ -293,7 +353,7 @@ class SpliceLink:
                     else:
                         transfer.to_client += moved
                     if idle_scopes:
-                        deadline = trio.current_time() + idle_seconds
+                        deadline = self.idle_deadline = trio.current_time() + idle_seconds
                         for scope in idle_scopes:
                             scope.deadline = deadline
             finally:

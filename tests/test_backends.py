@@ -163,7 +163,5 @@ async def test_direct_connect_fails_over_from_a_refused_backend(nursery: trio.Nu
 async def test_direct_connect_times_out_on_a_backend_whose_backlog_is_full() -> None:
     with _backend_with_a_full_backlog() as port:
         with pytest.raises(UpstreamConnectError) as info:
-            await connect_direct(
-                BackendPool((TCPAddress("127.0.0.1", port),)), attempt_seconds=0.3
-            )
+            await connect_direct(BackendPool((TCPAddress("127.0.0.1", port),)), attempt_seconds=0.3)
         assert info.value.attempts == (("127.0.0.1:" + str(port), "timed out after 0.3s"),)

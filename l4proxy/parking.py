@@ -1,0 +1,149 @@
+"""Idle fast-path connections, held without tasks.
+
+Theory of operation
+-------------------
+A spliced connection normally costs two trio tasks, each parked in ``wait_readable``
+with its chain of coroutine frames: ~8 KiB of Python objects per connection, four
+times what HAProxy needs. Many real connections are idle nearly all the time (pooled
+database connections, kept-alive clients), so a listener has one :class:`ParkingLot`:
+a task of its own, in the listener's nursery, with one ``epoll`` instance of its own.
+
+- A :class:`~l4proxy.splice.SpliceLink` whose *both* directions wait to read tells the
+  lot (:meth:`ParkingLot.both_reading`); a dict insert, nothing more.
+- Every :data:`PARK_AFTER` seconds, while such links exist, the lot sweeps them: a link
+  that has waited since before the previous sweep (so for at least ``PARK_AFTER``) is
+  parked: the lot wakes both directions with ``notify_closing`` (which also takes the
+  sockets out of trio's epoll), both tasks return, and the lot puts the two sockets in
+  its own epoll. What stays is the link, its access-line record and two sockets:
+  about 1 KiB.
+- When either socket becomes readable (data, EOF, a reset), the lot takes both out of
+  its epoll and spawns the two directions again; they go on exactly where they were
+  (byte counts, idle deadline, half-close state).
+- The idle timeout of a parked link is kept by the lot (a heap of deadlines); on drain
+  the lot parks nothing more and returns once nothing is parked; when its nursery is
+  cancelled it closes every parked link, which is logged like any cut connection.
+
+So a connection is always owned by a task in the listener's nursery: its own two while
+active, the lot's while parked.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+import select
+from typing import TYPE_CHECKING
+
+import trio
+
+if TYPE_CHECKING:
+    from .splice import SpliceLink
+
+#: Seconds a link must have waited (both ways) before it is parked: between this and
+#: twice this, as sweeps run this often while links wait.
+PARK_AFTER = 0.1
+
+
+class ParkingLot:
+    """Holds idle links of one listener; :meth:`run` is its task.
+
+    Args:
+        nursery: where parked links' directions are spawned again (the listener's).
+    """
+
+    def __init__(self, nursery: trio.Nursery) -> None:
+        self.nursery = nursery
+        #: links whose both directions wait to read -> the sweep generation they began in
+        self.waiting: dict[SpliceLink, int] = {}
+        self.parked: dict[int, SpliceLink] = {}  # by descriptor, both of each link
+        self.draining = False
+        self._epoll = select.epoll()
+        self._generation = 0
+        self._sweep_at = math.inf
+        self._deadlines: list[tuple[float, int, SpliceLink]] = []  # idle timeouts, lazy
+        self._tokens = itertools.count()
+        self._wake: trio.CancelScope | None = None
+        self._closing = False
+
+    @property
+    def parked_links(self) -> int:
+        return len(self.parked) // 2
+
+    def both_reading(self, link: SpliceLink) -> None:
+        """``link`` waits to read both ways from now on (until it reads again)."""
+        self.waiting[link] = self._generation
+        if self._sweep_at == math.inf:
+            self._sweep_at = trio.current_time() + PARK_AFTER
+            if self._wake is not None:
+                self._wake.deadline = min(self._wake.deadline, self._sweep_at)
+
+    def stop_parking(self) -> None:
+        """The listener drains: park nothing more; :meth:`run` returns once empty."""
+        self.draining = True
+        if self._wake is not None:
+            self._wake.cancel()
+
+    def park(self, link: SpliceLink) -> None:
+        """Hold ``link``, whose directions have both returned, until it has work."""
+        if self._closing:
+            link.resume(self.nursery)
+            return
+        client, backend = link.client.fileno(), link.backend.fileno()
+        self._epoll.register(client, select.EPOLLIN)
+        self._epoll.register(backend, select.EPOLLIN)
+        self.parked[client] = self.parked[backend] = link
+        if link.idle_seconds > 0:
+            link.park_token = next(self._tokens)
+            heapq.heappush(self._deadlines, (link.idle_deadline, link.park_token, link))
+            if self._wake is not None:
+                self._wake.deadline = min(self._wake.deadline, link.idle_deadline)
+
+    async def run(self) -> None:
+        """Unpark links with work, park idle ones, expire idle timeouts; see the module.
+
+        Returns when the listener drains and nothing is parked. Cancelled, it closes
+        every parked link first (each is logged as cut).
+        """
+        try:
+            while not (self.draining and not self.parked):
+                wake_at = self._sweep_at
+                if self._deadlines:
+                    wake_at = min(wake_at, self._deadlines[0][0])
+                with trio.CancelScope(deadline=wake_at) as self._wake:
+                    await trio.lowlevel.wait_readable(self._epoll)
+                self._wake = None
+                for fd, _ in self._epoll.poll(0):
+                    link = self.parked.get(fd)
+                    if link is not None:  # else: its other socket already woke it
+                        self._unpark(link).resume(self.nursery)
+                now = trio.current_time()
+                if now >= self._sweep_at:
+                    self._sweep(now)
+                while self._deadlines and self._deadlines[0][0] <= now:
+                    _, token, link = heapq.heappop(self._deadlines)
+                    if link.park_token == token and link.client.fileno() in self.parked:
+                        self._unpark(link).expire()
+        finally:
+            self._closing = True
+            for link in set(self.parked.values()):
+                self._unpark(link).cut()
+            self._epoll.close()
+
+    def _sweep(self, now: float) -> None:
+        generation = self._generation
+        self._generation += 1
+        if not self.draining:
+            for link, since in list(self.waiting.items()):
+                if since < generation:  # waiting since before the previous sweep
+                    del self.waiting[link]
+                    link.request_park()
+        self._sweep_at = now + PARK_AFTER if self.waiting else math.inf
+
+    def _unpark(self, link: SpliceLink) -> SpliceLink:
+        for sock in (link.client, link.backend):
+            fd = sock.fileno()
+            del self.parked[fd]
+            self._epoll.unregister(fd)
+        link.park_token = -1
+        return link

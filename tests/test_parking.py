@@ -1,0 +1,207 @@
+"""Idle fast-path connections are parked without tasks and woken by any event.
+
+Real sockets through a real proxy: a connection idle both ways for ``PARK_AFTER`` is
+held by the listener's parking lot; data, EOF and resets from either side wake it, and
+the idle timeout and drain still apply while parked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import struct
+from functools import partial
+
+import pytest
+import trio
+import trio.testing
+
+import l4proxy
+from l4proxy.parking import PARK_AFTER
+
+from .conftest import AccessWatcher, connect_to, receive_all, receive_exactly, start_proxy
+
+WAIT = 10
+
+
+async def _held_backend(
+    nursery: trio.Nursery,
+) -> tuple[str, trio.MemoryReceiveChannel[trio.SocketStream]]:
+    """A backend whose accepted streams the test drives itself."""
+    send, receive = trio.open_memory_channel[trio.SocketStream](100)
+
+    async def hand_over(stream: trio.SocketStream) -> None:
+        await send.send(stream)
+        await trio.sleep_forever()  # the test owns and closes the stream
+
+    listeners = await nursery.start(partial(trio.serve_tcp, hand_over, 0, host="127.0.0.1"))
+    return f"127.0.0.1:{listeners[0].socket.getsockname()[1]}", receive
+
+
+def _stats(proxy: l4proxy.Proxy) -> l4proxy.ListenerStats:
+    (stats,) = proxy.stats().values()
+    return stats
+
+
+async def _until_parked(proxy: l4proxy.Proxy, count: int = 1) -> None:
+    while _stats(proxy).parked != count:  # noqa: ASYNC110 - polling a counter, no event to wait on
+        await trio.sleep(PARK_AFTER / 4)
+
+
+async def test_an_idle_connection_is_parked_and_data_either_way_wakes_it(
+    nursery: trio.Nursery, access: AccessWatcher
+) -> None:
+    backend, accepted = await _held_backend(nursery)
+    proxy, bound = await start_proxy(nursery, [backend])
+    with trio.fail_after(WAIT):
+        client = await connect_to(bound[0])
+        server = await accepted.receive()
+        await client.send_all(b"hello")
+        assert await receive_exactly(server, 5) == b"hello"
+        await _until_parked(proxy)
+        assert _stats(proxy) == l4proxy.ListenerStats(open=1, parked=1)
+        await server.send_all(b"pushed while parked")  # the backend speaks first
+        assert await receive_exactly(client, 19) == b"pushed while parked"
+        assert _stats(proxy).parked == 0
+        await _until_parked(proxy)
+        await client.send_all(b"x" * 300_000)  # more than a pipe: several chunks
+        assert await receive_exactly(server, 300_000) == b"x" * 300_000
+        await _until_parked(proxy)
+        await client.send_eof()  # EOF wakes it too, and half-close still works
+        assert await receive_all(server) == b""
+        await server.send_all(b"late")
+        await server.aclose()
+        assert await receive_all(client) == b"late"
+        await client.aclose()
+        (record,) = await access.wait()
+    assert (record.outcome, record.bytes_to_backend, record.bytes_to_client) == (
+        "ok",
+        5 + 300_000,
+        19 + 4,
+    )
+    assert _stats(proxy) == l4proxy.ListenerStats(open=0, parked=0)
+
+
+async def test_a_busy_connection_is_not_parked(nursery: trio.Nursery) -> None:
+    backend, accepted = await _held_backend(nursery)
+    proxy, bound = await start_proxy(nursery, [backend])
+    with trio.fail_after(WAIT):
+        async with await connect_to(bound[0]) as client:
+            server = await accepted.receive()
+            for _ in range(round(5 * PARK_AFTER / 0.01)):  # a message every 10 ms
+                await client.send_all(b"ping")
+                assert await receive_exactly(server, 4) == b"ping"
+                assert _stats(proxy).parked == 0
+                await trio.sleep(0.01)
+            await _until_parked(proxy)  # and once it rests, it is
+            await server.aclose()
+
+
+async def test_many_parked_connections_each_keep_their_own_bytes(nursery: trio.Nursery) -> None:
+    backend, accepted = await _held_backend(nursery)
+    proxy, bound = await start_proxy(nursery, [backend])
+    count = 100
+    with trio.fail_after(WAIT):
+        pairs = []
+        for index in range(count):
+            client = await connect_to(bound[0])
+            await client.send_all(b"%03d" % index)
+            server = await accepted.receive()
+            pairs.append((client, server, await receive_exactly(server, 3)))
+        await _until_parked(proxy, count)
+        for client, server, name in reversed(pairs):
+            await server.send_all(name)
+            assert await receive_exactly(client, 3) == name
+            await client.send_all(name[::-1])
+            assert await receive_exactly(server, 3) == name[::-1]
+        for client, server, _ in pairs:
+            await client.aclose()
+            await server.aclose()
+
+
+async def test_the_idle_timeout_applies_while_parked(
+    nursery: trio.Nursery, access: AccessWatcher
+) -> None:
+    backend, accepted = await _held_backend(nursery)
+    proxy, bound = await start_proxy(nursery, [backend], idle_timeout=6 * PARK_AFTER)
+    with trio.fail_after(WAIT):
+        async with await connect_to(bound[0]) as client:
+            server = await accepted.receive()
+            await client.send_all(b"x")
+            await receive_exactly(server, 1)
+            start = trio.current_time()
+            await _until_parked(proxy)
+            assert await receive_all(client) == b""  # cut by the proxy
+            assert await receive_all(server) == b""
+            elapsed = trio.current_time() - start
+            (record,) = await access.wait()
+    assert record.outcome == "idle_timeout"
+    assert 5 * PARK_AFTER <= elapsed < 30 * PARK_AFTER
+    assert _stats(proxy) == l4proxy.ListenerStats(open=0, parked=0)
+
+
+async def test_a_reset_wakes_a_parked_connection(
+    nursery: trio.Nursery, access: AccessWatcher
+) -> None:
+    backend, accepted = await _held_backend(nursery)
+    proxy, bound = await start_proxy(nursery, [backend])
+    with trio.fail_after(WAIT):
+        client = await connect_to(bound[0])
+        server = await accepted.receive()
+        await client.send_all(b"x")
+        await receive_exactly(server, 1)
+        await _until_parked(proxy)
+        linger = struct.pack("ii", 1, 0)  # close() sends RST
+        client.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+        await client.aclose()
+        (record,) = await access.wait()
+        with contextlib.suppress(trio.BrokenResourceError):  # a close or a reset: both end it
+            assert await receive_all(server) == b""
+        await server.aclose()
+    assert record.outcome == "error:client_reset"
+
+
+@pytest.mark.parametrize("drain_timeout", [0.0, 30.0])
+async def test_drain_with_parked_connections(drain_timeout: float, access: AccessWatcher) -> None:
+    """Cut at once with a zero drain timeout; else they still finish on their own."""
+    async with trio.open_nursery() as nursery:
+        backend, accepted = await _held_backend(nursery)
+        config = l4proxy.Config(
+            listeners=[
+                l4proxy.ListenerConfig(
+                    listen=["127.0.0.1:0"], backends=[backend], drain_timeout=drain_timeout
+                )
+            ]
+        )
+        proxy = l4proxy.Proxy(config)
+        served = trio.Event()
+
+        async def serve(task_status: trio.TaskStatus[list[l4proxy.BoundAddress]]) -> None:
+            await proxy.serve(task_status=task_status)
+            served.set()
+
+        bound = await nursery.start(serve)
+        with trio.fail_after(WAIT):
+            client = await connect_to(bound[0])
+            server = await accepted.receive()
+            await client.send_all(b"x")
+            await receive_exactly(server, 1)
+            await _until_parked(proxy)
+            proxy.close()
+            if drain_timeout:
+                await trio.testing.wait_all_tasks_blocked(PARK_AFTER)
+                assert not served.is_set()  # a parked connection is still a connection
+                await server.send_all(b"bye")  # still proxied while draining
+                assert await receive_exactly(client, 3) == b"bye"
+                await client.aclose()
+                await server.aclose()
+                await served.wait()
+                assert access.outcomes == ["ok"]
+            else:
+                await served.wait()
+                assert await receive_all(client) == b""
+                assert await receive_all(server) == b""
+                await client.aclose()
+                await server.aclose()
+                assert access.outcomes == ["drained"]
+        nursery.cancel_scope.cancel()
