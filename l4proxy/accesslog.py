@@ -1,11 +1,13 @@
 """One access-log line per connection, written without blocking the event loop.
 
-The per-connection cost is building one small frozen :class:`AccessRecord` and a
-``put_nowait`` on a bounded queue. Formatting (timestamps, JSON) and file I/O happen in
-one writer thread per destination, which drains the queue in batches and writes each
-batch with a single ``write`` + ``flush``. If the destination cannot keep up and the
-queue fills, lines are dropped and counted rather than letting memory grow or the event
-loop stall; the count is reported in the log.
+The per-connection cost is building one small frozen :class:`AccessRecord` and one
+``deque.append`` (atomic under the GIL, no lock). Formatting (timestamps, JSON) and file
+I/O happen in one writer thread per destination, woken once per batch (an
+``Event.set`` only when the writer is not already due), which lets records gather for
+:data:`BATCH_SECONDS` and writes each batch with a single ``write`` + ``flush``. If the
+destination cannot keep up and :data:`QUEUE_LIMIT` records wait, lines are dropped and
+counted rather than letting memory grow or the event loop stall; the count is reported
+in the log.
 
 Without an ``access_log`` destination, records go to the ``l4proxy.access`` logger
 (``extra={"access": record}``), so an embedding application routes them with its own
@@ -14,10 +16,11 @@ logging configuration.
 
 from __future__ import annotations
 
+import collections
 import functools
 import json
 import logging
-import queue
+import re
 import sys
 import threading
 import time
@@ -35,6 +38,8 @@ DIAGNOSTIC_LOGGER = logging.getLogger("l4proxy.accesslog")
 QUEUE_LIMIT = 65536
 #: How long the writer lets records gather before writing them (the most a line waits).
 BATCH_SECONDS = 0.05
+#: The most records formatted and written at once.
+BATCH_LIMIT = 1024
 
 
 @attrs.frozen(slots=True)
@@ -104,8 +109,11 @@ def format_json(record: AccessRecord) -> str:
     return json.dumps(fields, separators=(",", ":"))
 
 
+_NEEDS_QUOTES = re.compile(r'[ "=\\]')
+
+
 def _logfmt(value: str) -> str:
-    if value and not any(c in value for c in ' "=\\') and value.isprintable():
+    if value and value.isprintable() and _NEEDS_QUOTES.search(value) is None:
         return value
     return json.dumps(value)
 
@@ -160,7 +168,10 @@ class FileSink:
         self.path = path
         self._stream = stream
         self.dropped = 0
-        self._queue: queue.Queue[tuple[AccessRecord, LogFormat] | None] = queue.Queue(QUEUE_LIMIT)
+        self._pending: collections.deque[tuple[AccessRecord, LogFormat] | None] = (
+            collections.deque()
+        )
+        self._wake = threading.Event()  # set: the writer has records to write
         self._thread: threading.Thread | None = None
         self._file: IO[str] | None = None
         self._opening = trio.Lock()
@@ -189,10 +200,12 @@ class FileSink:
         self._thread.start()
 
     def write(self, record: AccessRecord, log_format: LogFormat) -> None:
-        try:
-            self._queue.put_nowait((record, log_format))
-        except queue.Full:
+        if len(self._pending) >= QUEUE_LIMIT:
             self.dropped += 1
+            return
+        self._pending.append((record, log_format))
+        if not self._wake.is_set():  # once per batch: the writer is asleep
+            self._wake.set()
 
     async def aclose(self) -> None:
         thread = self._thread
@@ -201,7 +214,8 @@ class FileSink:
         self._thread = None
         # None tells the writer to stop. Abandonable: a writer stuck on a stream nobody
         # reads must not hold up shutdown beyond the caller's deadline.
-        await trio.to_thread.run_sync(self._queue.put, None, abandon_on_cancel=True)
+        self._pending.append(None)
+        self._wake.set()
         await trio.to_thread.run_sync(thread.join, abandon_on_cancel=True)
         if self.dropped:
             DIAGNOSTIC_LOGGER.warning(
@@ -216,18 +230,18 @@ class FileSink:
         failed = False
         reported_drops = 0
         try:
+            pending = self._pending
             while True:
-                items = [self._queue.get()]
-                if items[0] is not None and self._queue.qsize() < 1023:
+                self._wake.wait()
+                if pending and len(pending) < BATCH_LIMIT and pending[-1] is not None:
                     # Let a batch gather: one wake-up (and GIL hand-over) per batch
                     # instead of per connection keeps this thread off the event loop's back.
                     # A full batch already waiting is written at once (no rate cap).
                     time.sleep(BATCH_SECONDS)
-                while len(items) < 1024:
-                    try:
-                        items.append(self._queue.get_nowait())
-                    except queue.Empty:
-                        break
+                self._wake.clear()  # records appended from now on set it again
+                items = [pending.popleft() for _ in range(min(len(pending), BATCH_LIMIT))]
+                if pending:
+                    self._wake.set()  # more than a batch waited: go round again at once
                 stop = None in items
                 lines = [FORMATTERS[fmt](record) for record, fmt in filter(None, items)]
                 try:
