@@ -132,7 +132,11 @@ async def connect_direct(
     """
     attempts: list[tuple[str, str]] = []
     for target in pool.direct_order():
-        sock = socket.socket(target.family, _NONBLOCKING_STREAM)
+        try:
+            sock = socket.socket(target.family, _NONBLOCKING_STREAM)
+        except OSError as exc:  # e.g. EMFILE: this attempt failed, like connect_pool's
+            attempts.append((target.name, describe_os_error(exc)))
+            continue
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             failure = sock.connect_ex(target.sockaddr)

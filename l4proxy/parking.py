@@ -43,6 +43,8 @@ if TYPE_CHECKING:
 #: Seconds a link must have waited (both ways) before it is parked: between this and
 #: twice this, as sweeps run this often while links wait.
 PARK_AFTER = 0.1
+#: Stale idle deadlines (of links woken since) tolerated before the heap is rebuilt.
+DEADLINES_SLACK = 64
 
 
 class ParkingLot:
@@ -85,19 +87,40 @@ class ParkingLot:
             self._wake.cancel()
 
     def park(self, link: SpliceLink) -> None:
-        """Hold ``link``, whose directions have both returned, until it has work."""
+        """Hold ``link``, whose directions have both returned, until it has work.
+
+        Error handling:
+            If the lot cannot take it (closing, or ``epoll_ctl`` fails, e.g. at
+            ``fs.epoll.max_user_watches``), the link runs on unparked.
+        """
         if self._closing:
             link.resume(self.nursery)
             return
         client, backend = link.client.fileno(), link.backend.fileno()
-        self._epoll.register(client, select.EPOLLIN)
-        self._epoll.register(backend, select.EPOLLIN)
+        try:
+            self._epoll.register(client, select.EPOLLIN)
+            try:
+                self._epoll.register(backend, select.EPOLLIN)
+            except OSError:
+                self._epoll.unregister(client)
+                raise
+        except OSError:
+            link.resume(self.nursery)
+            return
         self.parked[client] = self.parked[backend] = link
         if link.idle_seconds > 0:
             link.park_token = next(self._tokens)
             heapq.heappush(self._deadlines, (link.idle_deadline, link.park_token, link))
+            if len(self._deadlines) > 2 * len(self.parked) + DEADLINES_SLACK:
+                self._compact_deadlines()
             if self._wake is not None:
                 self._wake.deadline = min(self._wake.deadline, link.idle_deadline)
+
+    def _compact_deadlines(self) -> None:
+        """Drop the entries of links no longer parked (woken or finished since): the
+        heap stays proportional to what is parked and holds no finished link."""
+        self._deadlines = [entry for entry in self._deadlines if entry[2].park_token == entry[1]]
+        heapq.heapify(self._deadlines)
 
     async def run(self) -> None:
         """Unpark links with work, park idle ones, expire idle timeouts; see the module.

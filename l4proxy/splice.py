@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import math
 import os
 import socket
@@ -57,6 +58,8 @@ class SpliceSocket(Protocol):
 
     def close(self) -> None: ...
 
+
+LOGGER = logging.getLogger("l4proxy.splice")
 
 #: Bytes moved per splice call, and the pipe's capacity (the most held in flight).
 PIPE_SIZE = 256 * 1024
@@ -240,8 +243,7 @@ class SpliceLink:
     def cut(self) -> None:
         """The lot's: end a parked link (drain cut or idle timeout) and finish it."""
         self.close()
-        if self._on_done is not None:
-            self._on_done(self)
+        self._done()
 
     async def run(self, to_backend: bool) -> None:
         """Move one direction until EOF, failure, idleness, parking or cancellation.
@@ -280,11 +282,25 @@ class SpliceLink:
                 self.idle_scopes.remove(scope)
             self.running -= 1
             if not self.running:
-                if self.parking and not (self.closed or self.cancelled):
-                    assert self.lot is not None
-                    self.lot.park(self)
-                elif self._on_done is not None:
-                    self._on_done(self)
+                self._finish()
+
+    def _finish(self) -> None:
+        """Both directions returned: hand the link to the lot, or to its owner."""
+        try:
+            if self.parking and not (self.closed or self.cancelled) and self.lot is not None:
+                self.lot.park(self)
+                return
+        except Exception:  # the lot could not take it: end it here instead
+            LOGGER.exception("parking a connection failed; closing it")
+            self.close()
+        self._done()
+
+    def _done(self) -> None:
+        if self._on_done is not None:
+            try:
+                self._on_done(self)
+            except Exception:  # never into the listener's nursery
+                LOGGER.exception("finishing a connection failed")
 
     async def _move(self, to_backend: bool) -> None:
         src, dst = (self.client, self.backend) if to_backend else (self.backend, self.client)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import socket
 from functools import partial
 
@@ -8,7 +9,7 @@ import pytest
 import trio
 import trio.testing
 
-from l4proxy import TCPAddress, UnixAddress, UpstreamConnectError
+from l4proxy import TCPAddress, UnixAddress, UpstreamConnectError, backends
 from l4proxy.backends import BackendPool, connect_direct, connect_pool, open_connection
 
 from .conftest import refused_port
@@ -165,3 +166,17 @@ async def test_direct_connect_times_out_on_a_backend_whose_backlog_is_full() -> 
         with pytest.raises(UpstreamConnectError) as info:
             await connect_direct(BackendPool((TCPAddress("127.0.0.1", port),)), attempt_seconds=0.3)
         assert info.value.attempts == (("127.0.0.1:" + str(port), "timed out after 0.3s"),)
+
+
+async def test_direct_connect_out_of_descriptors_is_a_failed_attempt(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As with connect_pool: a socket that cannot be made fails that attempt."""
+
+    def no_descriptors(*args: object, **kwargs: object) -> socket.socket:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(backends.socket, "socket", no_descriptors)
+    with pytest.raises(UpstreamConnectError) as info:
+        await connect_direct(BackendPool((A, B)), attempt_seconds=1)
+    assert info.value.attempts == ((str(A), "too many open files"), (str(B), "too many open files"))

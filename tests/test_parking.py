@@ -8,16 +8,20 @@ the idle timeout and drain still apply while parked.
 from __future__ import annotations
 
 import contextlib
+import errno
+import select
 import socket
 import struct
 from functools import partial
 
 import pytest
 import trio
+import trio.lowlevel
 import trio.testing
 
 import l4proxy
-from l4proxy.parking import PARK_AFTER
+from l4proxy import parking
+from l4proxy.parking import PARK_AFTER, ParkingLot
 
 from .conftest import AccessWatcher, connect_to, receive_all, receive_exactly, start_proxy
 
@@ -205,3 +209,90 @@ async def test_drain_with_parked_connections(drain_timeout: float, access: Acces
                 await server.aclose()
                 assert access.outcomes == ["drained"]
         nursery.cancel_scope.cancel()
+
+
+async def _lot(proxy: l4proxy.Proxy) -> ParkingLot:
+    while not proxy._serving or proxy._serving[0].lot is None:
+        await trio.lowlevel.checkpoint()
+    lot = proxy._serving[0].lot
+    assert lot is not None
+    return lot
+
+
+async def test_idle_deadlines_do_not_pile_up_with_each_park(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each park with an idle timeout schedules a deadline; woken links' entries are
+    dropped once they outnumber the parked ones, so no finished link is kept alive."""
+    monkeypatch.setattr(parking, "DEADLINES_SLACK", 2)
+    backend, accepted = await _held_backend(nursery)
+    proxy, bound = await start_proxy(nursery, [backend], idle_timeout=3600.0)
+    lot = await _lot(proxy)
+    with trio.fail_after(WAIT):
+        async with await connect_to(bound[0]) as client:
+            server = await accepted.receive()
+            async with server:
+                for _ in range(8):  # a keep-alive after every rest
+                    await client.send_all(b"k")
+                    await receive_exactly(server, 1)
+                    await _until_parked(proxy)
+                    assert len(lot._deadlines) <= 2 * 2 + 2
+                link = next(iter(lot.parked.values()))
+        while _stats(proxy).open:  # noqa: ASYNC110 - polling a counter
+            await trio.sleep(PARK_AFTER / 4)
+        for _ in range(6):  # more parks than the slack: a rebuild drops the finished link
+            async with await connect_to(bound[0]) as client:
+                server = await accepted.receive()
+                async with server:
+                    await client.send_all(b"k")
+                    await receive_exactly(server, 1)
+                    await _until_parked(proxy)
+    assert all(entry[2] is not link for entry in lot._deadlines)
+
+
+class _FullEpoll:
+    """The lot's epoll refusing registrations, as at ``fs.epoll.max_user_watches``."""
+
+    def __init__(self, real: select.epoll) -> None:
+        self.real = real
+
+    def fileno(self) -> int:
+        return self.real.fileno()
+
+    def register(self, fd: int, mask: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def unregister(self, fd: int) -> None:
+        self.real.unregister(fd)
+
+    def poll(self, timeout: float) -> list[tuple[int, int]]:
+        return self.real.poll(timeout)
+
+    def close(self) -> None:
+        self.real.close()
+
+
+async def test_a_connection_the_lot_cannot_take_runs_on_unparked(
+    nursery: trio.Nursery, access: AccessWatcher
+) -> None:
+    backend, accepted = await _held_backend(nursery)
+    proxy, bound = await start_proxy(nursery, [backend])
+    lot = await _lot(proxy)
+    lot._epoll = _FullEpoll(lot._epoll)  # type: ignore[assignment]
+    with trio.fail_after(WAIT):
+        for _ in range(2):  # whichever direction returns last, and again
+            client = await connect_to(bound[0])
+            server = await accepted.receive()
+            await client.send_all(b"x")
+            await receive_exactly(server, 1)
+            await trio.sleep(4 * PARK_AFTER)  # sweeps ask it to park; the lot cannot
+            assert _stats(proxy) == l4proxy.ListenerStats(open=1, parked=0)
+            await client.send_all(b"still here")
+            assert await receive_exactly(server, 10) == b"still here"
+            await server.send_all(b"and back")
+            assert await receive_exactly(client, 8) == b"and back"
+            await client.aclose()
+            await server.aclose()
+        await access.wait(2)
+    assert access.outcomes == ["ok", "ok"]
+    assert _stats(proxy).open == 0
