@@ -317,9 +317,11 @@ class SpliceLink:
         # descriptor numbers may already be someone else's. Waits stay outside
         # ``except`` blocks: a task waiting inside one keeps the exception and its
         # traceback alive, ~0.5 KiB per idle direction.
-        # A read shorter than the pipe emptied the socket: wait before the next splice
-        # instead of paying a syscall for EAGAIN (request/response traffic). Full reads
-        # go straight on, with a checkpoint every second chunk so others still run.
+        # A read shorter than the pipe has almost always emptied the socket: wait before
+        # the next splice instead of paying a syscall for EAGAIN (request/response
+        # traffic). If bytes are left (many small segments can fill the pipe's slots
+        # first), trio's level-triggered wait returns at once: never a lost wake-up.
+        # Full reads go straight on, with a checkpoint every second chunk.
         wait_first = False
         chunks_without_wait = 0
         while True:
