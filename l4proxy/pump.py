@@ -34,7 +34,7 @@ import trio
 from .splice import PipePool, splice_pump
 
 #: Largest read per direction, and so the most bytes the proxy buffers per direction.
-CHUNK_SIZE = 65536
+CHUNK_SIZE = 262144
 
 Outcome = Literal["ok", "idle_timeout", "error:client_reset", "error:backend_reset"]
 
