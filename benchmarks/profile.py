@@ -1,0 +1,124 @@
+"""Where one l4proxy process spends its time under wrk: CPU per request, syscalls, a profile.
+
+Usage: ``.venv/bin/python benchmarks/profile.py [--keep-alive] [--connections N]
+[--seconds S] [--py-spy PATH] [--strace] [-- L4PROXY-ARGS...]``
+
+Starts nginx (core 1) and ``l4proxy -l ... -b nginx`` (core 0), warms up, then runs wrk
+(``Connection: close`` unless ``--keep-alive``) and prints:
+
+- requests per second and the proxy's CPU per request, user and system separately;
+- with ``--strace``: the syscalls per request (``strace -c -f -p``; strace slows the
+  proxy down, so this run's rate is not the real one);
+- with ``--py-spy PATH`` (``pip install py-spy`` anywhere, it attaches by pid): the
+  lines with the most samples while the event loop was busy (waits in ``epoll_wait``
+  left out), as in docs/performance.md.
+
+Loopback only; every process is stopped on exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import _load
+import _procs
+from _procs import LOAD_CORE, Procs, two_cores
+from _servers import SMALL_FILE, start_nginx, start_proxy
+
+
+def _user_system(pid: int) -> tuple[float, float]:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = 100.0  # os.sysconf("SC_CLK_TCK") on Linux
+    return int(fields[11]) / ticks, int(fields[12]) / ticks
+
+
+def _busy_lines(raw: Path, top: int) -> list[tuple[float, str]]:
+    """Self time per source line from py-spy's raw (collapsed) output."""
+    lines: collections.Counter[str] = collections.Counter()
+    for row in raw.read_text().splitlines():
+        stack, _, count = row.rpartition(" ")
+        leaf = stack.split(";")[-1]
+        if "get_events" in leaf or "Condition.wait" in leaf:
+            continue  # the event loop or the writer thread asleep
+        lines[leaf] += int(count)
+    total = sum(lines.values()) or 1
+    return [(count * 100 / total, leaf) for leaf, count in lines.most_common(top)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--keep-alive", action="store_true", help="kept-alive connections")
+    parser.add_argument("--connections", type=int, default=None, help="wrk -c (32 or 10)")
+    parser.add_argument("--seconds", type=int, default=3)
+    parser.add_argument("--py-spy", type=Path, metavar="PATH", help="py-spy binary to sample with")
+    parser.add_argument("--strace", action="store_true", help="count syscalls per request")
+    parser.add_argument("l4proxy_args", nargs="*", help="extra l4proxy arguments, after --")
+    args = parser.parse_args()
+    connections = args.connections or (10 if args.keep_alive else 32)
+    _procs.raise_nofile()
+    with tempfile.TemporaryDirectory() as tmp, Procs(Path(tmp)) as procs:
+        _, backend = start_nginx(procs, Path(tmp))
+        proxy, port = start_proxy(procs, "l4proxy", backend, l4proxy_args=args.l4proxy_args)
+        url = f"http://127.0.0.1:{port}/{SMALL_FILE}"
+
+        def run_wrk() -> _load.WrkResult:
+            return _load.wrk(
+                url, connections=connections, seconds=args.seconds, close=not args.keep_alive
+            )
+
+        _load.wrk(url, connections=connections, seconds=1, close=not args.keep_alive)
+        user0, system0 = _user_system(proxy.pid)
+        result = run_wrk()
+        user1, system1 = _user_system(proxy.pid)
+        requests = result.requests_per_s * args.seconds
+        print(
+            f"{result.requests_per_s:,.0f} requests/s; proxy CPU per request "
+            f"{(user1 - user0 + system1 - system0) / requests * 1e6:.1f} µs "
+            f"(user {(user1 - user0) / requests * 1e6:.1f}, "
+            f"system {(system1 - system0) / requests * 1e6:.1f})"
+        )
+        if args.strace:
+            out = Path(tmp) / "strace.txt"
+            tracer = subprocess.Popen(
+                ["strace", "-f", "-c", "-o", str(out), "-p", str(proxy.pid)],
+                stderr=subprocess.DEVNULL,
+            )
+            time.sleep(0.5)
+            traced = run_wrk()
+            tracer.terminate()
+            tracer.wait(10)
+            count = traced.requests or 1
+            print(f"\nsyscalls per request (strace, {traced.requests:,} requests):")
+            for row in out.read_text().splitlines()[2:]:
+                parts = row.split()
+                if len(parts) >= 5 and parts[0][0].isdigit() and parts[-1] != "total":
+                    calls = int(parts[3])
+                    errors = int(parts[4]) if len(parts) == 6 else 0
+                    if calls / count >= 0.05:
+                        note = f"  ({errors / count:.2f} failed)" if errors else ""
+                        print(f"  {parts[-1]:16} {calls / count:6.2f}{note}")
+        if args.py_spy:
+            raw = Path(tmp) / "py-spy.txt"
+            spy = subprocess.Popen(
+                [str(args.py_spy), "record", "-p", str(proxy.pid), "-r", "200",
+                 "-d", str(args.seconds), "-f", "raw", "-o", str(raw), "--nonblocking"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            if two_cores():
+                os.sched_setaffinity(spy.pid, {LOAD_CORE})
+            run_wrk()
+            spy.wait(args.seconds + 30)
+            print("\nbusiest lines (py-spy, share of busy samples):")
+            for share, leaf in _busy_lines(raw, 30):
+                print(f"  {share:5.1f}%  {leaf}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
