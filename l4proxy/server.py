@@ -4,9 +4,11 @@ Task tree while serving (every connection lives in a nursery)::
 
     serve
     └── one task per listener config        (drain scope: its deadline is the drain timeout)
-        ├── handler nursery                 one task per connection
-        └── accept scope                    cancelled by close(): stop accepting at once
-            └── one accept loop per bound socket
+        └── handler nursery                 one task per connection (fast path: one per
+            │                               direction; none while parked)
+            ├── parking lot                 idle fast-path connections (parking.py)
+            └── accept scope                cancelled by close(): stop accepting at once
+                └── acceptor nursery        one accept loop per bound socket
 
 ``close()`` cancels the accept scopes, which closes the listening sockets (new
 connections are refused), and gives each listener's handler nursery a deadline of now +

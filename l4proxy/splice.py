@@ -6,8 +6,9 @@ When both sides are plain sockets, the bytes never need to enter Python: each di
 moves up to :data:`PIPE_SIZE` bytes from the source socket into a pipe and from the pipe
 into the destination socket, both with ``os.splice`` (``SPLICE_F_MOVE |
 SPLICE_F_NONBLOCK``), so the kernel moves page references instead of copying through
-user space. Python only drives the loop: try the syscall, and on ``EAGAIN`` wait for the
-socket with ``trio.lowlevel.wait_readable`` / ``wait_writable``.
+user space. Python only drives the loop: try the syscall, and on ``EAGAIN`` (or after a
+read shorter than the pipe) wait for the socket with ``trio.lowlevel.wait_readable`` /
+``wait_writable``.
 
 Pipes are borrowed from a :class:`PipePool` only while data is in flight and returned
 empty, so an idle connection holds no pipe (two descriptors fewer per connection and
@@ -32,7 +33,6 @@ exact, and cancellation is never swallowed.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import logging
 import math
@@ -68,6 +68,11 @@ _FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK if hasattr(os, "splice") else 0
 AVAILABLE = hasattr(os, "splice") and hasattr(fcntl, "F_SETPIPE_SZ")
 
 
+#: A pipe from the pool: read end, write end, capacity (``PIPE_SIZE`` unless the
+#: kernel refused to grow it).
+Pipe = tuple[int, int, int]
+
+
 class PipePool:
     """Empty pipes for splicing, reused across connections.
 
@@ -78,23 +83,28 @@ class PipePool:
 
     def __init__(self, keep: int = 64) -> None:
         self.keep = keep
-        self._idle: list[tuple[int, int]] = []
+        self._idle: list[Pipe] = []
         self.in_use = 0  # pipes lent out right now: 0 whenever no bytes are in flight
         self.created = 0
 
-    def acquire(self) -> tuple[int, int]:
-        """An empty pipe. Raises ``OSError`` (e.g. ``EMFILE``) if a new one cannot be made."""
+    def acquire(self) -> Pipe:
+        """An empty pipe: read end, write end, capacity in bytes.
+
+        Raises ``OSError`` (e.g. ``EMFILE``) if a new one cannot be made.
+        """
         if self._idle:
             self.in_use += 1
             return self._idle.pop()
         read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.in_use += 1
         self.created += 1
-        with contextlib.suppress(OSError):  # keep the default (64 KiB) if the limit is lower
-            fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
-        return read_end, write_end
+        try:
+            size = fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+        except OSError:  # over fs.pipe-user-pages-soft: the kernel keeps a smaller one
+            size = fcntl.fcntl(write_end, fcntl.F_GETPIPE_SZ)
+        return read_end, write_end, size
 
-    def release(self, pipe: tuple[int, int], *, empty: bool) -> None:
+    def release(self, pipe: Pipe, *, empty: bool) -> None:
         self.in_use -= 1
         if empty and len(self._idle) < self.keep:
             self._idle.append(pipe)
@@ -104,7 +114,7 @@ class PipePool:
 
     def close(self) -> None:
         while self._idle:
-            read_end, write_end = self._idle.pop()
+            read_end, write_end, _ = self._idle.pop()
             os.close(read_end)
             os.close(write_end)
 
@@ -342,7 +352,7 @@ class SpliceLink:
                     return  # nothing read yet: the lot finds the data where it is
             pipe = pool.acquire()
             try:
-                in_pipe = os.splice(src_fd, pipe[1], PIPE_SIZE, flags=_FLAGS)
+                in_pipe = os.splice(src_fd, pipe[1], pipe[2], flags=_FLAGS)
             except BlockingIOError:
                 in_pipe = -1
             except OSError as exc:
@@ -354,7 +364,7 @@ class SpliceLink:
                     break  # EOF
                 wait_first = True
                 continue
-            wait_first = in_pipe < PIPE_SIZE
+            wait_first = in_pipe < pipe[2]  # short of the real capacity, not the wish
             try:
                 while in_pipe:
                     try:

@@ -56,6 +56,8 @@ LOGGER = logging.getLogger("l4proxy.tls")
 
 RECEIVE_SIZE = 65536
 SEND_CHUNK = 65536
+#: The most plaintext one TLS record carries: what one ``receive_some`` can return.
+RECORD_SIZE = 16384
 
 #: A fatal ``unrecognized_name`` alert (RFC 8446 §6.2), sent in clear before any
 #: handshake when no route matches the SNI.
@@ -451,11 +453,14 @@ class TLSStream(trio.abc.HalfCloseableStream):
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if max_bytes is None:
-            max_bytes = RECEIVE_SIZE
+            max_bytes = RECORD_SIZE
         else:
             max_bytes = operator.index(max_bytes)
             if max_bytes < 1:
                 raise ValueError("max_bytes must be >= 1")
+            # One call returns at most one record anyway, and pyOpenSSL allocates the
+            # whole buffer asked for on every call.
+            max_bytes = min(max_bytes, RECORD_SIZE)
         self._check_usable()
         if self._receiving:
             raise trio.BusyResourceError("another task is receiving on this TLSStream")

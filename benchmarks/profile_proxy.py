@@ -1,6 +1,6 @@
 """Where one l4proxy process spends its time under wrk: CPU per request, syscalls, a profile.
 
-Usage: ``.venv/bin/python benchmarks/profile.py [--keep-alive] [--connections N]
+Usage: ``.venv/bin/python benchmarks/profile_proxy.py [--keep-alive] [--connections N]
 [--seconds S] [--py-spy PATH] [--strace] [-- L4PROXY-ARGS...]``
 
 Starts nginx (core 1) and ``l4proxy -l ... -b nginx`` (core 0), warms up, then runs wrk
@@ -13,7 +13,9 @@ Starts nginx (core 1) and ``l4proxy -l ... -b nginx`` (core 0), warms up, then r
   lines with the most samples while the event loop was busy (waits in ``epoll_wait``
   left out), as in docs/performance.md.
 
-Loopback only; every process is stopped on exit.
+One l4proxy process (``--workers`` is refused: the figures are per process). strace
+and py-spy attach by pid, which Yama's ``ptrace_scope`` may forbid unless root; a tool
+that fails is reported, not ignored. Loopback only; every process is stopped on exit.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import collections
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -45,11 +48,26 @@ def _busy_lines(raw: Path, top: int) -> list[tuple[float, str]]:
     for row in raw.read_text().splitlines():
         stack, _, count = row.rpartition(" ")
         leaf = stack.split(";")[-1]
-        if "get_events" in leaf or "Condition.wait" in leaf:
-            continue  # the event loop or the writer thread asleep
+        if any(idle in leaf for idle in _ASLEEP):
+            continue  # the event loop or the access-log writer asleep
         lines[leaf] += int(count)
     total = sum(lines.values()) or 1
     return [(count * 100 / total, leaf) for leaf, count in lines.most_common(top)]
+
+
+#: Leaf frames of a thread that is waiting, not working.
+_ASLEEP = ("get_events", "Condition.wait", "Event.wait", "FileSink._run (l4proxy/accesslog.py:2")
+
+
+def _stop(tool: subprocess.Popen[bytes]) -> int:
+    """Stop an attached tool (SIGINT: strace and py-spy write their output) and reap it."""
+    if tool.poll() is None:
+        tool.send_signal(2)
+        try:
+            return tool.wait(15)
+        except subprocess.TimeoutExpired:
+            tool.kill()
+    return tool.wait()
 
 
 def main() -> None:
@@ -61,6 +79,12 @@ def main() -> None:
     parser.add_argument("--strace", action="store_true", help="count syscalls per request")
     parser.add_argument("l4proxy_args", nargs="*", help="extra l4proxy arguments, after --")
     args = parser.parse_args()
+    if any(arg.startswith("--workers") or arg == "-w" for arg in args.l4proxy_args):
+        parser.error("--workers: profile one process (the figures are per process)")
+    if args.py_spy and not os.access(args.py_spy, os.X_OK):
+        parser.error(f"--py-spy: {args.py_spy} is not an executable (pip install py-spy)")
+    if args.strace and shutil.which("strace") is None:
+        parser.error("--strace: strace is not installed (apt-get install strace)")
     connections = args.connections or (10 if args.keep_alive else 32)
     _procs.raise_nofile()
     with tempfile.TemporaryDirectory() as tmp, Procs(Path(tmp)) as procs:
@@ -77,7 +101,7 @@ def main() -> None:
         user0, system0 = _user_system(proxy.pid)
         result = run_wrk()
         user1, system1 = _user_system(proxy.pid)
-        requests = result.requests_per_s * args.seconds
+        requests = result.requests or 1
         print(
             f"{result.requests_per_s:,.0f} requests/s; proxy CPU per request "
             f"{(user1 - user0 + system1 - system0) / requests * 1e6:.1f} µs "
@@ -86,35 +110,46 @@ def main() -> None:
         )
         if args.strace:
             out = Path(tmp) / "strace.txt"
-            tracer = subprocess.Popen(
-                ["strace", "-f", "-c", "-o", str(out), "-p", str(proxy.pid)],
-                stderr=subprocess.DEVNULL,
-            )
-            time.sleep(0.5)
-            traced = run_wrk()
-            tracer.terminate()
-            tracer.wait(10)
+            log = Path(tmp) / "strace.log"
+            with log.open("wb") as errors:
+                tracer = subprocess.Popen(
+                    ["strace", "-f", "-c", "-o", str(out), "-p", str(proxy.pid)], stderr=errors
+                )
+                try:
+                    time.sleep(0.5)
+                    traced = run_wrk()
+                finally:
+                    status = _stop(tracer)
+            if not out.exists() or not out.read_text().strip():
+                raise SystemExit(f"strace failed (status {status}): {log.read_text().strip()}")
             count = traced.requests or 1
             print(f"\nsyscalls per request (strace, {traced.requests:,} requests):")
             for row in out.read_text().splitlines()[2:]:
                 parts = row.split()
                 if len(parts) >= 5 and parts[0][0].isdigit() and parts[-1] != "total":
                     calls = int(parts[3])
-                    errors = int(parts[4]) if len(parts) == 6 else 0
+                    failed = int(parts[4]) if len(parts) == 6 else 0
                     if calls / count >= 0.05:
-                        note = f"  ({errors / count:.2f} failed)" if errors else ""
+                        note = f"  ({failed / count:.2f} failed)" if failed else ""
                         print(f"  {parts[-1]:16} {calls / count:6.2f}{note}")
         if args.py_spy:
             raw = Path(tmp) / "py-spy.txt"
-            spy = subprocess.Popen(
-                [str(args.py_spy), "record", "-p", str(proxy.pid), "-r", "200",
-                 "-d", str(args.seconds), "-f", "raw", "-o", str(raw), "--nonblocking"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            )  # fmt: skip
-            if two_cores():
-                os.sched_setaffinity(spy.pid, {LOAD_CORE})
-            run_wrk()
-            spy.wait(args.seconds + 30)
+            log = Path(tmp) / "py-spy.log"
+            with log.open("wb") as errors:
+                spy = subprocess.Popen(
+                    [str(args.py_spy), "record", "-p", str(proxy.pid), "-r", "200",
+                     "-d", str(args.seconds), "-f", "raw", "-o", str(raw), "--nonblocking"],
+                    stdout=errors, stderr=errors,
+                )  # fmt: skip
+                try:
+                    if two_cores():
+                        os.sched_setaffinity(spy.pid, {LOAD_CORE})
+                    run_wrk()
+                    status = spy.wait(args.seconds + 30)
+                finally:
+                    _stop(spy)
+            if status != 0 or not raw.exists():
+                raise SystemExit(f"py-spy failed (status {status}): {log.read_text().strip()}")
             print("\nbusiest lines (py-spy, share of busy samples):")
             for share, leaf in _busy_lines(raw, 30):
                 print(f"  {share:5.1f}%  {leaf}")

@@ -1,0 +1,147 @@
+"""The splice pump's edge cases, on real loopback sockets driven by a SpliceLink."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+from typing import TYPE_CHECKING
+
+import trio
+
+from l4proxy import splice
+from l4proxy.pump import Transfer
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    import pytest
+
+
+def _tcp_pair() -> tuple[socket.socket, socket.socket]:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        near = socket.create_connection(listener.getsockname())
+        far, _ = listener.accept()
+    for sock in (near, far):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return near, far
+
+
+async def _drain(sock: socket.socket, total: int) -> int:
+    got = 0
+    while got < total:
+        await trio.lowlevel.wait_readable(sock)
+        chunk = sock.recv(1 << 20)
+        if not chunk:
+            break
+        got += len(chunk)
+    return got
+
+
+async def test_short_reads_with_bytes_left_are_followed_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Thousands of tiny segments fill the pipe's slots before its bytes: a splice read
+    comes back short with data still queued. The direction then waits for readability
+    first, which (level-triggered) returns at once: every byte still arrives."""
+    client, proxy_client = _tcp_pair()
+    proxy_backend, backend = _tcp_pair()
+    pages = tmp_path / "pages.bin"
+    pages.write_bytes(b"y" * 4096 * 3000)
+    sent = 0
+    with open(pages, "rb") as source:  # noqa: ASYNC230 - a local file, before any task runs
+        for index in range(3000):  # one small segment per page: no coalescing
+            sent += os.sendfile(client.fileno(), source.fileno(), index * 4096, 17)
+    await trio.sleep(0.2)  # all queued at proxy_client
+    short_with_bytes_left = 0
+    real_splice = os.splice
+
+    def watching_splice(src: int, dst: int, count: int, *args: object, **kwargs: object) -> int:
+        nonlocal short_with_bytes_left
+        moved = real_splice(src, dst, count, *args, **kwargs)  # type: ignore[arg-type]
+        if src == proxy_client.fileno() and 0 < moved < count:
+            short_with_bytes_left += bool(_queued(src))
+        return moved
+
+    monkeypatch.setattr(os, "splice", watching_splice)
+    for sock in (proxy_client, proxy_backend, backend):
+        sock.setblocking(False)
+    link = splice.SpliceLink(proxy_client, proxy_backend, Transfer(), splice.PipePool())
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(link.run, True)
+            nursery.start_soon(link.run, False)
+            with trio.fail_after(5):
+                assert await _drain(backend, sent) == sent
+            assert short_with_bytes_left  # the case under test did happen
+            nursery.cancel_scope.cancel()
+    finally:
+        link.close()
+        client.close()
+        backend.close()
+
+
+def _queued(fd: int) -> int:
+    import termios
+
+    return int.from_bytes(fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"), "little")
+
+
+async def test_a_pipe_the_kernel_would_not_grow_still_moves_bulk_without_waiting_per_chunk(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Past fs.pipe-user-pages-soft the kernel refuses F_SETPIPE_SZ: the pipe keeps its
+    default 64 KiB, and a full 64 KiB read is a full read, not a short one."""
+    real_fcntl = fcntl.fcntl
+
+    def refusing_fcntl(fd: int, command: int, arg: int = 0) -> int:
+        if command == fcntl.F_SETPIPE_SZ:
+            raise PermissionError(1, "Operation not permitted")
+        return real_fcntl(fd, command, arg)
+
+    monkeypatch.setattr(splice.fcntl, "fcntl", refusing_fcntl)
+    pool = splice.PipePool()
+    pipe = pool.acquire()
+    assert pipe[2] == 65536
+    pool.release(pipe, empty=True)
+
+    client, proxy_client = _tcp_pair()
+    proxy_backend, backend = _tcp_pair()
+    for sock in (client, proxy_client, proxy_backend, backend):
+        sock.setblocking(False)
+    waits = 0
+    real_wait = trio.lowlevel.wait_readable
+
+    async def counting_wait(fd: int | socket.socket) -> None:
+        nonlocal waits
+        waits += fd == proxy_client.fileno()
+        await real_wait(fd)
+
+    monkeypatch.setattr(trio.lowlevel, "wait_readable", counting_wait)
+    total = 16 << 20
+    link = splice.SpliceLink(proxy_client, proxy_backend, Transfer(), pool)
+
+    async def send_all() -> None:
+        data = memoryview(b"z" * total)
+        while data:
+            try:
+                data = data[client.send(data) :]
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(client)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(link.run, True)
+            nursery.start_soon(link.run, False)
+            nursery.start_soon(send_all)
+            with trio.fail_after(10):
+                assert await _drain(backend, total) == total
+            nursery.cancel_scope.cancel()
+    finally:
+        link.close()
+        client.close()
+        backend.close()
+        pool.close()
+    assert waits < total // 65536 // 4  # waiting after every chunk would be 256
