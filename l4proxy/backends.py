@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 import attrs
 import trio
 
-from .addresses import Address, TCPAddress, UnixAddress
+from .addresses import Address, UnixAddress
 from .errors import UpstreamConnectError
 
 #: How the proxy dials a backend; injectable, after Go tcpproxy's ``DialContext``.
@@ -58,17 +58,18 @@ def _literal_family(host: str) -> int | None:
 
 @attrs.frozen
 class DirectTarget:
-    """A backend at an IP literal, ready for a raw non-blocking ``connect``."""
+    """A backend at an IP literal or a Unix socket path, ready for a raw non-blocking
+    ``connect``."""
 
     family: int
-    sockaddr: tuple[str, int]
+    sockaddr: tuple[str, int] | str
     name: str  # as the access log writes it
 
 
 class BackendPool:
     """Round-robin over a listener's backends.
 
-    ``direct`` holds, when every backend is a TCP address with an IP literal, what a
+    ``direct`` holds, when every backend is an IP literal or a Unix socket, what a
     raw ``connect`` needs for each (see :func:`connect_direct`), worked out once here.
 
     Example:
@@ -107,7 +108,9 @@ class BackendPool:
 
 
 def _direct_target(address: Address) -> DirectTarget | None:
-    if not isinstance(address, TCPAddress) or address.host is None:
+    if isinstance(address, UnixAddress):
+        return DirectTarget(socket.AF_UNIX, address.path, str(address))
+    if address.host is None:
         return None
     family = _literal_family(address.host)
     if family is None:
@@ -118,13 +121,17 @@ def _direct_target(address: Address) -> DirectTarget | None:
 async def connect_direct(
     pool: BackendPool, *, attempt_seconds: float
 ) -> tuple[socket.socket, DirectTarget]:
-    """:func:`connect_pool` for a pool of IP literals, without trio's socket wrappers.
+    """:func:`connect_pool` for a pool of IP literals and Unix sockets, without trio's
+    socket wrappers.
 
-    One non-blocking ``connect`` per attempt and a wait for writability: the plain-TCP
-    fast path's way, a good deal cheaper per connection than a ``trio.SocketStream``.
+    One non-blocking ``connect`` per attempt and a wait for writability: the fast
+    path's way, a good deal cheaper per connection than a ``trio.SocketStream``. A Unix
+    socket connects at once or fails at once, except when its listener's queue is
+    full (``EAGAIN``): then the connect is retried every 10 ms within the attempt's
+    time, as a blocking ``connect`` would wait.
 
     Returns:
-        A connected non-blocking socket (``TCP_NODELAY`` set) and its target.
+        A connected non-blocking socket (``TCP_NODELAY`` set on TCP) and its target.
 
     Error handling:
         As :func:`connect_pool`: each backend at most once, then
@@ -138,11 +145,14 @@ async def connect_direct(
             attempts.append((target.name, describe_os_error(exc)))
             continue
         try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            failure = sock.connect_ex(target.sockaddr)
-            if failure == errno.EINPROGRESS:
-                failure = 0 if _connected(sock) else -1
-            if failure < 0:
+            if target.family == socket.AF_UNIX:
+                failure = await _connect_unix(sock, target.sockaddr, attempt_seconds)
+            else:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                failure = sock.connect_ex(target.sockaddr)
+                if failure == errno.EINPROGRESS:
+                    failure = 0 if _connected(sock) else -1
+            if failure < 0 and target.family != socket.AF_UNIX:
                 with trio.move_on_after(attempt_seconds):
                     await trio.lowlevel.wait_writable(sock)
                     failure = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
@@ -161,6 +171,19 @@ async def connect_direct(
             )
         )
     raise UpstreamConnectError(tuple(attempts))
+
+
+async def _connect_unix(sock: socket.socket, path: tuple[str, int] | str, seconds: float) -> int:
+    """``connect_ex`` to a Unix socket; ``-1`` if its queue stayed full ``seconds``."""
+    with trio.move_on_after(seconds):
+        while (failure := sock.connect_ex(path)) == errno.EAGAIN:  # noqa: ASYNC110 - polled
+            await trio.sleep(UNIX_RETRY_SECONDS)  # the kernel has no "queue has room" event
+        return failure
+    return -1
+
+
+#: How often a connect to a Unix socket whose queue is full is tried again.
+UNIX_RETRY_SECONDS = 0.01
 
 
 def _connected(sock: socket.socket) -> bool:

@@ -207,7 +207,8 @@ async def serve_socket(
     """Proxy one accepted socket: the plain-TCP fast path when it applies, else
     :func:`serve_connection` on a ``trio.SocketStream``.
 
-    The fast path is for plain listeners whose backends are IP literals, with splice
+    The fast path is for plain listeners whose backends are IP literals or Unix
+    sockets (nothing to resolve), with splice
     on, no backend TLS and the default connector: no stream wrappers, a raw
     non-blocking ``connect`` (:func:`~l4proxy.backends.connect_direct`), and a
     :class:`~l4proxy.splice.SpliceLink` whose second direction runs as a sibling task

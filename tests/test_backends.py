@@ -4,6 +4,7 @@ import contextlib
 import errno
 import socket
 from functools import partial
+from pathlib import Path
 
 import pytest
 import trio
@@ -126,15 +127,17 @@ async def test_real_connect_timeout_on_a_backend_whose_backlog_is_full() -> None
         assert info.value.attempts == (("127.0.0.1:" + str(port), "timed out after 0.3s"),)
 
 
-def test_direct_targets_only_when_every_backend_is_an_ip_literal() -> None:
-    literal = BackendPool((TCPAddress("127.0.0.1", 1), TCPAddress("::1", 2)))
-    assert literal.direct is not None
-    assert [(t.family, t.sockaddr, t.name) for t in literal.direct] == [
+def test_direct_targets_only_when_no_backend_needs_resolving() -> None:
+    direct = BackendPool(
+        (TCPAddress("127.0.0.1", 1), TCPAddress("::1", 2), UnixAddress("/run/db.sock"))
+    )
+    assert direct.direct is not None
+    assert [(t.family, t.sockaddr, t.name) for t in direct.direct] == [
         (socket.AF_INET, ("127.0.0.1", 1), "127.0.0.1:1"),
         (socket.AF_INET6, ("::1", 2), "[::1]:2"),
+        (socket.AF_UNIX, "/run/db.sock", "unix:/run/db.sock"),
     ]
     assert BackendPool((TCPAddress("127.0.0.1", 1), TCPAddress("localhost", 2))).direct is None
-    assert BackendPool((UnixAddress("/run/db.sock"),)).direct is None
 
 
 def test_direct_order_shares_the_round_robin_cursor() -> None:
@@ -180,3 +183,49 @@ async def test_direct_connect_out_of_descriptors_is_a_failed_attempt(
     with pytest.raises(UpstreamConnectError) as info:
         await connect_direct(BackendPool((A, B)), attempt_seconds=1)
     assert info.value.attempts == ((str(A), "too many open files"), (str(B), "too many open files"))
+
+
+async def test_direct_connect_to_unix_sockets(nursery: trio.Nursery, tmp_path: Path) -> None:
+    missing = UnixAddress(str(tmp_path / "missing.sock"))
+    path = tmp_path / "backend.sock"
+    listener = trio.socket.socket(socket.AF_UNIX)
+    await listener.bind(str(path))
+    listener.listen()
+    nursery.start_soon(trio.serve_listeners, _close_at_once, [trio.SocketListener(listener)])
+    sock, target = await connect_direct(
+        BackendPool((missing, UnixAddress(str(path)))), attempt_seconds=5
+    )
+    with sock:
+        assert target.name == f"unix:{path}"
+        assert sock.getpeername() == str(path)
+        assert not sock.getblocking()
+
+
+async def test_direct_connect_waits_while_a_unix_queue_is_full(tmp_path: Path) -> None:
+    """A full accept queue makes a non-blocking Unix connect fail with EAGAIN at once;
+    like a blocking connect, the attempt keeps trying until its time is up."""
+    path = tmp_path / "full.sock"
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(path))
+        server.listen(0)
+        fillers = []
+        try:
+            while True:  # fill the queue (bounded: a queue of 0 holds one or two)
+                filler = socket.socket(socket.AF_UNIX)
+                filler.setblocking(False)
+                fillers.append(filler)
+                if filler.connect_ex(str(path)) == errno.EAGAIN or len(fillers) > 16:
+                    break
+            start = trio.current_time()
+            with pytest.raises(UpstreamConnectError) as info:
+                await connect_direct(BackendPool((UnixAddress(str(path)),)), attempt_seconds=0.3)
+            assert info.value.attempts == ((f"unix:{path}", "timed out after 0.3s"),)
+            assert trio.current_time() - start >= 0.3
+            server.accept()[0].close()  # room again: the next attempt gets in
+            sock, _ = await connect_direct(
+                BackendPool((UnixAddress(str(path)),)), attempt_seconds=5
+            )
+            sock.close()
+        finally:
+            for filler in fillers:
+                filler.close()

@@ -434,6 +434,32 @@ async def test_psql_writes_and_reads_through_proxy(
         _assert_ok(record, pg_proxy)
 
 
+async def test_an_idle_psql_session_is_parked_and_woken_by_its_next_query(
+    postgres: Postgres, pg_proxy: RunningProxy
+) -> None:
+    """One psql session, quiet for a second between two queries: the proxy parks the
+    connection (no tasks) meanwhile and the next query wakes it."""
+    parked_seen = False
+
+    async def watch() -> None:
+        nonlocal parked_seen
+        while True:
+            parked_seen |= pg_proxy.proxy.stats()["pg"].parked == 1
+            await trio.sleep(0.02)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch)
+        result = await _run(
+            _psql(postgres, pg_proxy.host, pg_proxy.port, "select 1", "\\! sleep 1", "select 2"),
+            env=_client_env(),
+        )
+        nursery.cancel_scope.cancel()
+    assert result.stdout.decode().split() == ["1", "2"]
+    assert parked_seen
+    (record,) = await pg_proxy.wait_for_records(1)
+    _assert_ok(record, pg_proxy)
+
+
 async def test_psql_large_result_matches_direct_connection(
     postgres: Postgres, pg_proxy: RunningProxy
 ) -> None:
