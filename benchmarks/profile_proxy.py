@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import inspect
 import os
 import shutil
 import subprocess
@@ -35,10 +36,12 @@ import _procs
 from _procs import LOAD_CORE, Procs, two_cores
 from _servers import SMALL_FILE, start_nginx, start_proxy
 
+from l4proxy import accesslog
+
 
 def _user_system(pid: int) -> tuple[float, float]:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    ticks = 100.0  # os.sysconf("SC_CLK_TCK") on Linux
+    ticks = os.sysconf("SC_CLK_TCK")
     return int(fields[11]) / ticks, int(fields[12]) / ticks
 
 
@@ -55,8 +58,15 @@ def _busy_lines(raw: Path, top: int) -> list[tuple[float, str]]:
     return [(count * 100 / total, leaf) for leaf, count in lines.most_common(top)]
 
 
-#: Leaf frames of a thread that is waiting, not working.
-_ASLEEP = ("get_events", "Condition.wait", "Event.wait", "FileSink._run (l4proxy/accesslog.py:2")
+def _asleep() -> tuple[str, ...]:
+    """Leaf frames of a thread that is waiting, not working: the event loop in
+    ``epoll_wait``, the access-log writer in its wait or its batching sleep."""
+    lines, first = inspect.getsourcelines(accesslog.FileSink._run)
+    sleep = next(first + i for i, text in enumerate(lines) if "time.sleep(" in text)
+    return ("get_events", "Condition.wait", "Event.wait", f"(l4proxy/accesslog.py:{sleep})")
+
+
+_ASLEEP = _asleep()
 
 
 def _stop(tool: subprocess.Popen[bytes]) -> int:

@@ -14,12 +14,15 @@ import ipaddress
 import os
 import socket
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import attrs
 import trio
 
 from .addresses import Address, UnixAddress
 from .errors import UpstreamConnectError
+
+_T = TypeVar("_T")
 
 #: How the proxy dials a backend; injectable, after Go tcpproxy's ``DialContext``.
 Connector = Callable[[Address], Awaitable[trio.abc.Stream]]
@@ -91,20 +94,17 @@ class BackendPool:
 
     def order(self) -> tuple[Address, ...]:
         """The backends in the order this connection should try them."""
-        start = self._cursor
-        self._cursor = (start + 1) % len(self.backends)
-        if start == 0:
-            return self.backends
-        return self.backends[start:] + self.backends[:start]
+        return self._rotate(self.backends)
 
     def direct_order(self) -> tuple[DirectTarget, ...]:
         """Like :meth:`order`, for pools with ``direct`` targets (same cursor)."""
         assert self.direct is not None
+        return self._rotate(self.direct)
+
+    def _rotate(self, items: tuple[_T, ...]) -> tuple[_T, ...]:
         start = self._cursor
-        self._cursor = (start + 1) % len(self.direct)
-        if start == 0:
-            return self.direct
-        return self.direct[start:] + self.direct[:start]
+        self._cursor = (start + 1) % len(items)
+        return items if start == 0 else items[start:] + items[:start]
 
 
 def _direct_target(address: Address) -> DirectTarget | None:
@@ -145,17 +145,11 @@ async def connect_direct(
             attempts.append((target.name, describe_os_error(exc)))
             continue
         try:
-            if target.family == socket.AF_UNIX:
-                failure = await _connect_unix(sock, target.sockaddr, attempt_seconds)
-            else:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                failure = sock.connect_ex(target.sockaddr)
-                if failure == errno.EINPROGRESS:
-                    failure = 0 if _connected(sock) else -1
-            if failure < 0 and target.family != socket.AF_UNIX:
-                with trio.move_on_after(attempt_seconds):
-                    await trio.lowlevel.wait_writable(sock)
-                    failure = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            failure = await _connect(sock, target, attempt_seconds)
+        except OSError as exc:  # raised rather than returned, e.g. a Unix path too long
+            sock.close()
+            attempts.append((target.name, describe_os_error(exc)))
+            continue
         except BaseException:
             sock.close()
             raise
@@ -173,17 +167,31 @@ async def connect_direct(
     raise UpstreamConnectError(tuple(attempts))
 
 
-async def _connect_unix(sock: socket.socket, path: tuple[str, int] | str, seconds: float) -> int:
-    """``connect_ex`` to a Unix socket; ``-1`` if its queue stayed full ``seconds``."""
-    with trio.move_on_after(seconds):
-        while (failure := sock.connect_ex(path)) == errno.EAGAIN:  # noqa: ASYNC110 - polled
-            await trio.sleep(UNIX_RETRY_SECONDS)  # the kernel has no "queue has room" event
-        return failure
-    return -1
-
-
+#: TCP sockets are created non-blocking, so creating one costs no extra syscall.
+_NONBLOCKING_STREAM = socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
 #: How often a connect to a Unix socket whose queue is full is tried again.
 UNIX_RETRY_SECONDS = 0.01
+
+
+async def _connect(sock: socket.socket, target: DirectTarget, seconds: float) -> int:
+    """One attempt: 0 when connected, an errno when refused, -1 when out of time."""
+    if target.family == socket.AF_UNIX:
+        assert isinstance(target.sockaddr, str)
+        with trio.move_on_after(seconds):
+            while (failure := sock.connect_ex(target.sockaddr)) == errno.EAGAIN:  # noqa: ASYNC110
+                await trio.sleep(UNIX_RETRY_SECONDS)  # the kernel has no "queue has room" event
+            return failure
+        return -1
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    failure = sock.connect_ex(target.sockaddr)
+    if failure != errno.EINPROGRESS:
+        return failure
+    if _connected(sock):
+        return 0
+    with trio.move_on_after(seconds):
+        await trio.lowlevel.wait_writable(sock)
+        return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    return -1
 
 
 def _connected(sock: socket.socket) -> bool:
@@ -195,9 +203,6 @@ def _connected(sock: socket.socket) -> bool:
     except OSError:
         return False
     return True
-
-
-_NONBLOCKING_STREAM = socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
 
 
 async def connect_pool(

@@ -27,7 +27,6 @@ from .backends import (
     connect_direct,
     connect_pool,
     describe_os_error,
-    open_connection,
 )
 from .clienthello import DEFAULT_LIMIT, ClientHello, next_size, parse_client_hello
 from .errors import ClientHelloError, L4ProxyError, UpstreamConnectError
@@ -207,25 +206,27 @@ async def serve_socket(
     """Proxy one accepted socket: the plain-TCP fast path when it applies, else
     :func:`serve_connection` on a ``trio.SocketStream``.
 
-    The fast path is for plain listeners whose backends are IP literals or Unix
-    sockets (nothing to resolve), with splice
-    on, no backend TLS and the default connector: no stream wrappers, a raw
+    The fast path (``listener.direct``, decided once per runtime) is for plain
+    listeners whose backends are IP literals or Unix sockets (nothing to resolve), with
+    splice on, no backend TLS and the default connector: no stream wrappers, a raw
     non-blocking ``connect`` (:func:`~l4proxy.backends.connect_direct`), and a
     :class:`~l4proxy.splice.SpliceLink` whose second direction runs as a sibling task
-    in the listener's nursery (``lot.nursery``), the last direction to end closing both
-    sockets and writing the access line; while idle both ways, the link waits in the
-    listener's :class:`~l4proxy.parking.ParkingLot` instead, without tasks. It keeps every behaviour of the general path
-    (failover, timeouts, half-close, outcomes, the access line) at about half the CPU
-    per connection (docs/performance.md).
+    in the listener's nursery (``lot.nursery``), the last direction to end closing
+    both sockets and writing the access line; while idle both ways, the link waits in
+    the listener's :class:`~l4proxy.parking.ParkingLot` instead, without tasks. It
+    keeps every behaviour of the general path (failover, timeouts, half-close,
+    outcomes, the access line) at about half the CPU per connection
+    (docs/performance.md).
 
     Resource handling:
         ``sock`` is closed on every path, cancellation included.
     """
     pool = listener.direct
-    if pool is None or listener.pipes is None or connect is not open_connection:
+    if pool is None:
         stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
         await serve_connection(stream, listener, client, connection_id, connect, is_draining)
         return
+    assert listener.pipes is not None  # part of what "direct" means
     state = _Spliced(
         id=connection_id,
         client=client,
@@ -268,13 +269,11 @@ class _Spliced(_Connection):
     """A fast-path connection: its access line, and what its last direction needs to
     finish it (:meth:`link_done`, a bound method rather than a closure)."""
 
-    runtime: ListenerRuntime | None = None
-    is_draining: Callable[[], bool] | None = None
+    runtime: ListenerRuntime = attrs.field(kw_only=True)
+    is_draining: Callable[[], bool] = attrs.field(kw_only=True)
 
     def link_done(self, link: SpliceLink) -> None:
         """Close both sockets and write the access line; runs in a ``finally``."""
-        assert self.runtime is not None
-        assert self.is_draining is not None
         if not link.closed:  # both directions have returned: nobody waits on them
             link.client.close()
             link.backend.close()

@@ -70,15 +70,22 @@ class ParkingLot:
 
     @property
     def parked_links(self) -> int:
+        """How many links are parked (each has two descriptors in :attr:`parked`)."""
         return len(self.parked) // 2
 
     def both_reading(self, link: SpliceLink) -> None:
         """``link`` waits to read both ways from now on (until it reads again)."""
+        if self.draining:
+            return  # parks nothing more
         self.waiting[link] = self._generation
         if self._sweep_at == math.inf:
             self._sweep_at = trio.current_time() + PARK_AFTER
             if self._wake is not None:
                 self._wake.deadline = min(self._wake.deadline, self._sweep_at)
+
+    def not_both_reading(self, link: SpliceLink) -> None:
+        """One of ``link``'s directions stopped waiting to read."""
+        self.waiting.pop(link, None)
 
     def stop_parking(self) -> None:
         """The listener drains: park nothing more; :meth:`run` returns once empty."""
@@ -91,7 +98,8 @@ class ParkingLot:
 
         Error handling:
             If the lot cannot take it (closing, or ``epoll_ctl`` fails, e.g. at
-            ``fs.epoll.max_user_watches``), the link runs on unparked.
+            ``fs.epoll.max_user_watches``), the link runs on unparked; after a failed
+            ``epoll_ctl`` it is never asked to park again.
         """
         if self._closing:
             link.resume(self.nursery)
@@ -105,13 +113,14 @@ class ParkingLot:
                 self._epoll.unregister(client)
                 raise
         except OSError:
+            link.lot = None  # not again: each try costs two wake-ups and two new tasks
             link.resume(self.nursery)
             return
         self.parked[client] = self.parked[backend] = link
         if link.idle_seconds > 0:
             link.park_token = next(self._tokens)
             heapq.heappush(self._deadlines, (link.idle_deadline, link.park_token, link))
-            if len(self._deadlines) > 2 * len(self.parked) + DEADLINES_SLACK:
+            if len(self._deadlines) > 2 * self.parked_links + DEADLINES_SLACK:
                 self._compact_deadlines()
             if self._wake is not None:
                 self._wake.deadline = min(self._wake.deadline, link.idle_deadline)
@@ -154,13 +163,16 @@ class ParkingLot:
             self._epoll.close()
 
     def _sweep(self, now: float) -> None:
+        if self.draining:  # nothing is parked any more: no reason to look again
+            self.waiting.clear()
+            self._sweep_at = math.inf
+            return
         generation = self._generation
         self._generation += 1
-        if not self.draining:
-            for link, since in list(self.waiting.items()):
-                if since < generation:  # waiting since before the previous sweep
-                    del self.waiting[link]
-                    link.request_park()
+        for link, since in list(self.waiting.items()):
+            if since < generation:  # waiting since before the previous sweep
+                del self.waiting[link]
+                link.request_park()
         self._sweep_at = now + PARK_AFTER if self.waiting else math.inf
 
     def _unpark(self, link: SpliceLink) -> SpliceLink:

@@ -420,6 +420,7 @@ class Proxy:
         while True:
             # The waits stay outside the except blocks (no exception kept alive).
             delay = 0.0
+            skipped = False
             try:
                 sock, peer = accept()
             except BlockingIOError:
@@ -427,19 +428,26 @@ class Proxy:
             except OSError as exc:
                 if listener.fileno() == -1:
                     return  # close() closed the socket
-                if exc.errno in ACCEPT_SKIP_ERRNOS:
-                    continue  # that connection died in the backlog: take the next
-                if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
+                if exc.errno in ACCEPT_SKIP_ERRNOS:  # it died in the backlog
+                    sock, skipped = None, True
+                elif exc.errno not in ACCEPT_CAPACITY_ERRNOS:
                     raise
-                if not failures:
-                    LOGGER.error(
-                        "listener %r: accept failed on %s: %s; backing off until it works again",
-                        name, _bound_address(listener), os.strerror(exc.errno or 0).lower(),
-                    )  # fmt: skip
-                failures += 1
-                last_failure = trio.current_time()
-                backoff = min(max(backoff * 2, ACCEPT_BACKOFF_MIN), ACCEPT_BACKOFF_MAX)
-                sock, delay = None, backoff
+                else:
+                    if not failures:
+                        LOGGER.error(
+                            "listener %r: accept failed on %s: %s; backing off until it works again",
+                            name, _bound_address(listener), os.strerror(exc.errno or 0).lower(),
+                        )  # fmt: skip
+                    failures += 1
+                    last_failure = trio.current_time()
+                    backoff = min(max(backoff * 2, ACCEPT_BACKOFF_MIN), ACCEPT_BACKOFF_MAX)
+                    sock, delay = None, backoff
+            if skipped:  # take the next; still a turn of the batch, so a flood yields too
+                accepted += 1
+                if accepted >= ACCEPT_BATCH:
+                    accepted = 0
+                    await trio.lowlevel.checkpoint()
+                continue
             if sock is None:
                 accepted = 0
                 if delay:

@@ -313,53 +313,39 @@ class SpliceLink:
                 LOGGER.exception("finishing a connection failed")
 
     async def _move(self, to_backend: bool) -> None:
+        """The loop of one direction: splice in, splice out, wait; EOF passed on.
+
+        After every wait it looks at ``closed`` (the other direction closed the
+        sockets: the descriptor numbers may already be someone else's) and, before a
+        read, at ``parking``. Waits stay outside ``except`` blocks: a task waiting in
+        one keeps the exception and its traceback alive, ~0.5 KiB per idle direction.
+        A read shorter than the pipe has almost always emptied the socket, so the next
+        read waits first instead of paying a syscall for EAGAIN (request/response
+        traffic); if bytes are left (small segments can fill the pipe's slots first),
+        trio's level-triggered wait returns at once: never a lost wake-up. Full reads go
+        straight on, with a checkpoint every second chunk.
+        """
         src, dst = (self.client, self.backend) if to_backend else (self.backend, self.client)
         src_side: Literal["client", "backend"] = "client" if to_backend else "backend"
         dst_side: Literal["client", "backend"] = "backend" if to_backend else "client"
-        src_fd, dst_fd = src.fileno(), dst.fileno()
-        transfer, pool, idle_scopes, idle_seconds = (
-            self.transfer,
-            self.pool,
-            self.idle_scopes,
-            self.idle_seconds,
-        )
-        # After every wait: has the other direction closed the sockets? Then the
-        # descriptor numbers may already be someone else's. Waits stay outside
-        # ``except`` blocks: a task waiting inside one keeps the exception and its
-        # traceback alive, ~0.5 KiB per idle direction.
-        # A read shorter than the pipe has almost always emptied the socket: wait before
-        # the next splice instead of paying a syscall for EAGAIN (request/response
-        # traffic). If bytes are left (many small segments can fill the pipe's slots
-        # first), trio's level-triggered wait returns at once: never a lost wake-up.
-        # Full reads go straight on, with a checkpoint every second chunk.
+        src_fd, dst_fd, pool = src.fileno(), dst.fileno(), self.pool
         wait_first = False
         chunks_without_wait = 0
         while True:
             if wait_first:
                 chunks_without_wait = 0
-                self.reading += 1
-                if self.reading == 2 and self.lot is not None:
-                    self.lot.both_reading(self)
+                self._waiting_to_read(True)
                 try:
                     await trio.lowlevel.wait_readable(src_fd)
                 except trio.ClosedResourceError:
                     return  # closed by the other direction, or woken to park
                 finally:
-                    if self.reading == 2 and self.lot is not None:
-                        self.lot.waiting.pop(self, None)
-                    self.reading -= 1
+                    self._waiting_to_read(False)
                 if self.closed or self.parking:
                     return  # nothing read yet: the lot finds the data where it is
             pipe = pool.acquire()
-            try:
-                in_pipe = os.splice(src_fd, pipe[1], pipe[2], flags=_FLAGS)
-            except BlockingIOError:
-                in_pipe = -1
-            except OSError as exc:
-                pool.release(pipe, empty=True)
-                raise _Broken(src_side) from exc
+            in_pipe = _splice_in(src_fd, pipe, pool, src_side)
             if in_pipe <= 0:
-                pool.release(pipe, empty=True)  # never hold a pipe while waiting
                 if in_pipe == 0:
                     break  # EOF
                 wait_first = True
@@ -383,14 +369,7 @@ class SpliceLink:
                             return
                         continue
                     in_pipe -= moved
-                    if to_backend:
-                        transfer.to_backend += moved
-                    else:
-                        transfer.to_client += moved
-                    if idle_scopes:
-                        deadline = self.idle_deadline = trio.current_time() + idle_seconds
-                        for scope in idle_scopes:
-                            scope.deadline = deadline
+                    self._moved(moved, to_backend)
             finally:
                 pool.release(pipe, empty=in_pipe == 0)
             if not wait_first:
@@ -406,3 +385,43 @@ class SpliceLink:
                 dst.shutdown(socket.SHUT_WR)
             except OSError as exc:
                 raise _Broken(dst_side) from exc
+
+    def _moved(self, moved: int, to_backend: bool) -> None:
+        """Count bytes that reached their destination and push the idle deadline."""
+        if to_backend:
+            self.transfer.to_backend += moved
+        else:
+            self.transfer.to_client += moved
+        if self.idle_scopes:
+            deadline = self.idle_deadline = trio.current_time() + self.idle_seconds
+            for scope in self.idle_scopes:
+                scope.deadline = deadline
+
+    def _waiting_to_read(self, waiting: bool) -> None:
+        """Keep the lot's view of "both directions wait to read" (parking) current."""
+        if waiting:
+            self.reading += 1
+            if self.reading == 2 and self.lot is not None:
+                self.lot.both_reading(self)
+            return
+        if self.reading == 2 and self.lot is not None:
+            self.lot.not_both_reading(self)
+        self.reading -= 1
+
+
+def _splice_in(src_fd: int, pipe: Pipe, pool: PipePool, side: Literal["client", "backend"]) -> int:
+    """Splice what ``src_fd`` has into ``pipe``: bytes moved, 0 at EOF, -1 for EAGAIN.
+
+    When nothing was moved the pipe goes back to the pool (never held while waiting).
+    Raises ``_Broken(side)`` on an error of the source.
+    """
+    try:
+        in_pipe = os.splice(src_fd, pipe[1], pipe[2], flags=_FLAGS)
+    except BlockingIOError:
+        in_pipe = -1
+    except OSError as exc:
+        pool.release(pipe, empty=True)
+        raise _Broken(side) from exc
+    if in_pipe <= 0:
+        pool.release(pipe, empty=True)
+    return in_pipe

@@ -61,6 +61,9 @@ async def test_the_file_sink_writes_every_record_in_order() -> None:
         sink.write(_record(index), LogFormat.TEXT if index % 2 else LogFormat.JSON)
         if index % 500 == 0:
             await trio.sleep(0.01)
+    with trio.fail_after(5):  # written without aclose's help: the writer was woken
+        while stream.getvalue().count("\n") < 3000:  # noqa: ASYNC110 - another thread writes
+            await trio.sleep(accesslog.BATCH_SECONDS / 5)
     await sink.aclose()
     lines = stream.getvalue().splitlines()
     assert len(lines) == 3000

@@ -229,3 +229,21 @@ async def test_direct_connect_waits_while_a_unix_queue_is_full(tmp_path: Path) -
         finally:
             for filler in fillers:
                 filler.close()
+
+
+async def test_direct_connect_fails_over_from_an_address_connect_rejects(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """Some addresses make connect() raise instead of failing (a Unix path longer than
+    the kernel takes): that attempt fails, the next backend is tried."""
+    too_long = UnixAddress("/" + "x" * 200)
+    listeners = await nursery.start(partial(trio.serve_tcp, _close_at_once, 0, host="127.0.0.1"))
+    good = TCPAddress("127.0.0.1", listeners[0].socket.getsockname()[1])
+    sock, target = await connect_direct(BackendPool((too_long, good)), attempt_seconds=5)
+    sock.close()
+    assert target.name == str(good)
+    with pytest.raises(UpstreamConnectError) as info:
+        await connect_direct(BackendPool((too_long,)), attempt_seconds=5)
+    ((name, reason),) = info.value.attempts
+    assert name == str(too_long)
+    assert "too long" in reason

@@ -54,7 +54,9 @@ async def test_short_reads_with_bytes_left_are_followed_at_once(
     with open(pages, "rb") as source:  # noqa: ASYNC230 - a local file, before any task runs
         for index in range(3000):  # one small segment per page: no coalescing
             sent += os.sendfile(client.fileno(), source.fileno(), index * 4096, 17)
-    await trio.sleep(0.2)  # all queued at proxy_client
+    with trio.fail_after(5):
+        while _queued(proxy_client.fileno()) < sent:  # noqa: ASYNC110 - the kernel's queue
+            await trio.sleep(0.01)
     short_with_bytes_left = 0
     real_splice = os.splice
 
