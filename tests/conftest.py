@@ -67,6 +67,21 @@ async def start_proxy(
     return proxy, bound
 
 
+async def serve_in(
+    nursery: trio.Nursery, proxy: l4proxy.Proxy
+) -> tuple[list[l4proxy.BoundAddress], trio.Event]:
+    """Run ``proxy.serve`` in ``nursery``; return its bound addresses and an event set
+    when ``serve`` has returned (after ``close()`` and the drain)."""
+    served = trio.Event()
+
+    async def serve(task_status: trio.TaskStatus[list[l4proxy.BoundAddress]]) -> None:
+        await proxy.serve(task_status=task_status)
+        served.set()
+
+    bound: list[l4proxy.BoundAddress] = await nursery.start(serve)
+    return bound, served
+
+
 async def connect_to(bound: l4proxy.BoundAddress) -> trio.SocketStream:
     address = bound.address
     if isinstance(address, l4proxy.UnixAddress):

@@ -24,7 +24,14 @@ import l4proxy
 from l4proxy import parking
 from l4proxy.parking import PARK_AFTER, ParkingLot
 
-from .conftest import AccessWatcher, connect_to, receive_all, receive_exactly, start_proxy
+from .conftest import (
+    AccessWatcher,
+    connect_to,
+    receive_all,
+    receive_exactly,
+    serve_in,
+    start_proxy,
+)
 
 if TYPE_CHECKING:
     from l4proxy.splice import SpliceLink
@@ -51,6 +58,21 @@ def _stats(proxy: l4proxy.Proxy) -> l4proxy.ListenerStats:
     return stats
 
 
+async def _parked_connection(
+    proxy: l4proxy.Proxy,
+    bound: list[l4proxy.BoundAddress],
+    accepted: trio.MemoryReceiveChannel[trio.SocketStream],
+) -> tuple[trio.SocketStream, trio.SocketStream]:
+    """A connection through the proxy that moved one byte and is now parked: the
+    client's end and the backend's."""
+    client = await connect_to(bound[0])
+    server = await accepted.receive()
+    await client.send_all(b"x")
+    assert await receive_exactly(server, 1) == b"x"
+    await _until_parked(proxy)
+    return client, server
+
+
 async def _until_parked(proxy: l4proxy.Proxy, count: int = 1) -> None:
     while _stats(proxy).parked != count:  # noqa: ASYNC110 - polling a counter, no event to wait on
         await trio.sleep(PARK_AFTER / 4)
@@ -62,11 +84,7 @@ async def test_an_idle_connection_is_parked_and_data_either_way_wakes_it(
     backend, accepted = await _held_backend(nursery)
     proxy, bound = await start_proxy(nursery, [backend])
     with trio.fail_after(WAIT):
-        client = await connect_to(bound[0])
-        server = await accepted.receive()
-        await client.send_all(b"hello")
-        assert await receive_exactly(server, 5) == b"hello"
-        await _until_parked(proxy)
+        client, server = await _parked_connection(proxy, bound, accepted)
         assert _stats(proxy) == l4proxy.ListenerStats(open=1, parked=1)
         await server.send_all(b"pushed while parked")  # the backend speaks first
         assert await receive_exactly(client, 19) == b"pushed while parked"
@@ -84,7 +102,7 @@ async def test_an_idle_connection_is_parked_and_data_either_way_wakes_it(
         (record,) = await access.wait()
     assert (record.outcome, record.bytes_to_backend, record.bytes_to_client) == (
         "ok",
-        5 + 300_000,
+        1 + 300_000,
         19 + 4,
     )
     assert _stats(proxy) == l4proxy.ListenerStats(open=0, parked=0)
@@ -167,11 +185,7 @@ async def test_a_reset_wakes_a_parked_connection(
     backend, accepted = await _held_backend(nursery)
     proxy, bound = await start_proxy(nursery, [backend])
     with trio.fail_after(WAIT):
-        client = await connect_to(bound[0])
-        server = await accepted.receive()
-        await client.send_all(b"x")
-        await receive_exactly(server, 1)
-        await _until_parked(proxy)
+        client, server = await _parked_connection(proxy, bound, accepted)
         linger = struct.pack("ii", 1, 0)  # close() sends RST
         client.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
         await client.aclose()
@@ -195,19 +209,9 @@ async def test_drain_with_parked_connections(drain_timeout: float, access: Acces
             ]
         )
         proxy = l4proxy.Proxy(config)
-        served = trio.Event()
-
-        async def serve(task_status: trio.TaskStatus[list[l4proxy.BoundAddress]]) -> None:
-            await proxy.serve(task_status=task_status)
-            served.set()
-
-        bound = await nursery.start(serve)
+        bound, served = await serve_in(nursery, proxy)
         with trio.fail_after(WAIT):
-            client = await connect_to(bound[0])
-            server = await accepted.receive()
-            await client.send_all(b"x")
-            await receive_exactly(server, 1)
-            await _until_parked(proxy)
+            client, server = await _parked_connection(proxy, bound, accepted)
             proxy.close()
             if drain_timeout:
                 await trio.testing.wait_all_tasks_blocked(PARK_AFTER)

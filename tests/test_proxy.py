@@ -25,6 +25,7 @@ from .conftest import (
     receive_all,
     receive_exactly,
     refused_port,
+    serve_in,
     start_backend,
     start_proxy,
 )
@@ -372,19 +373,13 @@ async def test_close_refuses_new_connections_and_drains_established_ones(
 ) -> None:
     async with trio.open_nursery() as nursery:
         backend = await start_backend(nursery)
-        proxy_done = trio.Event()
         config = l4proxy.Config(
             listeners=[
                 l4proxy.ListenerConfig(listen=["127.0.0.1:0"], backends=[backend], drain_timeout=30)
             ]
         )
         proxy = l4proxy.Proxy(config)
-
-        async def serve(task_status: trio.TaskStatus[list[l4proxy.BoundAddress]]) -> None:
-            await proxy.serve(task_status=task_status)
-            proxy_done.set()
-
-        bound = await nursery.start(serve)
+        bound, proxy_done = await serve_in(nursery, proxy)
         with trio.fail_after(10):
             client = await connect_to(bound[0])
             await client.send_all(b"before")
@@ -538,13 +533,7 @@ async def test_access_log_files_in_text_and_json(tmp_path: Path) -> None:
             }
         )
         proxy = l4proxy.Proxy(config)
-        served = trio.Event()
-
-        async def serve(task_status: trio.TaskStatus[list[l4proxy.BoundAddress]]) -> None:
-            await proxy.serve(task_status=task_status)
-            served.set()
-
-        bound = await nursery.start(serve)
+        bound, served = await serve_in(nursery, proxy)
         for address in bound:
             async with await connect_to(address) as client:
                 await client.send_all(b"abc")
