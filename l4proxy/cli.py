@@ -500,8 +500,9 @@ async def _handle_signals(
                 LOGGER.warning("%s: nothing to reload (no --config file)", name)
                 continue
             try:
-                # Reading and checking files happens off the event loop; the swap is atomic.
-                await trio.to_thread.run_sync(_reload, proxy, reload_config)
+                # Files are read off the event loop; the swap happens on it, at once.
+                config = await trio.to_thread.run_sync(reload_config)
+                await proxy.reload(config)
             except ConfigError as exc:
                 LOGGER.error("%s: reload failed, keeping the running configuration: %s", name, exc)
         elif not proxy.draining:
@@ -513,10 +514,6 @@ async def _handle_signals(
         else:
             LOGGER.warning("%s again: closing remaining connections now", name)
             proxy.close(drain_timeout=0)
-
-
-def _reload(proxy: Proxy, load: Callable[[], Config]) -> None:
-    proxy.reload(load())
 
 
 def main(args: Sequence[str] | None = None) -> NoReturn:

@@ -146,6 +146,7 @@ class Proxy:
         )
         self._live: dict[str, LiveCount] = {}
         self._runtimes = self._build_runtimes(config)
+        self._adopt(self._runtimes)
         self._serving: list[_Serving] = []
         self._is_serving = False
         self._draining = False
@@ -174,16 +175,17 @@ class Proxy:
     def _build_runtimes(self, config: Config) -> Mapping[str, ListenerRuntime]:
         """Everything per-listener that can be done once: pools, routes, TLS contexts.
 
-        Reads certificate, key and CA files; raises ``ConfigError`` naming them.
+        Reads certificate, key and CA files; raises ``ConfigError`` naming them. Touches
+        no state of the running proxy (it may run in a worker thread, see
+        :meth:`reload`): sinks and live counts are looked up, and new ones are only
+        created for a proxy that is not serving yet (``__init__``).
         """
         runtimes = {}
         for index, listener in enumerate(config.listeners):
             if listener.access_log is None:
                 sink: LoggerSink | FileSink = self._default_sink
             else:
-                sink = self._file_sinks.setdefault(
-                    listener.access_log, FileSink(listener.access_log)
-                )
+                sink = self._file_sinks.get(listener.access_log) or FileSink(listener.access_log)
             router: Router[BackendPool] = Router(
                 [(route.sni, route.alpn, BackendPool(route.backends)) for route in listener.routes],
                 default=BackendPool(listener.backends) if listener.backends else None,
@@ -222,20 +224,32 @@ class Proxy:
                 backend_tls,
                 pipes,
                 direct,
-                self._live.setdefault(listener.name, LiveCount()),
+                self._live.get(listener.name) or LiveCount(),
             )
         return runtimes
 
-    def reload(self, config: Config) -> None:
+    def _adopt(self, runtimes: Mapping[str, ListenerRuntime]) -> None:
+        """Keep the sinks and live counts of freshly built runtimes (``__init__`` only)."""
+        for runtime in runtimes.values():
+            self._live.setdefault(runtime.config.name, runtime.live)
+            if isinstance(runtime.access_log, FileSink) and runtime.config.access_log:
+                self._file_sinks.setdefault(runtime.config.access_log, runtime.access_log)
+
+    async def reload(self, config: Config) -> None:
         """Use ``config`` for every connection accepted from now on.
 
-        Established connections keep the settings they started with. Listen addresses
-        and access-log destinations are bound at start and cannot change here.
+        Certificates, keys and CA files are read and the TLS contexts built in a worker
+        thread; the switch happens on the trio thread, at once, so no connection sees
+        half of it. Established connections keep the settings they started with.
+        Listen addresses and access-log destinations are bound at start and cannot
+        change here.
 
         Error handling:
             Raises :class:`~l4proxy.errors.ConfigError` (and changes nothing) if the new
             config adds, removes or renames listeners, or changes their ``listen`` or
-            ``access_log``.
+            ``access_log``, or if a file cannot be used. Any other exception while
+            building (a certificate the ``cryptography`` package cannot parse, say)
+            propagates, and also changes nothing.
         """
         old = {listener.name: listener for listener in self._config.listeners}
         new = {listener.name: listener for listener in config.listeners}
@@ -253,7 +267,8 @@ class Proxy:
         )
         if problems:
             raise ConfigError(problems, source="reload")
-        self._runtimes = self._build_runtimes(config)
+        runtimes = await trio.to_thread.run_sync(self._build_runtimes, config)
+        self._runtimes = runtimes  # the swap: on the trio thread, between two connections
         self._config = config
         LOGGER.info("configuration reloaded: %d listeners", len(config.listeners))
 

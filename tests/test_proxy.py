@@ -422,7 +422,7 @@ async def test_reload_changes_backends_for_new_connections_only(nursery: trio.Nu
     established = await connect_to(bound[0])
     assert await receive_exactly(established, 4) == b"old\n"
     listener = proxy.config.listeners[0]
-    proxy.reload(
+    await proxy.reload(
         l4proxy.Config(
             listeners=[
                 l4proxy.ListenerConfig(listen=listener.listen, backends=[new], name=listener.name)
@@ -437,7 +437,7 @@ async def test_reload_changes_backends_for_new_connections_only(nursery: trio.Nu
     with pytest.raises(
         l4proxy.ConfigError, match=r"listeners\[0\]\.listen: cannot change on reload"
     ):
-        proxy.reload(
+        await proxy.reload(
             l4proxy.Config(
                 listeners=[
                     l4proxy.ListenerConfig(
@@ -447,7 +447,7 @@ async def test_reload_changes_backends_for_new_connections_only(nursery: trio.Nu
             )
         )
     with pytest.raises(l4proxy.ConfigError, match="names changed"):
-        proxy.reload(
+        await proxy.reload(
             l4proxy.Config(
                 listeners=[
                     l4proxy.ListenerConfig(listen=listener.listen, backends=[new], name="other")

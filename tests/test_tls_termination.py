@@ -674,7 +674,7 @@ async def test_reload_swaps_certificates_for_new_handshakes_only(
         async with established:
             assert established.getpeercert(binary_form=True) == leaf_der(pki.a)
 
-            proxy.reload(config(pair(fresh)))
+            await proxy.reload(config(pair(fresh)))
             await established.send_all(b"still here\n")
             assert await read_line(established) == b"still here"
             _, after = await which_backend(port, context, "a.example")
@@ -686,7 +686,7 @@ async def test_reload_swaps_certificates_for_new_handshakes_only(
                 b"-----BEGIN PRIVATE KEY-----\nnot a key\n-----END PRIVATE KEY-----\n"
             )
             with pytest.raises(l4proxy.ConfigError) as caught:
-                proxy.reload(config(CertKey(cert=fresh.cert, key=str(bad_key))))
+                await proxy.reload(config(CertKey(cert=fresh.cert, key=str(bad_key))))
             assert "listeners[0].tls.certs[0].key" in str(caught.value)
             assert str(bad_key) in str(caught.value)
 
