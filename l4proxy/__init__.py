@@ -4,9 +4,7 @@ The public API is what this module exports; everything else is internal.
 """
 
 from ._version import __version__
-from .accesslog import AccessRecord
 from .addresses import Address, TCPAddress, UnixAddress, parse_address
-from .backends import Connector
 from .config import (
     CertKey,
     Config,
@@ -17,6 +15,7 @@ from .config import (
     TLSConfig,
     TLSVersion,
 )
+from .connect import Connector
 from .errors import (
     ClientHelloError,
     ConfigError,
@@ -26,7 +25,8 @@ from .errors import (
     UpstreamConnectError,
     UpstreamError,
 )
-from .server import BoundAddress, ListenerStats, Proxy
+from .record import AccessRecord, ConnectionRecord, Outcome
+from .server import BoundAddress, ListenerStats, PipeStats, Proxy
 
 __all__ = [
     "AccessRecord",
@@ -36,6 +36,7 @@ __all__ = [
     "ClientHelloError",
     "Config",
     "ConfigError",
+    "ConnectionRecord",
     "Connector",
     "L4ProxyError",
     "ListenError",
@@ -43,6 +44,8 @@ __all__ = [
     "ListenerStats",
     "LogFormat",
     "LogLevel",
+    "Outcome",
+    "PipeStats",
     "ProtocolError",
     "Proxy",
     "RouteConfig",

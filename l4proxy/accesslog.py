@@ -24,12 +24,14 @@ import re
 import sys
 import threading
 import time
-from typing import IO, Protocol
+from typing import IO, TYPE_CHECKING, Protocol
 
-import attrs
 import trio
 
 from .config import LogFormat
+
+if TYPE_CHECKING:
+    from .record import AccessRecord
 
 LOGGER = logging.getLogger("l4proxy.access")
 DIAGNOSTIC_LOGGER = logging.getLogger("l4proxy.accesslog")
@@ -40,36 +42,6 @@ QUEUE_LIMIT = 65536
 BATCH_SECONDS = 0.05
 #: The most records formatted and written at once.
 BATCH_LIMIT = 1024
-
-
-@attrs.frozen(slots=True)
-class AccessRecord:
-    """What one finished connection did.
-
-    ``outcome`` is ``ok``, ``connect_failed``, ``idle_timeout``, ``drained``,
-    ``cancelled``, ``bad_client_hello``, ``no_route``, ``handshake_timeout``,
-    ``tls_handshake_failed``, ``client_cert_rejected``, ``backend_tls_failed`` or
-    ``error:<reason>``; ``error`` carries the detail (for ``connect_failed``, every
-    backend tried and why it failed). The TLS fields are set on TLS listeners: ``sni``
-    and ``alpn`` as offered (``alpn`` as negotiated when terminating), ``tls_version``,
-    ``cipher`` and ``client_subject`` (mTLS) when terminating.
-    """
-
-    time: float  # wall-clock start, seconds since the epoch
-    id: int
-    listener: str
-    client: str
-    backend: str | None
-    bytes_to_backend: int
-    bytes_to_client: int
-    duration: float
-    outcome: str
-    error: str | None = None
-    sni: str | None = None
-    alpn: str | None = None
-    tls_version: str | None = None
-    cipher: str | None = None
-    client_subject: str | None = None
 
 
 @functools.lru_cache(maxsize=4)
@@ -86,9 +58,9 @@ def format_text(record: AccessRecord) -> str:
     """logfmt-style: ``key=value`` pairs, values quoted only when they contain spaces."""
     line = (
         f"{_timestamp(record.time)} id={record.id} listener={_logfmt(record.listener)} "
-        f"client={_logfmt(record.client)} backend={_logfmt(record.backend or '-')} "
-        f"bytes_to_backend={record.bytes_to_backend} bytes_to_client={record.bytes_to_client} "
-        f"duration={record.duration:.3f} outcome={_logfmt(record.outcome)}"
+        f"client={_logfmt(_address(record.client))} backend={_logfmt(_address(record.backend))} "
+        f"bytes_to_backend={record.to_backend} bytes_to_client={record.to_client} "
+        f"duration={record.duration:.3f} outcome={_logfmt(record.outcome or '-')}"
     )
     for key in _OPTIONAL_TEXT_FIELDS:
         value = getattr(record, key)
@@ -98,15 +70,37 @@ def format_text(record: AccessRecord) -> str:
 
 
 #: Written in text lines only when set (TLS listeners, failures); JSON always has them.
-_OPTIONAL_TEXT_FIELDS = ("sni", "alpn", "tls_version", "cipher", "client_subject", "error")
+_OPTIONAL_TEXT_FIELDS = ("route", "sni", "alpn", "tls_version", "cipher", "client_subject", "error")
+
+
+def _address(address: object) -> str:
+    return "-" if address is None else str(address)
 
 
 def format_json(record: AccessRecord) -> str:
     """One JSON object; ``time`` is ISO 8601 UTC, ``duration`` in seconds."""
-    fields = attrs.asdict(record)
-    fields["time"] = _timestamp(record.time)
-    fields["duration"] = round(record.duration, 6)
-    return json.dumps(fields, separators=(",", ":"))
+    backend = record.backend
+    return json.dumps(
+        {
+            "time": _timestamp(record.time),
+            "id": record.id,
+            "listener": record.listener,
+            "client": _address(record.client),
+            "backend": None if backend is None else str(backend),
+            "bytes_to_backend": record.to_backend,
+            "bytes_to_client": record.to_client,
+            "duration": round(record.duration, 6),
+            "outcome": None if record.outcome is None else str(record.outcome),
+            "error": record.error,
+            "route": record.route,
+            "sni": record.sni,
+            "alpn": record.alpn,
+            "tls_version": record.tls_version,
+            "cipher": record.cipher,
+            "client_subject": record.client_subject,
+        },
+        separators=(",", ":"),
+    )
 
 
 _NEEDS_QUOTES = re.compile(r'[ "=\\]')

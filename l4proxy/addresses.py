@@ -42,7 +42,8 @@ class UnixAddress:
     path: str
 
     def __str__(self) -> str:
-        return f"unix:{self.path}"
+        # A client of a Unix socket usually has no path of its own: "unix" alone.
+        return f"unix:{self.path}" if self.path else "unix"
 
 
 Address = TCPAddress | UnixAddress

@@ -31,14 +31,43 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import logging
 import math
 import select
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import trio
 
-if TYPE_CHECKING:
-    from .splice import SpliceLink
+LOGGER = logging.getLogger("l4proxy.parking")
+
+
+class _Socket(Protocol):
+    def fileno(self) -> int: ...
+
+
+class SpliceLink(Protocol):
+    """What the lot needs of a link (:class:`l4proxy.splice.SpliceLink` is one); a
+    protocol, so this module does not import the splice module that uses it."""
+
+    @property
+    def client(self) -> _Socket: ...
+
+    @property
+    def backend(self) -> _Socket: ...
+
+    lot: ParkingLot | None
+    park_token: int
+    idle_seconds: float
+    idle_deadline: float
+
+    def request_park(self) -> None: ...
+
+    def resume(self, nursery: trio.Nursery) -> None: ...
+
+    def expire(self) -> None: ...
+
+    def cut(self) -> None: ...
+
 
 #: Seconds a link must have waited (both ways) before it is parked: between this and
 #: twice this, as sweeps run this often while links wait.
@@ -136,31 +165,58 @@ class ParkingLot:
 
         Returns when the listener drains and nothing is parked. Cancelled, it closes
         every parked link first (each is logged as cut).
+
+        Error handling:
+            This task lives in the listener's nursery, so nothing may escape it: a
+            failure handling one link ends that link (logged), and a failure of the lot
+            itself (its epoll) ends the links parked in it, after which the listener
+            parks nothing more and goes on serving.
         """
         try:
-            while not (self.draining and not self.parked):
-                wake_at = self._sweep_at
-                if self._deadlines:
-                    wake_at = min(wake_at, self._deadlines[0][0])
-                with trio.CancelScope(deadline=wake_at) as self._wake:
-                    await trio.lowlevel.wait_readable(self._epoll)
-                self._wake = None
-                for fd, _ in self._epoll.poll(0):
-                    link = self.parked.get(fd)
-                    if link is not None:  # else: its other socket already woke it
-                        self._unpark(link).resume(self.nursery)
-                now = trio.current_time()
-                if now >= self._sweep_at:
-                    self._sweep(now)
-                while self._deadlines and self._deadlines[0][0] <= now:
-                    _, token, link = heapq.heappop(self._deadlines)
-                    if link.park_token == token and link.client.fileno() in self.parked:
-                        self._unpark(link).expire()
+            await self._run()
+        except Exception:
+            LOGGER.exception("the parking lot failed; its parked connections are closed")
         finally:
             self._closing = True
             for link in set(self.parked.values()):
-                self._unpark(link).cut()
+                self._end(link, cut=True)
             self._epoll.close()
+
+    async def _run(self) -> None:
+        while not (self.draining and not self.parked):
+            wake_at = self._sweep_at
+            if self._deadlines:
+                wake_at = min(wake_at, self._deadlines[0][0])
+            with trio.CancelScope(deadline=wake_at) as self._wake:
+                await trio.lowlevel.wait_readable(self._epoll)
+            self._wake = None
+            for fd, _ in self._epoll.poll(0):
+                link = self.parked.get(fd)
+                if link is not None:  # else: its other socket already woke it
+                    self._end(link, cut=False)
+            now = trio.current_time()
+            if now >= self._sweep_at:
+                self._sweep(now)
+            while self._deadlines and self._deadlines[0][0] <= now:
+                _, token, link = heapq.heappop(self._deadlines)
+                if link.park_token == token and link.client.fileno() in self.parked:
+                    self._end(link, cut=True, expired=True)
+
+    def _end(self, link: SpliceLink, *, cut: bool, expired: bool = False) -> None:
+        """Take ``link`` out of the lot and resume it, or cut it (``expired``: its idle
+        timeout passed). A failure costs this link only."""
+        try:
+            self._unpark(link)
+            if not cut:
+                link.resume(self.nursery)
+            elif expired:
+                link.expire()
+            else:
+                link.cut()
+        except Exception:
+            LOGGER.exception("a parked connection failed; closing it")
+            if not cut:
+                link.cut()
 
     def _sweep(self, now: float) -> None:
         if self.draining:  # nothing is parked any more: no reason to look again
@@ -172,13 +228,16 @@ class ParkingLot:
         for link, since in list(self.waiting.items()):
             if since < generation:  # waiting since before the previous sweep
                 del self.waiting[link]
-                link.request_park()
+                try:
+                    link.request_park()
+                except Exception:  # it runs on unparked, and is not asked again
+                    LOGGER.exception("asking a connection to park failed")
+                    link.lot = None
         self._sweep_at = now + PARK_AFTER if self.waiting else math.inf
 
-    def _unpark(self, link: SpliceLink) -> SpliceLink:
+    def _unpark(self, link: SpliceLink) -> None:
+        link.park_token = -1
         for sock in (link.client, link.backend):
             fd = sock.fileno()
-            del self.parked[fd]
-            self._epoll.unregister(fd)
-        link.park_token = -1
-        return link
+            if self.parked.pop(fd, None) is not None:
+                self._epoll.unregister(fd)

@@ -26,39 +26,34 @@ streams use the copy loop here.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import attrs
 import trio
 
-from .splice import PipePool, splice_pump
+from .record import Outcome
+from .splice import splice_pump
+
+if TYPE_CHECKING:
+    from .record import Counters
+    from .splice import PipePool
 
 #: Largest read per direction, and so the most bytes the proxy buffers per direction.
 CHUNK_SIZE = 262144
-
-Outcome = Literal["ok", "idle_timeout", "error:client_reset", "error:backend_reset"]
-
-
-@attrs.define(slots=True)
-class Transfer:
-    """Byte counters, updated as data moves, so they are right even after cancellation."""
-
-    to_backend: int = 0
-    to_client: int = 0
 
 
 @attrs.define(slots=True, eq=False)
 class _Splice:
     idle_scope: trio.CancelScope
     idle_seconds: float
-    transfer: Transfer
+    transfer: Counters
     broken: Literal["client", "backend"] | None = None
 
 
 async def pump(
     client: trio.abc.Stream,
     backend: trio.abc.Stream,
-    transfer: Transfer,
+    transfer: Counters,
     *,
     idle_seconds: float = 0.0,
     pipes: PipePool | None = None,
@@ -95,10 +90,10 @@ async def pump(
     else:  # no deadline to keep: skip entering the scope (per-connection cost)
         await _both_ways(client, backend, state)
     if state.broken is not None:
-        return "error:client_reset" if state.broken == "client" else "error:backend_reset"
+        return Outcome.CLIENT_RESET if state.broken == "client" else Outcome.BACKEND_RESET
     if state.idle_scope.cancelled_caught:
-        return "idle_timeout"
-    return "ok"
+        return Outcome.IDLE_TIMEOUT
+    return Outcome.OK
 
 
 async def _both_ways(client: trio.abc.Stream, backend: trio.abc.Stream, state: _Splice) -> None:

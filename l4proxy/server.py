@@ -17,14 +17,11 @@ its drain timeout. ``serve`` returns when every handler has finished or been cut
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import itertools
 import logging
 import math
 import os
-import socket
-import stat
 from typing import TYPE_CHECKING
 
 import attrs
@@ -33,18 +30,20 @@ import trio
 from . import splice
 from .accesslog import FileSink, LoggerSink
 from .addresses import Address, TCPAddress, UnixAddress
-from .backends import BackendPool, Connector, open_connection
-from .connection import ListenerRuntime, LiveCount, serve_connection, serve_socket
-from .errors import ConfigError, ListenError
+from .connection import Shared
+from .errors import ConfigError
+from .listening import Listening, bind_all
 from .parking import ParkingLot
-from .routing import Router
-from .tls import BackendTLS, build_server_tls
+from .pipeline import serve
+from .runtime import LiveCount, build_runtimes
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Mapping
+    from collections.abc import Mapping
     from typing import IO
 
-    from .config import Config, ListenerConfig
+    from .config import Config
+    from .connect import Connector
+    from .runtime import ListenerRuntime
 
 LOGGER = logging.getLogger("l4proxy.server")
 
@@ -62,8 +61,6 @@ ACCEPT_SKIP_ERRNOS = frozenset(
 )  # fmt: skip
 #: Connections taken per wake-up of an accept loop before letting other tasks run.
 ACCEPT_BATCH = 32
-#: Listen backlog; the kernel caps it at net.core.somaxconn.
-LISTEN_BACKLOG = 0xFFFF
 
 
 @attrs.frozen
@@ -93,6 +90,14 @@ class ListenerStats:
     parked: int  # of those, idle both ways and held without tasks
 
 
+@attrs.frozen
+class PipeStats:
+    """The proxy's splice pipes at one moment (see :meth:`Proxy.pipe_stats`)."""
+
+    in_use: int  # lent to connections moving bytes right now (idle ones hold none)
+    created: int  # made since the proxy started (the pool keeps up to 64 for reuse)
+
+
 @attrs.define(eq=False)
 class _Serving:
     """The cancel scopes of one listener config while ``serve`` runs."""
@@ -100,7 +105,7 @@ class _Serving:
     name: str
     accept_scope: trio.CancelScope
     drain_scope: trio.CancelScope
-    listeners: list[socket.socket]
+    listeners: list[Listening]
     lot: ParkingLot | None = None
 
 
@@ -135,7 +140,6 @@ class Proxy:
         access_stream: IO[str] | None = None,
     ) -> None:
         self._config = config
-        self._connect: Connector = connect or open_connection
         self._reuse_port = reuse_port
         self._file_sinks: dict[str, FileSink] = {}
         self._pipes = splice.PipePool()
@@ -150,7 +154,7 @@ class Proxy:
         self._serving: list[_Serving] = []
         self._is_serving = False
         self._draining = False
-        self._ids = itertools.count(1)
+        self._shared = Shared(connect, itertools.count(1), self._is_draining)
 
     @property
     def config(self) -> Config:
@@ -172,61 +176,20 @@ class Proxy:
             for name, live in self._live.items()
         }
 
-    def _build_runtimes(self, config: Config) -> Mapping[str, ListenerRuntime]:
-        """Everything per-listener that can be done once: pools, routes, TLS contexts.
+    def pipe_stats(self) -> PipeStats:
+        """The splice pipe pool shared by every listener, right now."""
+        return PipeStats(self._pipes.in_use, self._pipes.created)
 
-        Reads certificate, key and CA files; raises ``ConfigError`` naming them. Touches
-        no state of the running proxy (it may run in a worker thread, see
-        :meth:`reload`): sinks and live counts are looked up, and new ones are only
-        created for a proxy that is not serving yet (``__init__``).
-        """
-        runtimes = {}
-        for index, listener in enumerate(config.listeners):
-            if listener.access_log is None:
-                sink: LoggerSink | FileSink = self._default_sink
-            else:
-                sink = self._file_sinks.get(listener.access_log) or FileSink(listener.access_log)
-            router: Router[BackendPool] = Router(
-                [(route.sni, route.alpn, BackendPool(route.backends)) for route in listener.routes],
-                default=BackendPool(listener.backends) if listener.backends else None,
-            )
-            server_tls = None
-            if listener.tls is not None:
-                server_tls = build_server_tls(
-                    listener.tls,
-                    session_id=f"l4proxy {listener.name}".encode()[:32],
-                    key_path=f"listeners[{index}].tls",
-                )
-            backend_tls = None
-            if listener.backend_tls:
-                backend_tls = BackendTLS(
-                    listener.backend_ca,
-                    server_name=listener.backend_sni,
-                    key_path=f"listeners[{index}].backend_ca",
-                )
-            pipes = self._pipes if listener.splice and splice.AVAILABLE else None
-            default = router.match(None, ())
-            direct = (
-                default.pool
-                if default is not None
-                and default.pool.direct is not None
-                and pipes is not None
-                and not listener.inspects_tls
-                and backend_tls is None
-                and self._connect is open_connection
-                else None
-            )
-            runtimes[listener.name] = ListenerRuntime(
-                listener,
-                router,
-                sink,
-                server_tls,
-                backend_tls,
-                pipes,
-                direct,
-                self._live.get(listener.name) or LiveCount(),
-            )
-        return runtimes
+    def _build_runtimes(self, config: Config) -> Mapping[str, ListenerRuntime]:
+        """Runtimes for ``config``; touches no state of the running proxy, so it may
+        run in a worker thread (see :meth:`reload`)."""
+        return build_runtimes(
+            config,
+            default_sink=self._default_sink,
+            file_sinks=self._file_sinks,
+            live=self._live,
+            pipes=self._pipes if splice.AVAILABLE else None,
+        )
 
     def _adopt(self, runtimes: Mapping[str, ListenerRuntime]) -> None:
         """Keep the sinks and live counts of freshly built runtimes (``__init__`` only)."""
@@ -290,7 +253,7 @@ class Proxy:
         self._is_serving = True
         try:
             await self._open_access_logs()
-            opened = await _bind_all(self._config.listeners, reuse_port=self._reuse_port)
+            opened = await bind_all(self._config.listeners, reuse_port=self._reuse_port)
             try:
                 async with trio.open_nursery() as nursery:
                     bound: list[BoundAddress] = []
@@ -298,7 +261,7 @@ class Proxy:
                         serving = _Serving(name, trio.CancelScope(), trio.CancelScope(), listeners)
                         self._serving.append(serving)
                         bound.extend(
-                            BoundAddress(name, _bound_address(listener)) for listener in listeners
+                            BoundAddress(name, listening.address) for listening in listeners
                         )
                         nursery.start_soon(
                             self._run_listener, serving, listeners, name=f"l4proxy listener {name}"
@@ -310,8 +273,8 @@ class Proxy:
                         self.close()
             finally:
                 for _, listeners in opened:
-                    for listener in listeners:
-                        _close_listener(listener)
+                    for listening in listeners:
+                        listening.close()
         finally:
             self._serving.clear()
             self._is_serving = False
@@ -333,8 +296,8 @@ class Proxy:
         now = trio.current_time()
         for serving in self._serving:
             serving.accept_scope.cancel()
-            for listener in serving.listeners:  # refuse new connections from now on
-                _close_listener(listener)
+            for listening in serving.listeners:  # refuse new connections from now on
+                listening.close()
             seconds = (
                 drain_timeout
                 if drain_timeout is not None
@@ -343,13 +306,20 @@ class Proxy:
             serving.drain_scope.deadline = min(serving.drain_scope.deadline, now + seconds)
 
     async def handle_stream(
-        self, stream: trio.abc.Stream, *, listener: str, client: str | None = None
+        self,
+        stream: trio.abc.Stream,
+        *,
+        listener: str,
+        client: Address | None = None,
+        local: Address | None = None,
     ) -> None:
         """Proxy a connection the host application accepted itself.
 
-        Uses the named listener's backends, timeouts and access log; returns when the
-        connection is over. ``client`` is the peer's address as it should appear in the
-        access log.
+        Runs the same steps as a connection the proxy accepted (TLS included) with the
+        named listener's backends, timeouts and access log; returns when the
+        connection is over. ``client`` is the peer's address and ``local`` the address
+        it connected to, as address objects (:class:`~l4proxy.TCPAddress`,
+        :class:`~l4proxy.UnixAddress`); the access log writes ``-`` for a missing client.
 
         Resource handling:
             Closes ``stream`` before returning, whatever happened.
@@ -366,14 +336,7 @@ class Proxy:
                 raise ConfigError(
                     f"access_log: cannot open {runtime.access_log.path!r}: {exc.strerror or exc}"
                 ) from exc
-        await serve_connection(
-            stream,
-            listener=runtime,
-            client=client or "-",
-            connection_id=next(self._ids),
-            connect=self._connect,
-            is_draining=self._is_draining,
-        )
+        await serve(stream, client, local, runtime, self._shared, None)
 
     async def aclose(self) -> None:
         """Flush and close access-log files opened by :meth:`handle_stream`.
@@ -400,23 +363,23 @@ class Proxy:
                     f"access_log: cannot open {sink.path!r}: {exc.strerror or exc}"
                 ) from exc
 
-    async def _run_listener(self, serving: _Serving, listeners: list[socket.socket]) -> None:
+    async def _run_listener(self, serving: _Serving, listeners: list[Listening]) -> None:
         with serving.drain_scope:
             async with trio.open_nursery() as handlers:
                 lot = serving.lot = ParkingLot(handlers)  # idle connections, held without tasks
                 handlers.start_soon(lot.run, name=f"l4proxy parking lot {serving.name}")
                 with serving.accept_scope:
                     async with trio.open_nursery() as acceptors:
-                        for listener in listeners:
-                            acceptors.start_soon(self._accept_loop, listener, serving.name, lot)
-                for listener in listeners:
-                    _close_listener(listener)
+                        for listening in listeners:
+                            acceptors.start_soon(self._accept_loop, listening, serving.name, lot)
+                for listening in listeners:
+                    listening.close()
                 lot.stop_parking()
                 live = self._live[serving.name].value
                 if live:
                     LOGGER.info("listener %r: draining %d connections", serving.name, live)
 
-    async def _accept_loop(self, listener: socket.socket, name: str, lot: ParkingLot) -> None:
+    async def _accept_loop(self, listening: Listening, name: str, lot: ParkingLot) -> None:
         """Accept forever; out-of-descriptor errors back off instead of spinning or dying.
 
         Accepts in batches: after a wake-up, every waiting connection is taken before
@@ -431,7 +394,9 @@ class Proxy:
         failures = 0
         last_failure = -math.inf
         accepted = 0
+        listener, local = listening.sock, listening.address
         accept = listener.accept
+        shared = self._shared
         while True:
             # The waits stay outside the except blocks (no exception kept alive).
             delay = 0.0
@@ -451,7 +416,7 @@ class Proxy:
                     if not failures:
                         LOGGER.error(
                             "listener %r: accept failed on %s: %s; backing off until it works again",
-                            name, _bound_address(listener), os.strerror(exc.errno or 0).lower(),
+                            name, local, os.strerror(exc.errno or 0).lower(),
                         )  # fmt: skip
                     failures += 1
                     last_failure = trio.current_time()
@@ -476,20 +441,13 @@ class Proxy:
             if failures and trio.current_time() - last_failure >= ACCEPT_RECOVERY_QUIET:
                 LOGGER.warning(
                     "listener %r: accepting again on %s after %d failed accepts",
-                    name, _bound_address(listener), failures,
+                    name, local, failures,
                 )  # fmt: skip
                 failures = 0
                 backoff = 0.0
             # Positional arguments and no wrapper coroutine: one frame less per connection.
             lot.nursery.start_soon(
-                serve_socket,
-                sock,
-                self._runtimes[name],
-                _peer_name(peer),
-                next(self._ids),
-                self._connect,
-                self._is_draining,
-                lot,
+                serve, sock, _peer_address(peer), local, self._runtimes[name], shared, lot
             )
             accepted += 1
             if accepted >= ACCEPT_BATCH:
@@ -500,134 +458,10 @@ class Proxy:
         return self._draining
 
 
-def _peer_name(peer: object) -> str:
-    """How the access log names a client, from the address ``accept`` returned."""
+def _peer_address(peer: object) -> Address:
+    """The client's address, from what ``accept`` returned."""
     if isinstance(peer, tuple):
-        host, port = peer[0], peer[1]
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return TCPAddress(peer[0], peer[1])
     if isinstance(peer, bytes):
         peer = os.fsdecode(peer)
-    return f"unix:{peer}" if peer else "unix"
-
-
-def _bound_address(listener: socket.socket) -> Address:
-    sockname = listener.getsockname()
-    if isinstance(sockname, tuple):
-        return TCPAddress(sockname[0], sockname[1])
-    return UnixAddress(sockname if isinstance(sockname, str) else os.fsdecode(sockname))
-
-
-def _close_listener(listener: socket.socket) -> None:
-    """Close now, synchronously: it runs in ``finally`` blocks while cancelled, where
-    any checkpoint would raise before the remaining listeners were closed. An accept
-    loop waiting on it wakes with ``ClosedResourceError`` and returns."""
-    if listener.fileno() == -1:
-        return
-    path = listener.getsockname() if listener.family == socket.AF_UNIX else None
-    trio.lowlevel.notify_closing(listener)
-    listener.close()
-    if isinstance(path, str) and path:
-        with contextlib.suppress(OSError):
-            os.unlink(path)
-
-
-async def _bind_all(
-    listeners: Iterable[ListenerConfig], *, reuse_port: bool = False
-) -> list[tuple[str, list[socket.socket]]]:
-    """Bind every address of every listener, or none: on failure, close what was bound."""
-    opened: list[tuple[str, list[socket.socket]]] = []
-    try:
-        for config in listeners:
-            sockets: list[socket.socket] = []
-            opened.append((config.name, sockets))
-            for address in config.listen:
-                try:
-                    sockets.extend(await _bind(address, reuse_port=reuse_port))
-                except OSError as exc:
-                    reason = exc.strerror or str(exc)
-                    raise ListenError(
-                        f"cannot listen on {address} (listener {config.name!r}): {reason.lower()}"
-                    ) from exc
-    except BaseException:
-        for _, sockets in opened:
-            for listener in sockets:
-                _close_listener(listener)
-        raise
-    return opened
-
-
-async def _bind(address: Address, *, reuse_port: bool = False) -> list[socket.socket]:
-    if isinstance(address, TCPAddress):
-        return await _bind_tcp(address, reuse_port=reuse_port)
-    return [await _bind_unix(address.path)]
-
-
-async def _bind_tcp(address: TCPAddress, *, reuse_port: bool) -> list[socket.socket]:
-    """Like ``trio.open_tcp_listeners`` (every address the host resolves to; no host is
-    every interface, IPv4 and IPv6), with plain non-blocking sockets for the accept
-    loop, and ``SO_REUSEPORT`` when asked so several worker processes bind the same
-    address and the kernel spreads new connections across them."""
-    infos = await trio.socket.getaddrinfo(
-        address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )
-    listeners: list[socket.socket] = []
-    unsupported: list[OSError] = []
-    try:
-        for family, kind, proto, _, sockaddr in dict.fromkeys(infos):
-            try:
-                sock = socket.socket(family, kind | socket.SOCK_NONBLOCK, proto)
-            except OSError as exc:
-                if exc.errno != errno.EAFNOSUPPORT:
-                    raise
-                unsupported.append(exc)
-                continue
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                if reuse_port:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-                if family == socket.AF_INET6:
-                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                sock.bind(sockaddr)
-                sock.listen(LISTEN_BACKLOG)
-            except BaseException:
-                sock.close()
-                raise
-            listeners.append(sock)
-    except BaseException:
-        for listener in listeners:
-            listener.close()
-        raise
-    if unsupported and not listeners:
-        raise unsupported[0]
-    return listeners
-
-
-async def _bind_unix(path: str) -> socket.socket:
-    """Bind a Unix socket, replacing a stale socket file nobody listens on."""
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        pass
-    else:
-        if not stat.S_ISSOCK(mode):
-            raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
-        if await _unix_socket_in_use(path):
-            raise OSError(errno.EADDRINUSE, "address already in use")
-        os.unlink(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
-    try:
-        sock.bind(path)
-        sock.listen(LISTEN_BACKLOG)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-async def _unix_socket_in_use(path: str) -> bool:
-    try:
-        stream = await trio.open_unix_socket(path)
-    except OSError:
-        return False
-    await stream.aclose()
-    return True
+    return UnixAddress(peer if isinstance(peer, str) else "")

@@ -42,11 +42,13 @@ from typing import TYPE_CHECKING, Literal, Protocol
 
 import trio
 
+from .record import Outcome
+
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     from .parking import ParkingLot
-    from .pump import Outcome, Transfer
+    from .record import Counters
 
 
 class SpliceSocket(Protocol):
@@ -127,7 +129,7 @@ class _Broken(Exception):
 async def splice_pump(
     client: SpliceSocket,
     backend: SpliceSocket,
-    transfer: Transfer,
+    transfer: Counters,
     pool: PipePool,
     idle_seconds: float = 0.0,
 ) -> Outcome:
@@ -192,7 +194,7 @@ class SpliceLink:
         self,
         client: SpliceSocket,
         backend: SpliceSocket,
-        transfer: Transfer,
+        transfer: Counters,
         pool: PipePool,
         idle_seconds: float = 0.0,
         on_done: Callable[[SpliceLink], None] | None = None,
@@ -219,10 +221,10 @@ class SpliceLink:
     def outcome(self) -> Outcome | None:
         """How it ended; ``None`` while running or when cancelled."""
         if self.broken is not None:
-            return "error:client_reset" if self.broken == "client" else "error:backend_reset"
+            return Outcome.CLIENT_RESET if self.broken == "client" else Outcome.BACKEND_RESET
         if self.idle_expired:
-            return "idle_timeout"
-        return "ok" if self.finished == 2 else None
+            return Outcome.IDLE_TIMEOUT
+        return Outcome.OK if self.finished == 2 else None
 
     def close(self) -> None:
         """Close both sockets, waking a direction that waits on either."""

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from l4proxy import AccessRecord, LogFormat, accesslog
+from l4proxy import AccessRecord, LogFormat, Outcome, TCPAddress, accesslog
 from l4proxy.accesslog import FileSink, format_json, format_text
 
 if TYPE_CHECKING:
@@ -22,12 +22,12 @@ def _record(index: int = 1, **fields: object) -> AccessRecord:
         "time": 1_790_000_000.25,
         "id": index,
         "listener": "db",
-        "client": "127.0.0.1:40000",
-        "backend": "127.0.0.1:5432",
-        "bytes_to_backend": 10,
-        "bytes_to_client": 20,
+        "client": TCPAddress("127.0.0.1", 40000),
+        "backend": TCPAddress("127.0.0.1", 5432),
+        "to_backend": 10,
+        "to_client": 20,
         "duration": 0.5,
-        "outcome": "ok",
+        "outcome": Outcome.OK,
     }
     values.update(fields)
     return AccessRecord(**values)  # type: ignore[arg-type]
@@ -51,6 +51,21 @@ def test_json_lines_have_every_field() -> None:
     assert fields["time"] == "2026-09-21T14:13:20.250Z"
     assert fields["sni"] is None
     assert (fields["outcome"], fields["duration"]) == ("ok", 0.5)
+    assert (fields["client"], fields["backend"]) == ("127.0.0.1:40000", "127.0.0.1:5432")
+    assert list(fields) == [
+        "time", "id", "listener", "client", "backend", "bytes_to_backend", "bytes_to_client",
+        "duration", "outcome", "error", "route", "sni", "alpn", "tls_version", "cipher",
+        "client_subject",
+    ]  # fmt: skip
+
+
+def test_the_route_name_is_on_the_line_when_there_is_one() -> None:
+    assert " outcome=ok route=db.example " in format_text(_record(route="db.example", sni="x"))
+    assert " route=" not in format_text(_record())
+    assert json.loads(format_json(_record(route="default")))["route"] == "default"
+    line = format_text(_record(client=None, outcome=Outcome.CONNECT_FAILED, backend=None))
+    assert " client=- backend=- " in line
+    assert " outcome=connect_failed" in line
 
 
 async def test_the_file_sink_writes_every_record_in_order() -> None:

@@ -8,8 +8,8 @@ import ssl
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from l4proxy.clienthello import ClientHello, parse_client_hello
 from l4proxy.errors import ClientHelloError
+from l4proxy.protocols.clienthello import ClientHello, parse_client_hello
 
 
 def python_client_hello(
@@ -205,7 +205,7 @@ def test_never_asks_for_more_than_the_limit(limit: int) -> None:
 
 
 def test_too_many_records_is_refused() -> None:
-    from l4proxy.clienthello import MAX_RECORDS
+    from l4proxy.protocols.clienthello import MAX_RECORDS
 
     hello = _with_extension(python_client_hello(), 0xFFAA, b"\x00" * 2000)
     within = split_into_records(hello, [10] * (MAX_RECORDS - 2))
@@ -219,7 +219,7 @@ def test_too_many_records_is_refused() -> None:
 @settings(deadline=None)
 def test_next_size_never_skips_the_completing_byte(sizes: list[int], cut: int) -> None:
     """Parsing only at next_size() finds the ClientHello exactly when it is complete."""
-    from l4proxy.clienthello import next_size
+    from l4proxy.protocols.clienthello import next_size
 
     framed = split_into_records(_HELLO, sizes)
     prefix = framed[: min(cut, len(framed) - 1)]

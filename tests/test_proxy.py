@@ -14,6 +14,8 @@ import trio
 import trio.testing
 
 import l4proxy
+import l4proxy.connect
+import l4proxy.parking
 import l4proxy.splice
 
 from .conftest import (
@@ -40,8 +42,8 @@ def pump_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
         monkeypatch.setattr(l4proxy.splice, "AVAILABLE", False)
     else:
         assert l4proxy.splice.AVAILABLE, "this kernel/Python has no os.splice"
-    if request.param == "streams":  # no pool is "direct": the general path it is
-        monkeypatch.setattr(l4proxy.backends, "_direct_target", lambda address: None)
+    if request.param == "streams":  # backends as if host names: dialled as trio streams
+        monkeypatch.setattr(l4proxy.connect, "socket_address", lambda address: None)
     return request.param  # type: ignore[no-any-return]
 
 
@@ -55,11 +57,13 @@ async def test_the_chosen_pump_is_used_and_idle_connections_hold_no_pipe(
             await client.send_all(b"x" * 100_000)
             await receive_exactly(client, 100_000)
         await trio.testing.wait_all_tasks_blocked()
-        pool = proxy._pipes  # the proxy's pipe pool
-        assert pool.in_use == 0  # established but idle: no pipe held
-        assert (pool.created > 0) == (pump_path != "copy")
-        runtime = proxy._runtimes[proxy.config.listeners[0].name]
-        assert (runtime.direct is not None) == (pump_path == "fast")
+        pipes = proxy.pipe_stats()
+        assert pipes.in_use == 0  # established but idle: no pipe held
+        assert (pipes.created > 0) == (pump_path != "copy")
+        # Only the fast path (two raw sockets, a SpliceLink) parks an idle connection.
+        await trio.sleep(3 * l4proxy.parking.PARK_AFTER)
+        stats = proxy.stats()[proxy.config.listeners[0].name]
+        assert stats == l4proxy.ListenerStats(open=1, parked=int(pump_path == "fast"))
 
 
 async def test_echo_through_the_proxy_is_logged(
@@ -76,8 +80,8 @@ async def test_echo_through_the_proxy_is_logged(
         await access.wait()
     (record,) = access.records
     assert record.outcome == "ok"
-    assert record.backend == backend
-    assert record.client.startswith("127.0.0.1:")
+    assert str(record.backend) == backend
+    assert str(record.client).startswith("127.0.0.1:")
     assert (record.bytes_to_backend, record.bytes_to_client) == (5, 5)
     assert record.listener == "127.0.0.1:0"
     assert record.duration >= 0
@@ -268,7 +272,7 @@ async def test_dead_backends_are_skipped(nursery: trio.Nursery, access: AccessWa
             assert await receive_exactly(client, 6) == b"alive\n"
     with trio.fail_after(5):
         await access.wait(3)
-    assert {record.backend for record in access.records} == {alive}
+    assert {str(record.backend) for record in access.records} == {alive}
 
 
 async def test_no_backend_closes_the_client_and_logs_why(
@@ -469,7 +473,12 @@ async def test_handle_stream_serves_a_connection_the_host_app_accepted(
     proxy = l4proxy.Proxy(config)  # never serves: the host app owns accepting
     app_side, proxy_side = trio.testing.memory_stream_pair()
     nursery.start_soon(
-        lambda: proxy.handle_stream(proxy_side, listener="embedded", client="memory")
+        lambda: proxy.handle_stream(
+            proxy_side,
+            listener="embedded",
+            client=l4proxy.UnixAddress("/run/app.sock"),
+            local=l4proxy.TCPAddress("192.0.2.1", 443),
+        )
     )
     await app_side.send_all(b"in memory")
     assert await receive_exactly(app_side, 9) == b"in memory"
@@ -477,7 +486,10 @@ async def test_handle_stream_serves_a_connection_the_host_app_accepted(
     assert await receive_all(app_side) == b""
     with trio.fail_after(5):
         await access.wait()
-    assert access.records[0].client == "memory"
+    (record,) = access.records
+    assert record.client == l4proxy.UnixAddress("/run/app.sock")
+    assert record.local == l4proxy.TCPAddress("192.0.2.1", 443)
+    assert (record.outcome, record.route) == ("ok", "default")
     with pytest.raises(ValueError, match="no listener named 'nope'"):
         await proxy.handle_stream(trio.testing.memory_stream_pair()[0], listener="nope")
 
@@ -493,7 +505,7 @@ async def test_an_unexpected_error_costs_one_connection_only(
         calls += 1
         if calls == 1:
             raise RuntimeError("bug in a custom dialer")
-        return await l4proxy.backends.open_connection(address)
+        return await l4proxy.connect.open_connection(address)
 
     _, bound = await start_proxy(nursery, [backend], connect=flaky_connect)
     with trio.fail_after(5):
@@ -547,7 +559,7 @@ async def test_access_log_files_in_text_and_json(tmp_path: Path) -> None:
     (line,) = text_log.read_text().splitlines()
     assert " listener=t client=127.0.0.1:" in line
     assert f"backend={backend} bytes_to_backend=3 bytes_to_client=3 duration=" in line
-    assert line.endswith(" outcome=ok")
+    assert line.endswith(" outcome=ok route=default")
     (entry,) = (json.loads(raw) for raw in json_log.read_text().splitlines())
     assert entry["listener"] == "j"
     assert entry["backend"] == backend
@@ -561,6 +573,7 @@ async def test_access_log_files_in_text_and_json(tmp_path: Path) -> None:
         "backend",
         "bytes_to_backend",
         "bytes_to_client",
+        "route",
         "duration",
         "outcome",
         "error",

@@ -9,7 +9,8 @@ import pytest
 import trio
 import trio.testing
 
-from l4proxy.pump import CHUNK_SIZE, Transfer, pump
+from l4proxy.pump import CHUNK_SIZE, pump
+from l4proxy.record import Transfer
 
 from .conftest import receive_all, receive_exactly
 

@@ -269,8 +269,8 @@ async def _running_proxy(
 def _assert_ok(record: l4proxy.AccessRecord, proxied: RunningProxy) -> None:
     assert record.outcome == "ok", record
     assert record.error is None, record
-    assert record.backend == proxied.backend, record
-    assert record.client.startswith("127.0.0.1:"), record
+    assert str(record.backend) == proxied.backend, record
+    assert str(record.client).startswith("127.0.0.1:"), record
     assert record.bytes_to_backend > 0, record
     assert record.bytes_to_client > 0, record
 

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from l4proxy import splice
-from l4proxy.pump import Transfer
+from l4proxy.record import Transfer
 
 if TYPE_CHECKING:
     from pathlib import Path

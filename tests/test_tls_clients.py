@@ -29,7 +29,7 @@ import pytest
 import trio
 from cryptography import x509
 
-from l4proxy.clienthello import ClientHello, parse_client_hello
+from l4proxy.protocols.clienthello import ClientHello, parse_client_hello
 
 from .conftest import Handler, receive_exactly, start_backend
 from .proxyprocess import ProxyProcess

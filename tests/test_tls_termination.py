@@ -254,7 +254,7 @@ async def test_sni_routes_to_pools(
         await stream.aclose()
         (record,) = await access.wait()
     assert greeting == pool
-    assert record.backend == address[pool]
+    assert str(record.backend) == address[pool]
     assert record.sni == logged_sni
 
 

@@ -10,17 +10,22 @@ import pytest
 import trio
 import trio.testing
 
-from l4proxy import TCPAddress, UnixAddress, UpstreamConnectError, backends
-from l4proxy.backends import BackendPool, connect_direct, connect_pool, open_connection
+from l4proxy import TCPAddress, UnixAddress, UpstreamConnectError, connect
+from l4proxy.balancing import BackendPool
+from l4proxy.connect import Target, connect_with_failover, open_connection, target
 
 from .conftest import refused_port
 
 A, B, C = (TCPAddress(f"10.0.0.{i}", 5432) for i in (1, 2, 3))
 
 
+def pool(*addresses: TCPAddress | UnixAddress) -> BackendPool[Target]:
+    return BackendPool(tuple(target(address) for address in addresses))
+
+
 def test_round_robin_rotates_the_starting_backend() -> None:
-    pool = BackendPool((A, B, C))
-    assert [pool.order() for _ in range(4)] == [(A, B, C), (B, C, A), (C, A, B), (A, B, C)]
+    backends = BackendPool((A, B, C))
+    assert [backends.order() for _ in range(4)] == [(A, B, C), (B, C, A), (C, A, B), (A, B, C)]
 
 
 class FakeDialer:
@@ -42,8 +47,8 @@ class FakeDialer:
 
 async def test_failover_skips_backends_that_refuse() -> None:
     dialer = FakeDialer({A: "refuse", B: "ok", C: "ok"})
-    stream, address = await connect_pool(BackendPool((A, B, C)), dialer, attempt_seconds=5)  # type: ignore[arg-type]
-    assert address == B
+    stream, chosen = await connect_with_failover(pool(A, B, C), dialer, attempt_seconds=5)  # type: ignore[arg-type]
+    assert chosen.address == B
     assert dialer.attempts == [A, B]
     await stream.aclose()
 
@@ -53,8 +58,8 @@ async def test_failover_skips_backends_that_time_out(
 ) -> None:
     dialer = FakeDialer({A: "hang", B: "hang", C: "ok"})
     start = trio.current_time()
-    _, address = await connect_pool(BackendPool((A, B, C)), dialer, attempt_seconds=2)  # type: ignore[arg-type]
-    assert address == C
+    _, chosen = await connect_with_failover(pool(A, B, C), dialer, attempt_seconds=2)  # type: ignore[arg-type]
+    assert chosen.address == C
     assert trio.current_time() - start == pytest.approx(4)
 
 
@@ -62,10 +67,10 @@ async def test_each_backend_is_tried_at_most_once_then_the_error_says_why(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     dialer = FakeDialer({A: "refuse", B: "hang", C: "refuse"})
-    pool = BackendPool((A, B, C))
-    pool.order()  # start the next connection at B
+    backends = pool(A, B, C)
+    backends.order()  # start the next connection at B
     with pytest.raises(UpstreamConnectError) as info:
-        await connect_pool(pool, dialer, attempt_seconds=1.5)  # type: ignore[arg-type]
+        await connect_with_failover(backends, dialer, attempt_seconds=1.5)  # type: ignore[arg-type]
     assert dialer.attempts == [B, C, A]
     assert info.value.attempts == (
         ("10.0.0.2:5432", "timed out after 1.5s"),
@@ -79,15 +84,16 @@ async def test_real_refused_backend_is_described_and_a_host_name_resolves(
 ) -> None:
     refused = TCPAddress("127.0.0.1", refused_port())
     with pytest.raises(UpstreamConnectError) as info:
-        await connect_pool(BackendPool((refused,)), open_connection, attempt_seconds=5)
+        await connect_with_failover(pool(refused), open_connection, attempt_seconds=5)
     assert info.value.attempts == ((str(refused), "connection refused"),)
     # "localhost" resolves from /etc/hosts, off the event loop; no DNS traffic leaves the machine.
     listeners = await nursery.start(partial(trio.serve_tcp, _close_at_once, 0, host="127.0.0.1"))
     port = listeners[0].socket.getsockname()[1]
-    stream, address = await connect_pool(
-        BackendPool((TCPAddress("localhost", port),)), open_connection, attempt_seconds=5
+    stream, chosen = await connect_with_failover(
+        pool(TCPAddress("localhost", port)), None, attempt_seconds=5
     )
-    assert address == TCPAddress("localhost", port)
+    assert chosen.address == TCPAddress("localhost", port)
+    assert isinstance(stream, trio.SocketStream)  # a host name goes through open_connection
     await stream.aclose()
 
 
@@ -119,69 +125,64 @@ def _backend_with_a_full_backlog():
 async def test_real_connect_timeout_on_a_backend_whose_backlog_is_full() -> None:
     with _backend_with_a_full_backlog() as port:
         with pytest.raises(UpstreamConnectError) as info:
-            await connect_pool(
-                BackendPool((TCPAddress("127.0.0.1", port),)),
+            await connect_with_failover(
+                pool(TCPAddress("127.0.0.1", port)),
                 open_connection,
                 attempt_seconds=0.3,
             )
         assert info.value.attempts == (("127.0.0.1:" + str(port), "timed out after 0.3s"),)
 
 
-def test_direct_targets_only_when_no_backend_needs_resolving() -> None:
-    direct = BackendPool(
-        (TCPAddress("127.0.0.1", 1), TCPAddress("::1", 2), UnixAddress("/run/db.sock"))
-    )
-    assert direct.direct is not None
-    assert [(t.family, t.sockaddr, t.name) for t in direct.direct] == [
+def test_raw_socket_targets_only_for_literals_and_unix_paths() -> None:
+    found = [
+        target(a)
+        for a in (TCPAddress("127.0.0.1", 1), TCPAddress("::1", 2), UnixAddress("/run/db.sock"))
+    ]
+    assert [(t.family, t.sockaddr, str(t)) for t in found] == [
         (socket.AF_INET, ("127.0.0.1", 1), "127.0.0.1:1"),
         (socket.AF_INET6, ("::1", 2), "[::1]:2"),
         (socket.AF_UNIX, "/run/db.sock", "unix:/run/db.sock"),
     ]
-    assert BackendPool((TCPAddress("127.0.0.1", 1), TCPAddress("localhost", 2))).direct is None
-
-
-def test_direct_order_shares_the_round_robin_cursor() -> None:
-    pool = BackendPool((A, B, C))
-    assert pool.direct is not None
-    names = [[t.name for t in pool.direct_order()] for _ in range(2)]
-    assert names == [[str(A), str(B), str(C)], [str(B), str(C), str(A)]]
-    assert pool.order() == (C, A, B)
+    assert target(TCPAddress("localhost", 2)).sockaddr is None
 
 
 async def test_direct_connect_fails_over_from_a_refused_backend(nursery: trio.Nursery) -> None:
     refused = TCPAddress("127.0.0.1", refused_port())
     listeners = await nursery.start(partial(trio.serve_tcp, _close_at_once, 0, host="127.0.0.1"))
     good = TCPAddress("127.0.0.1", listeners[0].socket.getsockname()[1])
-    pool = BackendPool((refused, good))
-    sock, target = await connect_direct(pool, attempt_seconds=5)
+    backends = pool(refused, good)
+    sock, chosen = await connect_with_failover(backends, None, attempt_seconds=5)
+    assert isinstance(sock, socket.socket)
     with sock:
-        assert target.name == str(good)
+        assert chosen.address == good
         assert sock.getpeername() == ("127.0.0.1", good.port)
         assert not sock.getblocking()
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
     with pytest.raises(UpstreamConnectError) as info:
-        await connect_direct(BackendPool((refused,)), attempt_seconds=5)
+        await connect_with_failover(pool(refused), None, attempt_seconds=5)
     assert info.value.attempts == ((str(refused), "connection refused"),)
 
 
 async def test_direct_connect_times_out_on_a_backend_whose_backlog_is_full() -> None:
     with _backend_with_a_full_backlog() as port:
         with pytest.raises(UpstreamConnectError) as info:
-            await connect_direct(BackendPool((TCPAddress("127.0.0.1", port),)), attempt_seconds=0.3)
+            await connect_with_failover(
+                pool(TCPAddress("127.0.0.1", port)), None, attempt_seconds=0.3
+            )
         assert info.value.attempts == (("127.0.0.1:" + str(port), "timed out after 0.3s"),)
 
 
 async def test_direct_connect_out_of_descriptors_is_a_failed_attempt(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """As with connect_pool: a socket that cannot be made fails that attempt."""
+    """A socket that cannot be made fails that attempt."""
 
     def no_descriptors(*args: object, **kwargs: object) -> socket.socket:
         raise OSError(errno.EMFILE, "Too many open files")
 
-    monkeypatch.setattr(backends.socket, "socket", no_descriptors)
+    monkeypatch.setattr(connect.socket, "socket", no_descriptors)
     with pytest.raises(UpstreamConnectError) as info:
-        await connect_direct(BackendPool((A, B)), attempt_seconds=1)
+        await connect_with_failover(pool(A, B), None, attempt_seconds=1)
     assert info.value.attempts == ((str(A), "too many open files"), (str(B), "too many open files"))
 
 
@@ -192,11 +193,12 @@ async def test_direct_connect_to_unix_sockets(nursery: trio.Nursery, tmp_path: P
     await listener.bind(str(path))
     listener.listen()
     nursery.start_soon(trio.serve_listeners, _close_at_once, [trio.SocketListener(listener)])
-    sock, target = await connect_direct(
-        BackendPool((missing, UnixAddress(str(path)))), attempt_seconds=5
+    sock, chosen = await connect_with_failover(
+        pool(missing, UnixAddress(str(path))), None, attempt_seconds=5
     )
+    assert isinstance(sock, socket.socket)
     with sock:
-        assert target.name == f"unix:{path}"
+        assert str(chosen) == f"unix:{path}"
         assert sock.getpeername() == str(path)
         assert not sock.getblocking()
 
@@ -218,13 +220,14 @@ async def test_direct_connect_waits_while_a_unix_queue_is_full(tmp_path: Path) -
                     break
             start = trio.current_time()
             with pytest.raises(UpstreamConnectError) as info:
-                await connect_direct(BackendPool((UnixAddress(str(path)),)), attempt_seconds=0.3)
+                await connect_with_failover(pool(UnixAddress(str(path))), None, attempt_seconds=0.3)
             assert info.value.attempts == ((f"unix:{path}", "timed out after 0.3s"),)
             assert trio.current_time() - start >= 0.3
             server.accept()[0].close()  # room again: the next attempt gets in
-            sock, _ = await connect_direct(
-                BackendPool((UnixAddress(str(path)),)), attempt_seconds=5
+            sock, _ = await connect_with_failover(
+                pool(UnixAddress(str(path))), None, attempt_seconds=5
             )
+            assert isinstance(sock, socket.socket)
             sock.close()
         finally:
             for filler in fillers:
@@ -239,11 +242,12 @@ async def test_direct_connect_fails_over_from_an_address_connect_rejects(
     too_long = UnixAddress("/" + "x" * 200)
     listeners = await nursery.start(partial(trio.serve_tcp, _close_at_once, 0, host="127.0.0.1"))
     good = TCPAddress("127.0.0.1", listeners[0].socket.getsockname()[1])
-    sock, target = await connect_direct(BackendPool((too_long, good)), attempt_seconds=5)
+    sock, chosen = await connect_with_failover(pool(too_long, good), None, attempt_seconds=5)
+    assert isinstance(sock, socket.socket)
     sock.close()
-    assert target.name == str(good)
+    assert chosen.address == good
     with pytest.raises(UpstreamConnectError) as info:
-        await connect_direct(BackendPool((too_long,)), attempt_seconds=5)
+        await connect_with_failover(pool(too_long), None, attempt_seconds=5)
     ((name, reason),) = info.value.attempts
     assert name == str(too_long)
     assert "too long" in reason

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import attrs
 
-from .errors import ClientHelloError
+from l4proxy.errors import ClientHelloError
 
 __all__ = ["DEFAULT_LIMIT", "MAX_RECORDS", "ClientHello", "next_size", "parse_client_hello"]
 

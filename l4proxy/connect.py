@@ -1,0 +1,201 @@
+"""Connecting to a backend: one attempt per backend, in the pool's order, with failover.
+
+There is one failover loop, :func:`connect_with_failover`. Each attempt is one
+:func:`dial`, which picks how to connect:
+
+* **A raw non-blocking socket** for a backend at an IP literal or a Unix socket path,
+  when the proxy uses its default connector: one ``connect`` and, unless the kernel
+  finished it inside that call (loopback), one wait for writability. No trio socket
+  wrapper is made unless a later step needs a stream, so plain TCP can splice between
+  the two raw sockets (docs/performance.md: half the CPU per connection of the stream
+  path).
+* **The connector** otherwise: the default :func:`open_connection` for host names
+  (resolution off the event loop, happy eyeballs), or the embedder's own (after Go
+  tcpproxy's ``DialContext``).
+
+Every failure of an attempt is an ``OSError`` (a timeout is ``TimeoutError``), so the
+loop needs one ``except``.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import os
+import socket
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+import attrs
+import trio
+
+from .addresses import Address, UnixAddress
+from .errors import UpstreamConnectError
+
+if TYPE_CHECKING:
+    from .balancing import BackendPool
+
+#: How the proxy dials a backend; injectable, after Go tcpproxy's ``DialContext``.
+Connector = Callable[[Address], Awaitable[trio.abc.Stream]]
+
+#: What an attempt gives: a raw connected socket, or a stream from a connector.
+Dialed = socket.socket | trio.abc.Stream
+
+
+@attrs.frozen(slots=True)
+class Target:
+    """A backend as the dialer sees it, worked out once per pool (not per attempt).
+
+    ``sockaddr`` is what a raw ``connect`` takes (an IP literal's ``(host, port)`` or a
+    Unix path), or ``None`` for a host name, which only a connector can reach.
+    """
+
+    address: Address
+    family: int = 0
+    sockaddr: tuple[str, int] | str | None = None
+
+    def __str__(self) -> str:
+        return str(self.address)
+
+
+def socket_address(address: Address) -> tuple[int, tuple[str, int] | str] | None:
+    """The family and socket address to ``connect`` to, or ``None`` for a host name."""
+    if isinstance(address, UnixAddress):
+        return socket.AF_UNIX, address.path
+    if address.host is None:
+        return None
+    try:
+        version = ipaddress.ip_address(address.host).version
+    except ValueError:
+        return None
+    return (socket.AF_INET if version == 4 else socket.AF_INET6), (address.host, address.port)
+
+
+def target(address: Address) -> Target:
+    found = socket_address(address)
+    return Target(address) if found is None else Target(address, *found)
+
+
+async def open_connection(address: Address) -> trio.abc.Stream:
+    """The default connector, as a stream: TCP (names resolved off the event loop) or
+    a Unix socket. The proxy itself reaches IP literals and Unix sockets with raw
+    sockets (:func:`dial`) and calls this for host names."""
+    if isinstance(address, UnixAddress):
+        return await trio.open_unix_socket(address.path)
+    assert address.host is not None  # backends always have a host (config rule)
+    return await trio.open_tcp_stream(address.host, address.port)
+
+
+async def connect_with_failover(
+    pool: BackendPool[Target], connect: Connector | None, *, attempt_seconds: float
+) -> tuple[Dialed, Target]:
+    """Connect to the first backend that accepts, trying each at most once.
+
+    Args:
+        pool: gives the order of this connection's attempts.
+        connect: the embedder's connector, or ``None`` for the default.
+        attempt_seconds: the most one attempt may take.
+
+    Returns:
+        The connection (a raw non-blocking socket, ``TCP_NODELAY`` set on TCP, or a
+        stream) and the backend it goes to.
+
+    Error handling:
+        A refusal, a resolution failure, a socket that cannot be made (``EMFILE``) or
+        an attempt running out of time moves on to the next backend. When every
+        backend failed, raises :class:`~l4proxy.errors.UpstreamConnectError` listing
+        each and why.
+    """
+    attempts: list[tuple[str, str]] = []
+    for backend in pool.order():
+        try:
+            return await dial(backend, connect, attempt_seconds), backend
+        except OSError as exc:
+            attempts.append((str(backend.address), describe_os_error(exc)))
+    raise UpstreamConnectError(tuple(attempts))
+
+
+async def dial(target: Target, connect: Connector | None, seconds: float) -> Dialed:
+    """One attempt: a raw socket when the default connector can use one, else the
+    connector's stream. Raises ``OSError`` (``TimeoutError`` after ``seconds``)."""
+    if connect is None and target.sockaddr is not None:
+        return await _dial_socket(target, seconds)
+    with trio.move_on_after(seconds):
+        return await (connect or open_connection)(target.address)
+    raise TimeoutError(f"timed out after {seconds:g}s")
+
+
+#: Sockets are created non-blocking, so making one costs no extra syscall.
+_NONBLOCKING_STREAM = socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
+#: How often a connect to a Unix socket whose queue is full is tried again.
+UNIX_RETRY_SECONDS = 0.01
+
+
+async def _dial_socket(target: Target, seconds: float) -> socket.socket:
+    sock = socket.socket(target.family, _NONBLOCKING_STREAM)
+    try:
+        failure = await _connect(sock, target, seconds)
+    except BaseException:
+        sock.close()
+        raise
+    if failure:
+        sock.close()
+        if failure < 0:
+            raise TimeoutError(f"timed out after {seconds:g}s")
+        raise OSError(failure, os.strerror(failure))
+    return sock
+
+
+async def _connect(sock: socket.socket, target: Target, seconds: float) -> int:
+    """Connect ``sock``: 0 when connected, an errno when refused, -1 when out of time.
+
+    A Unix socket connects at once or fails at once, except when its listener's queue
+    is full (``EAGAIN``): then it is tried again every 10 ms within the attempt's time,
+    as a blocking ``connect`` would wait (the kernel has no "queue has room" event).
+    """
+    sockaddr = target.sockaddr
+    assert sockaddr is not None
+    if target.family == socket.AF_UNIX:
+        with trio.move_on_after(seconds):
+            while (failure := sock.connect_ex(sockaddr)) == errno.EAGAIN:  # noqa: ASYNC110
+                await trio.sleep(UNIX_RETRY_SECONDS)
+            return failure
+        return -1
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    failure = sock.connect_ex(sockaddr)
+    if failure != errno.EINPROGRESS:
+        return failure
+    if _connected(sock):
+        return 0
+    with trio.move_on_after(seconds):
+        await trio.lowlevel.wait_writable(sock)
+        return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    return -1
+
+
+def _connected(sock: socket.socket) -> bool:
+    """Whether a connect in progress already completed: on loopback and other local
+    addresses the kernel finishes the handshake inside ``connect`` itself, and one
+    ``getpeername`` saves a wait (and a cancel scope) per connection."""
+    try:
+        sock.getpeername()
+    except OSError:
+        return False
+    return True
+
+
+def describe_os_error(exc: OSError) -> str:
+    """A short, lowercase reason: 'connection refused', 'cannot resolve host', ..."""
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve host ({exc.strerror or exc})"
+    if exc.errno is not None and exc.errno in errno.errorcode:
+        return os.strerror(exc.errno).lower()
+    # trio.open_tcp_stream wraps per-address failures; report the first concrete one.
+    cause = exc.__cause__
+    if isinstance(cause, BaseExceptionGroup):
+        for inner in cause.exceptions:
+            if isinstance(inner, OSError):
+                return describe_os_error(inner)
+    if isinstance(cause, OSError):
+        return describe_os_error(cause)
+    return str(exc).lower() or type(exc).__name__

@@ -1,0 +1,161 @@
+"""One connection's life: named set-up steps, one data phase, one access line.
+
+:func:`serve` is the only orchestrator. Every connection runs it, whether its socket came
+from a listener's accept loop or its stream from ``Proxy.handle_stream``, and it reads
+as the list of steps (docs/architecture.md, "One connection"):
+
+1. **admit**: decide from the peer address alone, before any read (issue #10);
+2. **PROXY header in**: the client address a trusted peer gives (issue #10);
+3. **client preamble**: a cleartext dialogue before TLS (issue #9);
+4. **ClientHello**, 5. **route**, 6. **TLS termination**: under one deadline
+   (:mod:`l4proxy.tlsfront`);
+7. **connect** with failover (:mod:`l4proxy.connect`);
+8. **backend preamble / PROXY header / TLS** (issues #9 and #10; TLS today);
+9. **move bytes**: the data phase;
+10. **log**: the access line, written by :func:`_finish` and nowhere else.
+
+Steps 1-3 and the first two of 8 are empty today: a listener that uses none of them
+pays nothing for them. A step that ends the connection raises :class:`Ended` with
+its outcome; anything else that escapes is judged by :class:`_Contained`, so whatever
+one peer or backend does costs that connection only.
+
+The hand-over to the data phase is the one boundary between set-up and moving bytes:
+two raw sockets (a plain listener, a backend at an IP literal or Unix path, splice on)
+go to a :class:`~l4proxy.splice.SpliceLink` whose second direction runs as a sibling
+task in the listener's nursery (no nursery per connection; idle links wait in the
+:class:`~l4proxy.parking.ParkingLot` without tasks); anything else is wrapped in trio
+streams and goes to :func:`~l4proxy.pump.pump`.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from typing import TYPE_CHECKING
+
+import trio
+
+from .connect import connect_with_failover
+from .connection import Connection, Contained, finish
+from .errors import UpstreamConnectError
+from .pump import pump
+from .record import ConnectionRecord, Ended, Outcome
+from .splice import SpliceLink
+from .tlsfront import read_tls_front, secure_backend
+
+if TYPE_CHECKING:
+    from .addresses import Address
+    from .balancing import BackendPool
+    from .connect import Dialed, Target
+    from .connection import Shared
+    from .parking import ParkingLot
+    from .runtime import ListenerRuntime
+
+
+async def serve(
+    client: Dialed,
+    peer: Address | None,
+    local: Address | None,
+    runtime: ListenerRuntime,
+    shared: Shared,
+    lot: ParkingLot | None,
+) -> None:
+    """Proxy one connection, then log it.
+
+    ``client`` is an accepted socket (non-blocking use is set up here) or a stream;
+    ``lot`` is the listener's parking lot, ``None`` for ``handle_stream``.
+
+    Resource handling:
+        Closes ``client`` and everything built on it or on the backend, on every path,
+        cancellation included (after the hand-over to a ``SpliceLink``, its last
+        direction does).
+
+    Error handling:
+        Each failure ends this connection with an outcome in the access log; anything
+        unexpected is also logged with a traceback. ``Cancelled`` is never swallowed;
+        a connection cut by a drain is logged as ``drained``.
+    """
+    record = ConnectionRecord(
+        next(shared.ids), runtime.config.name, peer, local, time=time.time(), started=trio.current_time()
+    )  # fmt: skip
+    runtime.live.value += 1
+    connection = Connection(client, record, runtime, shared)
+    handed_over = False
+    try:
+        with Contained(record):
+            await _set_up(connection)
+            link = _splice_link(connection, lot)
+            if link is None:
+                await _pump(connection)
+            else:
+                assert lot is not None
+                handed_over = True
+                lot.nursery.start_soon(link.run, False)
+                await link.run(True)
+    finally:
+        if not handed_over:
+            try:
+                await connection.aclose()
+            finally:
+                finish(connection)
+
+
+async def _set_up(connection: Connection) -> None:
+    """The set-up steps, in order. Each either returns or raises :class:`Ended`."""
+    runtime = connection.runtime
+    record = connection.record
+    # 1. admit, 2. PROXY header in, 3. client preamble: issues #9 and #10.
+    route = runtime.default_route
+    if runtime.config.inspects_tls:  # 4-6. ClientHello, route, TLS termination
+        route = await read_tls_front(connection)
+    assert route is not None  # a listener without a default pool inspects TLS
+    record.route = route.name
+    await _connect(connection, route.pool)  # 7.
+    # 8. backend preamble, backend PROXY header (issues #9, #10), backend TLS:
+    if runtime.backend_tls is not None:
+        await secure_backend(connection, runtime.backend_tls)
+
+
+async def _connect(connection: Connection, pool: BackendPool[Target]) -> None:
+    """Step 7: the first backend of the pool that accepts, each tried at most once."""
+    try:
+        backend, target = await connect_with_failover(
+            pool,
+            connection.shared.connect,
+            attempt_seconds=connection.runtime.config.connect_timeout,
+        )
+    except UpstreamConnectError as exc:
+        reasons = "; ".join(f"{address}: {reason}" for address, reason in exc.attempts)
+        raise Ended(Outcome.CONNECT_FAILED, reasons) from None
+    connection.backend = backend
+    connection.record.backend = target.address
+
+
+def _splice_link(connection: Connection, lot: ParkingLot | None) -> SpliceLink | None:
+    """Step 9's choice: a link between the two raw sockets, when there are two."""
+    client, backend, pipes = connection.client, connection.backend, connection.runtime.pipes
+    if lot is None or pipes is None or type(client) is not socket.socket:
+        return None
+    if type(backend) is not socket.socket:
+        return None
+    client.setblocking(False)
+    if client.family != socket.AF_UNIX:
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    config = connection.runtime.config
+    return SpliceLink(
+        client, backend, connection.record, pipes, config.idle_timeout, connection.link_done, lot
+    )
+
+
+async def _pump(connection: Connection) -> None:
+    """Step 9 for streams: replay what passthrough consumed, then copy (or splice two
+    plain ``SocketStream``s) both ways."""
+    client, backend = connection.client_stream(), connection.backend_stream()
+    record = connection.record
+    if connection.replay:
+        await backend.send_all(connection.replay)
+        record.to_backend += len(connection.replay)
+    config = connection.runtime.config
+    record.outcome = await pump(
+        client, backend, record, idle_seconds=config.idle_timeout, pipes=connection.runtime.pipes
+    )

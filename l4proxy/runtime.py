@@ -1,0 +1,125 @@
+"""What each listener needs at run time, built once from its config (at start and on
+reload): pools, routes, TLS contexts, the access sink.
+
+Building reads certificate, key and CA files and may run in a worker thread (reload),
+so it touches no state of a running proxy: the caller passes in the sinks and live
+counters to reuse.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import attrs
+
+from .accesslog import FileSink, LoggerSink
+from .balancing import BackendPool
+from .connect import Target, target
+from .routing import Route, Router
+from .tls import BackendTLS, build_server_tls
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from .config import Config, ListenerConfig
+    from .splice import PipePool
+    from .tls import ServerTLS
+
+Sink = LoggerSink | FileSink
+
+
+class LiveCount:
+    """Connections of one listener that are open right now (kept across reloads)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
+
+
+@attrs.frozen(eq=False)
+class ListenerRuntime:
+    """One listener's settings and the objects its connections use.
+
+    Attributes:
+        config: the frozen listener config.
+        router: SNI (and ALPN) to a route and its pool.
+        default_route: the route of a listener that reads no ClientHello (or ``None``).
+        access_log: where its connections are logged.
+        server_tls: certificates and client-certificate checks when terminating TLS.
+        backend_tls: the client context when re-encrypting to the backends.
+        pipes: the splice pipe pool, when ``splice`` is on and the kernel has it.
+        live: open connections, shared with the runtimes built by later reloads.
+    """
+
+    config: ListenerConfig
+    router: Router[BackendPool[Target]]
+    access_log: Sink
+    server_tls: ServerTLS | None = None
+    backend_tls: BackendTLS | None = None
+    pipes: PipePool | None = None
+    live: LiveCount = attrs.field(factory=LiveCount)
+    default_route: Route[BackendPool[Target]] | None = attrs.field(init=False)
+
+    @default_route.default
+    def _default_route(self) -> Route[BackendPool[Target]] | None:
+        return self.router.match(None, ())
+
+
+def build_runtimes(
+    config: Config,
+    *,
+    default_sink: Sink,
+    file_sinks: Mapping[str, FileSink],
+    live: Mapping[str, LiveCount],
+    pipes: PipePool | None,
+) -> dict[str, ListenerRuntime]:
+    """A runtime per listener, by name.
+
+    Sinks and live counters named in ``file_sinks`` / ``live`` are reused; missing ones
+    are made new (the caller keeps them, see ``Proxy.__init__``).
+
+    Error handling:
+        Raises ``ConfigError`` naming the key and file when a certificate, key or CA
+        file cannot be read or used.
+    """
+    runtimes = {}
+    for index, listener in enumerate(config.listeners):
+        runtimes[listener.name] = ListenerRuntime(
+            listener,
+            _router(listener),
+            _sink(listener, default_sink, file_sinks),
+            server_tls=None
+            if listener.tls is None
+            else build_server_tls(
+                listener.tls,
+                session_id=f"l4proxy {listener.name}".encode()[:32],
+                key_path=f"listeners[{index}].tls",
+            ),
+            backend_tls=BackendTLS(
+                listener.backend_ca,
+                server_name=listener.backend_sni,
+                key_path=f"listeners[{index}].backend_ca",
+            )
+            if listener.backend_tls
+            else None,
+            pipes=pipes if listener.splice else None,
+            live=live.get(listener.name) or LiveCount(),
+        )
+    return runtimes
+
+
+def _router(listener: ListenerConfig) -> Router[BackendPool[Target]]:
+    def pool(addresses: tuple[object, ...]) -> BackendPool[Target]:
+        return BackendPool(tuple(target(address) for address in addresses))  # type: ignore[arg-type]  # config addresses
+
+    return Router(
+        [(route.sni, route.alpn, pool(route.backends)) for route in listener.routes],
+        default=pool(listener.backends) if listener.backends else None,
+    )
+
+
+def _sink(listener: ListenerConfig, default: Sink, files: Mapping[str, FileSink]) -> Sink:
+    if listener.access_log is None:
+        return default
+    return files.get(listener.access_log) or FileSink(listener.access_log)
