@@ -12,11 +12,11 @@ as the list of steps (docs/architecture.md, "One connection"):
 7. **connect** with failover (:mod:`l4proxy.connect`);
 8. **backend preamble / PROXY header / TLS** (issues #9 and #10; TLS today);
 9. **move bytes**: the data phase;
-10. **log**: the access line, written by :func:`_finish` and nowhere else.
+10. **log**: the access line, written by :func:`~l4proxy.connection.finish` and nowhere else.
 
 Steps 1-3 and the first two of 8 are empty today: a listener that uses none of them
-pays nothing for them. A step that ends the connection raises :class:`Ended` with
-its outcome; anything else that escapes is judged by :class:`_Contained`, so whatever
+pays nothing for them. A step that ends the connection raises :class:`~l4proxy.record.Ended` with
+its outcome; anything else that escapes is judged by :class:`~l4proxy.connection.Contained`, so whatever
 one peer or backend does costs that connection only.
 
 The hand-over to the data phase is the one boundary between set-up and moving bytes:

@@ -21,6 +21,7 @@ from .tls import BackendTLS, build_server_tls
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
+    from .addresses import Address
     from .config import Config, ListenerConfig
     from .splice import PipePool
     from .tls import ServerTLS
@@ -109,13 +110,14 @@ def build_runtimes(
     return runtimes
 
 
-def _router(listener: ListenerConfig) -> Router[BackendPool[Target]]:
-    def pool(addresses: tuple[object, ...]) -> BackendPool[Target]:
-        return BackendPool(tuple(target(address) for address in addresses))  # type: ignore[arg-type]  # config addresses
+def _pool(addresses: tuple[Address, ...]) -> BackendPool[Target]:
+    return BackendPool(tuple(target(address) for address in addresses))
 
+
+def _router(listener: ListenerConfig) -> Router[BackendPool[Target]]:
     return Router(
-        [(route.sni, route.alpn, pool(route.backends)) for route in listener.routes],
-        default=pool(listener.backends) if listener.backends else None,
+        [(route.sni, route.alpn, _pool(route.backends)) for route in listener.routes],
+        default=_pool(listener.backends) if listener.backends else None,
     )
 
 
