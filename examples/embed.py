@@ -38,7 +38,7 @@ class PrintAccess(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         access = getattr(record, "access", None)
-        if isinstance(access, l4proxy.AccessRecord):
+        if isinstance(access, l4proxy.ConnectionRecord):
             print(
                 f"access: listener={access.listener} backend={access.backend} "
                 f"sent={access.bytes_to_backend} received={access.bytes_to_client} "
