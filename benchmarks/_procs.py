@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Self
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Mapping, Sequence
     from types import TracebackType
 
 PROXY_CORE = 0
@@ -138,7 +138,16 @@ class Procs:
     ) -> None:
         self.close()
 
-    def start(self, name: str, argv: Sequence[str], *, core: int, cwd: Path | None = None) -> Proc:
+    def start(
+        self,
+        name: str,
+        argv: Sequence[str],
+        *,
+        core: int,
+        cwd: Path | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> Proc:
+        """Start ``argv``; ``env`` adds to (or overrides) this process's environment."""
         log = self.workdir / f"{name}.log"
         with open(log, "ab") as output:
             popen = subprocess.Popen(
@@ -147,6 +156,7 @@ class Procs:
                 stdout=output,
                 stderr=subprocess.STDOUT,
                 cwd=cwd,
+                env=None if env is None else {**os.environ, **env},
                 start_new_session=True,
                 preexec_fn=lambda: pin(core),
             )

@@ -13,9 +13,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from _procs import BenchError, find_binary
+from _servers import BASELINE
 
-TARGETS = ("direct", "l4proxy", "haproxy", "pproxy")
-TITLES = {"direct": "direct", "l4proxy": "l4proxy", "haproxy": "HAProxy", "pproxy": "pproxy"}
+TARGETS = ("direct", "l4proxy", BASELINE, "haproxy", "pproxy")
+TITLES = {
+    "direct": "direct",
+    "l4proxy": "l4proxy",
+    BASELINE: BASELINE,
+    "haproxy": "HAProxy",
+    "pproxy": "pproxy",
+}
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -94,9 +101,21 @@ HEADER = (
     "l4proxy/direct",
     "l4proxy/pproxy",
 )
+# With --baseline: its figures next to l4proxy's, and the A/B ratio first among the ratios.
+HEADER_BASELINE = (
+    *HEADER[:5],
+    BASELINE,
+    *HEADER[5:7],
+    f"l4proxy/{BASELINE}",
+    *HEADER[7:],
+)
 
 
-def rows(results: Results) -> list[list[str]]:
+def header(baseline: bool) -> tuple[str, ...]:
+    return HEADER_BASELINE if baseline else HEADER
+
+
+def rows(results: Results, baseline: bool = False) -> list[list[str]]:
     table = []
     for metric in results.metrics:
         if metric.key not in results.samples and metric.key not in results.unsupported:
@@ -105,20 +124,22 @@ def rows(results: Results) -> list[list[str]]:
         informative = metric.higher_is_better is not None
         direct = None if metric.proxy_only else results.median(metric.key, "direct")
         arrow = {True: " ↑", False: " ↓", None: ""}[metric.higher_is_better]
-        table.append(
-            [
-                metric.scenario,
-                metric.label,
-                f"{metric.unit}{arrow}",
-                "—" if metric.proxy_only else _value(results, metric, "direct"),
-                _value(results, metric, "l4proxy"),
-                _value(results, metric, "haproxy"),
-                _value(results, metric, "pproxy"),
-                _ratio(l4, results.median(metric.key, "haproxy")) if informative else "",
-                _ratio(l4, direct) if informative else "",
-                _ratio(l4, results.median(metric.key, "pproxy")) if informative else "",
-            ]
-        )
+        row = [
+            metric.scenario,
+            metric.label,
+            f"{metric.unit}{arrow}",
+            "—" if metric.proxy_only else _value(results, metric, "direct"),
+            _value(results, metric, "l4proxy"),
+            _value(results, metric, "haproxy"),
+            _value(results, metric, "pproxy"),
+            _ratio(l4, results.median(metric.key, "haproxy")) if informative else "",
+            _ratio(l4, direct) if informative else "",
+            _ratio(l4, results.median(metric.key, "pproxy")) if informative else "",
+        ]
+        if baseline:
+            row[5:5] = [_value(results, metric, BASELINE)]
+            row[8:8] = [_ratio(l4, results.median(metric.key, BASELINE)) if informative else ""]
+        table.append(row)
     return table
 
 

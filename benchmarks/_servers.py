@@ -5,7 +5,11 @@ Backends run on the load core, proxies on the proxy core. Every address is 127.0
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
+import shlex
+import subprocess
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,6 +25,8 @@ LARGE_FILE = "large.bin"
 LARGE_SIZE = 1 << 20
 HERE = Path(__file__).resolve().parent
 PROXIES = ("l4proxy", "haproxy", "pproxy")
+#: ``bench.py --baseline DIR``: l4proxy from the source tree DIR, next to the current one.
+BASELINE = "l4proxy@base"
 
 
 def venv_binary(name: str) -> str:
@@ -29,6 +35,92 @@ def venv_binary(name: str) -> str:
     if candidate.is_file():
         return str(candidate)
     return find_binary(name)
+
+
+def l4proxy_python() -> str:
+    """The interpreter the ``l4proxy`` command runs on (its script's shebang), else this one."""
+    with contextlib.suppress(OSError, UnicodeDecodeError, BenchError):
+        with open(venv_binary("l4proxy"), "rb") as script:
+            first = script.readline(4096)
+        if first.startswith(b"#!"):
+            interpreter = first[2:].decode().strip()
+            if " " not in interpreter and Path(interpreter).is_file():
+                return interpreter
+    return sys.executable
+
+
+def baseline_env(tree: Path) -> dict[str, str]:
+    """What makes ``python -m l4proxy`` (and ``--workers``' children) import ``tree``'s l4proxy.
+
+    PYTHONPATH puts ``tree`` ahead of site-packages, and so ahead of the venv's editable
+    install (its finder comes after the path finder). PYTHONSAFEPATH keeps the current
+    directory off sys.path: ``-m`` would otherwise put it first, and run from the checkout
+    that is the current l4proxy. Both are inherited by the workers
+    (``python -m l4proxy.workers``).
+    """
+    return {"PYTHONPATH": str(tree), "PYTHONSAFEPATH": "1"}
+
+
+def _python_line(argv: list[str], env: dict[str, str] | None) -> str:
+    try:
+        done = subprocess.run(
+            argv,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            env=None if env is None else {**os.environ, **env},
+            stdin=subprocess.DEVNULL,
+        )
+    except (OSError, subprocess.TimeoutExpired) as error:
+        raise BenchError(f"{shlex.join(argv)}: {error}") from error
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        raise BenchError(
+            f"{shlex.join(argv)} exited with {done.returncode}: {done.stderr.strip()[-800:]}"
+        )
+    return lines[-1].strip()
+
+
+def check_baseline(tree: Path) -> tuple[str, str]:
+    """(the file ``import l4proxy`` loads, its ``--version``) as the baseline proxy runs.
+
+    Raises BenchError unless that file is ``tree``'s: the same interpreter, environment and
+    current directory as the proxy that ``start_proxy`` starts for BASELINE.
+    """
+    python, env = l4proxy_python(), baseline_env(tree)
+    imported = _python_line([python, "-c", "import l4proxy; print(l4proxy.__file__)"], env)
+    expected = (tree / "l4proxy" / "__init__.py").resolve()
+    if Path(imported).resolve() != expected:
+        raise BenchError(
+            f"with PYTHONPATH={tree}, {python} imports l4proxy from {imported}, not {expected}"
+        )
+    version = _python_line([python, "-m", "l4proxy", "--version"], env)
+    return imported, version
+
+
+def current_l4proxy_file() -> str:
+    """The file ``import l4proxy`` loads for the ``l4proxy`` command (for the log)."""
+    try:
+        return _python_line(
+            [l4proxy_python(), "-P", "-c", "import l4proxy; print(l4proxy.__file__)"], None
+        )
+    except BenchError as error:
+        return f"unknown ({error})"
+
+
+def tree_digest(tree: Path) -> str:
+    """A short digest of the ``*.py`` files of ``tree``'s l4proxy package (names and bytes)."""
+    digest = hashlib.sha1()
+    package = tree / "l4proxy"
+    for path in sorted(package.rglob("*.py")):
+        if "__pycache__" in path.parts:
+            continue
+        digest.update(str(path.relative_to(package)).encode() + b"\0")
+        with contextlib.suppress(OSError):
+            digest.update(path.read_bytes())
+        digest.update(b"\0")
+    return digest.hexdigest()[:10]
 
 
 def start_nginx(procs: Procs, workdir: Path) -> tuple[Proc, int]:
@@ -143,16 +235,27 @@ def start_proxy(
     maxconn: int = 8000,
     l4proxy_args: Sequence[str] = (),
     tag: str = "",
+    baseline: Path | None = None,
 ) -> tuple[Proc, int]:
-    """Start ``kind`` (l4proxy, haproxy or pproxy) forwarding to 127.0.0.1:``backend``.
+    """Start ``kind`` (l4proxy, haproxy, pproxy or BASELINE) forwarding to 127.0.0.1:``backend``.
 
-    With ``cert`` (a PEM holding the chain and the key) the proxy terminates TLS.
+    With ``cert`` (a PEM holding the chain and the key) the proxy terminates TLS. BASELINE
+    is l4proxy with the same arguments, run as ``python -m l4proxy`` by the ``l4proxy``
+    command's interpreter with ``baseline_env(baseline)``.
     """
     port = free_port()
     name = f"{kind}-{tag}" if tag else kind
     argv: list[str]
-    if kind == "l4proxy":
-        argv = [venv_binary("l4proxy"), "-l", f"127.0.0.1:{port}", "-b", f"127.0.0.1:{backend}"]
+    env: dict[str, str] | None = None
+    if kind in ("l4proxy", BASELINE):
+        if kind == "l4proxy":
+            argv = [venv_binary("l4proxy")]
+        elif baseline is None:
+            raise BenchError(f"{BASELINE} needs a baseline source tree")
+        else:
+            argv = [l4proxy_python(), "-m", "l4proxy"]
+            env = baseline_env(baseline)
+        argv += ["-l", f"127.0.0.1:{port}", "-b", f"127.0.0.1:{backend}"]
         if cert is not None:
             argv += ["--tls-cert", str(cert)]
         argv += list(l4proxy_args)
@@ -168,6 +271,6 @@ def start_proxy(
             argv += ["--ssl", str(cert)]
     else:
         raise BenchError(f"unknown proxy {kind!r}")
-    proc = procs.start(name, argv, core=PROXY_CORE)
+    proc = procs.start(name, argv, core=PROXY_CORE, env=env)
     proc.wait_listening(port)
     return proc, port

@@ -1,8 +1,15 @@
 """l4proxy against HAProxy, pproxy and a direct connection, in one invocation.
 
 Usage: ``.venv/bin/python benchmarks/bench.py [--quick] [--only bulk,connrate,...]
-[--markdown PATH]`` (``make bench`` installs the tools and writes
+[--markdown PATH] [--baseline DIR]`` (``make bench`` installs the tools and writes
 docs/performance-results.md).
+
+A/B against an earlier l4proxy in the same run: ``--baseline DIR``, where DIR is a source
+tree of l4proxy (``mkdir -p /tmp/base && git archive <rev> | tar -x -C /tmp/base``), adds
+the target ``l4proxy@base``: the same arguments, scenarios, core and CPU accounting as
+l4proxy, run as ``python -m l4proxy`` on the l4proxy command's interpreter (this venv's,
+with its dependencies) with ``PYTHONPATH=DIR``; the file it imports is checked and logged
+at the start. The tables show it next to l4proxy, with the ratio l4proxy/l4proxy@base.
 
 Scenarios (each measurement a few seconds; per scenario the targets take turns, round
 after round, starting one later each round; the table shows the median of the rounds):
@@ -67,12 +74,12 @@ from _procs import (
     two_cores,
 )
 from _report import (
-    HEADER,
     REPO,
     TARGETS,
     TITLES,
     Metric,
     Results,
+    header,
     machine,
     markdown_table,
     rows,
@@ -80,14 +87,19 @@ from _report import (
     text_table,
 )
 from _servers import (
+    BASELINE,
     LARGE_FILE,
     PROXIES,
     SMALL_FILE,
     SMALL_SIZE,
+    check_baseline,
+    current_l4proxy_file,
+    l4proxy_python,
     start_holder,
     start_iperf3_server,
     start_nginx,
     start_proxy,
+    tree_digest,
     venv_binary,
 )
 
@@ -163,6 +175,11 @@ class Context:
     tls_facts: dict[str, str] = field(default_factory=dict)
 
     @property
+    def width(self) -> int:
+        """Of the target column in progress lines (8, or more for l4proxy@base)."""
+        return max(8, *(len(TITLES[kind]) for kind in self.proxies))
+
+    @property
     def rounds(self) -> int:
         return int(self.args.rounds)
 
@@ -191,6 +208,7 @@ class Context:
                     maxconn=self.args.idle_conns + 1000,
                     l4proxy_args=self.args.l4proxy_arg,
                     tag=tag,
+                    baseline=self.args.baseline,
                 )
             except BenchError as error:
                 self.results.note(f"{tag}: {TITLES[kind]} did not start: {error}")
@@ -238,14 +256,14 @@ class Context:
                 except BenchError as error:
                     failed.add(target)
                     self.results.note(f"{label}: {TITLES[target]} failed: {error}")
-                    print(f"  {label:24} {TITLES[target]:8} FAILED: {error}", flush=True)
+                    print(f"  {label:24} {TITLES[target]:{self.width}} FAILED: {error}", flush=True)
                     continue
                 run = Run(result, wall, cpu)
                 found[target][round_index] = run
                 busy = run.busy()
                 print(
                     f"  {label:24} round {round_index + 1}/{self.rounds}  "
-                    f"{TITLES[target]:8} {summary}"
+                    f"{TITLES[target]:{self.width}} {summary}"
                     + (f"  proxy core {busy:3.0f}%" if busy is not None else ""),
                     flush=True,
                 )
@@ -353,8 +371,10 @@ def scenario_keepalive(ctx: Context) -> None:
             found = ctx.alternate(f"keep-alive, {connections} conn(s)", ports, proxies, measure)
             _record_wrk(ctx, found, prefix, 1000.0)
             direct = found.get("direct", {})
-            for target in PROXIES:
-                for round_index, run in found.get(target, {}).items():
+            for target in found:
+                if target == "direct":
+                    continue
+                for round_index, run in found[target].items():
                     if round_index in direct:
                         base = direct[round_index].result
                         added_p50 = (run.result.p50_ms - base.p50_ms) * 1000
@@ -375,7 +395,7 @@ def scenario_tls(ctx: Context) -> None:
         for kind, port in ports.items():
             facts = _load.tls_probe(port, ctx.workdir)
             ctx.tls_facts[kind] = facts
-            print(f"  {TITLES[kind]:8} negotiates: {facts}", flush=True)
+            print(f"  {TITLES[kind]:{ctx.width}} negotiates: {facts}", flush=True)
 
         def bulk(port: int) -> tuple[_load.WrkResult, str]:
             result = _load.wrk(
@@ -443,6 +463,7 @@ def scenario_memory(ctx: Context) -> None:
                     maxconn=count + 1000,
                     l4proxy_args=ctx.args.l4proxy_arg,
                     tag="memory",
+                    baseline=ctx.args.baseline,
                 )
             except BenchError as error:
                 ctx.results.note(f"memory: {TITLES[kind]} did not start: {error}")
@@ -466,7 +487,7 @@ def scenario_memory(ctx: Context) -> None:
             except BenchError as error:
                 ctx.results.note(f"memory: {TITLES[kind]} failed: {error}")
                 ctx.results.mark_unsupported("mem_per_conn", kind, "failed")
-                print(f"  {TITLES[kind]:8} FAILED: {error}", flush=True)
+                print(f"  {TITLES[kind]:{ctx.width}} FAILED: {error}", flush=True)
                 continue
             finally:
                 ctx.procs.stop(proc)
@@ -477,7 +498,7 @@ def scenario_memory(ctx: Context) -> None:
             ctx.results.add("mem_pipes", kind, pipes_after - pipes_before)
             ctx.results.add("mem_setup", kind, opened_in / count * 1e3)
             print(
-                f"  {TITLES[kind]:8} RSS {before / 1024:7.1f} MiB -> {after / 1024:7.1f} MiB  "
+                f"  {TITLES[kind]:{ctx.width}} RSS {before / 1024:7.1f} MiB -> {after / 1024:7.1f} MiB  "
                 f"= {per_conn:5.2f} KiB/conn  fds +{fds_after - fds_before}  "
                 f"pipes +{pipes_after - pipes_before}  ({count} opened one at a time in "
                 f"{opened_in:.1f} s)",
@@ -565,6 +586,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="ARG",
         help="extra argument for l4proxy, repeatable (e.g. --l4proxy-arg=--workers=2)",
     )
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="DIR",
+        help=f"also run {BASELINE}: l4proxy from the source tree DIR (e.g. made by "
+        "'git archive REV | tar -x -C DIR'), same arguments and measurements, with the "
+        f"ratio l4proxy/{BASELINE}",
+    )
     parser.add_argument("--markdown", type=Path, metavar="PATH", help="also write the report here")
     parser.add_argument("--json", type=Path, metavar="PATH", help="write every sample here")
     parser.add_argument(
@@ -585,6 +614,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--rounds, --seconds, --idle-conns and --concurrency must be >= 1")
     if "l4proxy" not in args.proxies:
         parser.error("--proxies must include l4proxy")
+    if args.baseline is not None:
+        args.baseline = args.baseline.expanduser().resolve()
+        if not (args.baseline / "l4proxy" / "__init__.py").is_file():
+            parser.error(f"--baseline {args.baseline}: no l4proxy/__init__.py there")
     return args
 
 
@@ -601,6 +634,16 @@ def _preflight(args: argparse.Namespace) -> list[str]:
         find_binary(name)
     venv_binary("l4proxy")
     proxies = list(args.proxies)
+    if args.baseline is not None:
+        imported, version = check_baseline(args.baseline)
+        print(f"l4proxy imports {current_l4proxy_file()}", flush=True)
+        print(
+            f"{BASELINE} imports {imported} ({version}; {l4proxy_python()} -m l4proxy "
+            f"with PYTHONPATH={args.baseline})",
+            flush=True,
+        )
+        proxies.insert(proxies.index("l4proxy") + 1, BASELINE)
+        args.baseline_facts = f"imports {imported}, {version}"
     if "pproxy" in proxies:
         try:
             venv_binary("pproxy")
@@ -668,6 +711,16 @@ def _method(ctx: Context) -> list[str]:
         "proxy's process tree, /proc VmRSS) after the connections are up minus before, "
         f"over {args.idle_conns}, after a warm-up of 50 connections.",
     ]
+    if args.baseline is not None:
+        lines.insert(
+            3,
+            f"{BASELINE}: l4proxy from the source tree `{args.baseline}` (l4proxy package "
+            f"digest {tree_digest(args.baseline)}), started as `python -m l4proxy` on the "
+            "l4proxy command's interpreter with `PYTHONPATH` set to that tree (and "
+            "`PYTHONSAFEPATH=1`, so that the current directory is not searched first) and "
+            "otherwise exactly like l4proxy: the same arguments, core, scenarios and CPU "
+            "accounting, taking its turn in every round.",
+        )
     for kind, facts in ctx.tls_facts.items():
         lines.append(f"TLS as negotiated by `openssl s_client` with {TITLES[kind]}: {facts}.")
     return lines
@@ -683,15 +736,16 @@ BUSY_CHECKS = (
 def _findings(results: Results) -> None:
     """Notes on figures that need care: a proxy that was not the bottleneck."""
     for busy_key, rate_key, cpu_key, label in BUSY_CHECKS:
-        for kind in ("haproxy", "l4proxy"):
+        for kind in ("haproxy", "l4proxy", BASELINE):
             busy = results.median(busy_key, kind)
             if busy is None or busy >= 75:
                 continue
+            other = BASELINE if kind == BASELINE else "haproxy"
             l4_cpu = results.median(cpu_key, "l4proxy")
-            ha_cpu = results.median(cpu_key, "haproxy")
+            other_cpu = results.median(cpu_key, other)
             compare = (
-                f"; per unit of work l4proxy used {l4_cpu / ha_cpu:.2f}x HAProxy's CPU"
-                if l4_cpu and ha_cpu
+                f"; per unit of work l4proxy used {l4_cpu / other_cpu:.2f}x {TITLES[other]}'s CPU"
+                if l4_cpu and other_cpu
                 else ""
             )
             results.note(
@@ -716,7 +770,9 @@ def _render(
     ctx: Context, machine_facts: list[tuple[str, str]], started: datetime, elapsed: float
 ) -> tuple[str, str]:
     _findings(ctx.results)
-    table = rows(ctx.results)
+    baseline = ctx.args.baseline is not None
+    columns = header(baseline)
+    table = rows(ctx.results, baseline)
     targets = target_rows(ctx.results)
     legend = (
         "↑ higher is better, ↓ lower is better. Ratios are l4proxy divided by the other "
@@ -730,7 +786,7 @@ def _render(
         "",
         *(f"{name:22} {value}" for name, value in machine_facts),
         "",
-        text_table(HEADER, table),
+        text_table(columns, table),
         "",
         legend,
     ]
@@ -753,7 +809,7 @@ def _render(
         "",
         "## Results",
         "",
-        markdown_table(HEADER, table),
+        markdown_table(columns, table),
         "",
         legend,
     ]
@@ -822,6 +878,17 @@ def main(argv: list[str] | None = None) -> int:
     facts = machine(venv_binary("l4proxy"), sys.executable)
     facts.append(("CPU busy before the run", f"{busy:.0f}% (all cores, 1 s sample)"))
     revision = _revision()
+    base_digest = ""
+    if args.baseline is not None:
+        base_digest = tree_digest(args.baseline)
+        facts.insert(
+            4,
+            (
+                BASELINE,
+                f"source tree {args.baseline}: {args.baseline_facts} "
+                f"(l4proxy package digest {base_digest})",
+            ),
+        )
     started = datetime.now(UTC)
     clock = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="l4proxy-bench-"))
@@ -852,6 +919,11 @@ def main(argv: list[str] | None = None) -> int:
         results.note(
             f"the l4proxy checkout changed during the run ({revision} at the start, "
             f"{_revision()} at the end): scenarios may have run different code"
+        )
+    if args.baseline is not None and tree_digest(args.baseline) != base_digest:
+        results.note(
+            f"the {BASELINE} tree {args.baseline} changed during the run: scenarios may have "
+            "run different baseline code"
         )
     text, markdown = _render(ctx, facts, started, elapsed)
     print()
