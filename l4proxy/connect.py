@@ -1,7 +1,7 @@
 """Connecting to a backend: one attempt per backend, in the pool's order, with failover.
 
-There is one failover loop, :func:`connect_with_failover`. Each attempt is one
-:func:`dial`, which picks how to connect:
+There is one failover loop, :func:`connect_with_failover`. Each attempt picks how to
+connect:
 
 * **A raw non-blocking socket** for a backend at an IP literal or a Unix socket path,
   when the proxy uses its default connector: one ``connect`` and, unless the kernel
@@ -9,7 +9,7 @@ There is one failover loop, :func:`connect_with_failover`. Each attempt is one
   wrapper is made unless a later step needs a stream, so plain TCP can splice between
   the two raw sockets (docs/performance.md: half the CPU per connection of the stream
   path).
-* **The connector** otherwise: the default :func:`open_connection` for host names
+* **The connector** otherwise (:func:`dial_connector`): the default :func:`open_connection` for host names
   (resolution off the event loop, happy eyeballs), or the embedder's own (after Go
   tcpproxy's ``DialContext``).
 
@@ -109,17 +109,17 @@ async def connect_with_failover(
     attempts: list[tuple[str, str]] = []
     for backend in pool.order():
         try:
-            return await dial(backend, connect, attempt_seconds), backend
+            if connect is None and backend.sockaddr is not None:
+                return await _dial_socket(backend, attempt_seconds), backend
+            return await dial_connector(backend, connect, attempt_seconds), backend
         except OSError as exc:
             attempts.append((str(backend.address), describe_os_error(exc)))
     raise UpstreamConnectError(tuple(attempts))
 
 
-async def dial(target: Target, connect: Connector | None, seconds: float) -> Dialed:
-    """One attempt: a raw socket when the default connector can use one, else the
-    connector's stream. Raises ``OSError`` (``TimeoutError`` after ``seconds``)."""
-    if connect is None and target.sockaddr is not None:
-        return await _dial_socket(target, seconds)
+async def dial_connector(target: Target, connect: Connector | None, seconds: float) -> Dialed:
+    """One attempt through the connector (the default one for host names). Raises
+    ``OSError`` (``TimeoutError`` after ``seconds``)."""
     with trio.move_on_after(seconds):
         return await (connect or open_connection)(target.address)
     raise TimeoutError(f"timed out after {seconds:g}s")
@@ -132,45 +132,43 @@ UNIX_RETRY_SECONDS = 0.01
 
 
 async def _dial_socket(target: Target, seconds: float) -> socket.socket:
+    """One attempt with a raw non-blocking socket (``TCP_NODELAY`` on TCP). Raises
+    ``OSError`` (``TimeoutError`` after ``seconds``).
+
+    On loopback and other local addresses the kernel finishes the handshake inside
+    ``connect`` itself; one ``getpeername`` sees that and saves a wait (and a cancel
+    scope). A Unix socket connects at once or fails at once, except when its
+    listener's queue is full (``EAGAIN``): then it is tried again every 10 ms within
+    the attempt's time, as a blocking ``connect`` would wait (the kernel has no "queue
+    has room" event).
+    """
+    sockaddr = target.sockaddr
+    assert sockaddr is not None
     sock = socket.socket(target.family, _NONBLOCKING_STREAM)
     try:
-        failure = await _connect(sock, target, seconds)
+        if target.family == socket.AF_UNIX:
+            failure = -1
+            with trio.move_on_after(seconds):
+                while (failure := sock.connect_ex(sockaddr)) == errno.EAGAIN:  # noqa: ASYNC110
+                    await trio.sleep(UNIX_RETRY_SECONDS)
+        else:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            failure = sock.connect_ex(sockaddr)
+            if failure == errno.EINPROGRESS:
+                failure = 0 if _connected(sock) else -1
+                if failure:
+                    with trio.move_on_after(seconds):
+                        await trio.lowlevel.wait_writable(sock)
+                        failure = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
     except BaseException:
         sock.close()
         raise
     if failure:
         sock.close()
-        if failure < 0:
+        if failure < 0 or failure == errno.EAGAIN:
             raise TimeoutError(f"timed out after {seconds:g}s")
         raise OSError(failure, os.strerror(failure))
     return sock
-
-
-async def _connect(sock: socket.socket, target: Target, seconds: float) -> int:
-    """Connect ``sock``: 0 when connected, an errno when refused, -1 when out of time.
-
-    A Unix socket connects at once or fails at once, except when its listener's queue
-    is full (``EAGAIN``): then it is tried again every 10 ms within the attempt's time,
-    as a blocking ``connect`` would wait (the kernel has no "queue has room" event).
-    """
-    sockaddr = target.sockaddr
-    assert sockaddr is not None
-    if target.family == socket.AF_UNIX:
-        with trio.move_on_after(seconds):
-            while (failure := sock.connect_ex(sockaddr)) == errno.EAGAIN:  # noqa: ASYNC110
-                await trio.sleep(UNIX_RETRY_SECONDS)
-            return failure
-        return -1
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    failure = sock.connect_ex(sockaddr)
-    if failure != errno.EINPROGRESS:
-        return failure
-    if _connected(sock):
-        return 0
-    with trio.move_on_after(seconds):
-        await trio.lowlevel.wait_writable(sock)
-        return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-    return -1
 
 
 def _connected(sock: socket.socket) -> bool:
