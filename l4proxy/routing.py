@@ -5,14 +5,20 @@ SNI pattern matches the name exactly, then routes whose ``*.`` wildcard matches 
 label only: ``*.example.com`` matches ``db.example.com``, not ``a.b.example.com`` nor
 ``example.com``), then the listener's default pool. Within each group a route that lists
 ALPN protocols matches only if the client offered one of them; the first match wins.
-Matching ignores case and a trailing dot (the parser already normalised the name).
+Matching ignores case and a trailing dot. The name rules are :mod:`l4proxy.names`'s,
+which certificate selection shares; this module adds ALPN and the default.
 """
 
 from __future__ import annotations
 
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 import attrs
+
+from .names import NameTable, normalize
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 P = TypeVar("P")
 
@@ -41,35 +47,24 @@ class Router(Generic[P]):
         *,
         default: P | None = None,
     ) -> None:
-        self._exact: dict[str, list[Route[P]]] = {}
-        self._wildcard: dict[str, list[Route[P]]] = {}
+        self._names: NameTable[Route[P]] = NameTable()
         for names, alpn, pool in routes:
             encoded = tuple(protocol.encode() for protocol in alpn)
             for name in names:
-                name = name.lower().removesuffix(".")
-                if name.startswith("*."):
-                    self._wildcard.setdefault(name[2:], []).append(Route(name, pool, encoded))
-                else:
-                    self._exact.setdefault(name, []).append(Route(name, pool, encoded))
+                self._names.add(name, Route(normalize(name), pool, encoded))
         self._default = Route("default", default) if default is not None else None
 
     def match(self, server_name: str | None, alpn: tuple[bytes, ...]) -> Route[P] | None:
         """The route for this SNI and offered ALPN list, or ``None`` (no route, no default)."""
         if server_name:
-            name = server_name.lower().removesuffix(".")
-            route = _first_offered(self._exact.get(name), alpn)
-            if route is None and "." in name:
-                route = _first_offered(self._wildcard.get(name.split(".", 1)[1]), alpn)
+            exact, wildcard = self._names.lookup(server_name)
+            route = _first_offered(exact, alpn) or _first_offered(wildcard, alpn)
             if route is not None:
                 return route
         return self._default
 
 
-def _first_offered(
-    candidates: list[Route[P]] | None, offered: tuple[bytes, ...]
-) -> Route[P] | None:
-    if not candidates:
-        return None
+def _first_offered(candidates: Sequence[Route[P]], offered: tuple[bytes, ...]) -> Route[P] | None:
     for route in candidates:
         if not route.alpn or any(protocol in offered for protocol in route.alpn):
             return route
