@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gc
 import select
 import socket
 import struct
 from functools import partial
-from typing import TYPE_CHECKING
 
 import pytest
 import trio
@@ -23,6 +23,7 @@ import trio.testing
 import l4proxy
 from l4proxy import parking
 from l4proxy.parking import PARK_AFTER, ParkingLot
+from l4proxy.splice import SpliceLink
 
 from .conftest import (
     AccessWatcher,
@@ -32,9 +33,6 @@ from .conftest import (
     serve_in,
     start_proxy,
 )
-
-if TYPE_CHECKING:
-    from l4proxy.splice import SpliceLink
 
 WAIT = 10
 
@@ -233,6 +231,14 @@ async def test_drain_with_parked_connections(drain_timeout: float, access: Acces
 
 
 async def _lot(proxy: l4proxy.Proxy) -> ParkingLot:
+    """The listener's parking lot, for the tests that must reach inside it.
+
+    No public API exposes the lot (``Proxy.stats()`` answers how many connections are
+    parked, which is what the other tests use). Two kinds of test need more: the
+    deadline heap's size, internal bookkeeping with no outside effect but memory, and
+    fault injection into the lot's epoll (a kernel refusing or failing), which cannot be
+    caused from outside. They come here, and only they.
+    """
     while not proxy._serving or proxy._serving[0].lot is None:
         await trio.lowlevel.checkpoint()
     lot = proxy._serving[0].lot
@@ -241,15 +247,15 @@ async def _lot(proxy: l4proxy.Proxy) -> ParkingLot:
 
 
 async def test_idle_deadlines_do_not_pile_up_with_each_park(
-    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+    nursery: trio.Nursery, access: AccessWatcher, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Each park with an idle timeout schedules a deadline; woken links' entries are
     dropped once they outnumber the parked ones, so no finished link is kept alive."""
     monkeypatch.setattr(parking, "DEADLINES_SLACK", 2)
     backend, accepted = await _held_backend(nursery)
     proxy, bound = await start_proxy(nursery, [backend], idle_timeout=3600.0)
-    lot = await _lot(proxy)
     with trio.fail_after(WAIT):
+        lot = await _lot(proxy)
         async with await connect_to(bound[0]) as client:
             server = await accepted.receive()
             async with server:
@@ -257,40 +263,68 @@ async def test_idle_deadlines_do_not_pile_up_with_each_park(
                     await client.send_all(b"k")
                     await receive_exactly(server, 1)
                     await _until_parked(proxy)
-                    assert len(lot._deadlines) <= 2 * 2 + 2
-                link = next(iter(lot.parked.values()))
-        while _stats(proxy).open:  # noqa: ASYNC110 - polling a counter
-            await trio.sleep(PARK_AFTER / 4)
-        for _ in range(6):  # more parks than the slack: a rebuild drops the finished link
+                    # The heap (private: see _lot) stays within the rebuild threshold.
+                    assert len(lot._deadlines) <= 2 * 1 + 2
+        (first,) = await access.wait(1)
+        for count in range(2, 8):  # more parks than the slack: a rebuild drops the finished link
             async with await connect_to(bound[0]) as client:
                 server = await accepted.receive()
                 async with server:
                     await client.send_all(b"k")
                     await receive_exactly(server, 1)
                     await _until_parked(proxy)
-    assert all(entry[2] is not link for entry in lot._deadlines)
+            await access.wait(count)
+    # Nothing keeps the first connection's link (which holds its record) alive.
+    gc.collect()
+    assert not [ref for ref in gc.get_referrers(first) if isinstance(ref, SpliceLink)]
 
 
-class _FullEpoll:
-    """The lot's epoll refusing registrations, as at ``fs.epoll.max_user_watches``."""
+class _Epoll:
+    """The lot's epoll, with faults to inject: registrations refused (as at
+    ``fs.epoll.max_user_watches``) while :attr:`refuse` is set, and one failing
+    ``poll()`` once :attr:`fail_poll` is set."""
 
     def __init__(self, real: select.epoll) -> None:
         self.real = real
+        self.refuse = False
+        self.refused = 0  # registrations refused so far
+        self.fail_poll = False
+        self.changed = trio.Event()  # set on each refusal or injected failure
 
     def fileno(self) -> int:
         return self.real.fileno()
 
     def register(self, fd: int, mask: int) -> None:
-        raise OSError(errno.ENOSPC, "No space left on device")
+        if self.refuse:
+            self.refused += 1
+            self._changed()
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.real.register(fd, mask)
 
     def unregister(self, fd: int) -> None:
         self.real.unregister(fd)
 
     def poll(self, timeout: float) -> list[tuple[int, int]]:
+        if self.fail_poll:
+            self.fail_poll = False
+            self._changed()
+            raise OSError(errno.EBADF, "Bad file descriptor")
         return self.real.poll(timeout)
 
     def close(self) -> None:
         self.real.close()
+
+    def _changed(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+
+async def _inject(proxy: l4proxy.Proxy) -> _Epoll:
+    """Put an :class:`_Epoll` in place of the listener's lot's epoll (see :func:`_lot`)."""
+    lot = await _lot(proxy)
+    epoll = _Epoll(lot._epoll)
+    lot._epoll = epoll  # type: ignore[assignment]  # the same interface, faults added
+    return epoll
 
 
 async def test_a_connection_the_lot_cannot_take_runs_on_unparked(
@@ -298,15 +332,18 @@ async def test_a_connection_the_lot_cannot_take_runs_on_unparked(
 ) -> None:
     backend, accepted = await _held_backend(nursery)
     proxy, bound = await start_proxy(nursery, [backend])
-    lot = await _lot(proxy)
-    lot._epoll = _FullEpoll(lot._epoll)  # type: ignore[assignment]
     with trio.fail_after(WAIT):
-        for _ in range(2):  # whichever direction returns last, and again
+        epoll = await _inject(proxy)
+        epoll.refuse = True
+        for refused in (1, 2):  # whichever direction returns last, and again
             client = await connect_to(bound[0])
             server = await accepted.receive()
             await client.send_all(b"x")
             await receive_exactly(server, 1)
-            await trio.sleep(4 * PARK_AFTER)  # sweeps ask it to park; the lot cannot
+            while epoll.refused < refused:  # idle: the lot is asked to hold it, and cannot
+                await epoll.changed.wait()
+            await trio.sleep(4 * PARK_AFTER)  # more sweeps: it is not asked again
+            assert epoll.refused == refused
             assert _stats(proxy) == l4proxy.ListenerStats(open=1, parked=0)
             await client.send_all(b"still here")
             assert await receive_exactly(server, 10) == b"still here"
@@ -314,6 +351,56 @@ async def test_a_connection_the_lot_cannot_take_runs_on_unparked(
             assert await receive_exactly(client, 8) == b"and back"
             await client.aclose()
             await server.aclose()
-        await access.wait(2)
-    assert access.outcomes == ["ok", "ok"]
-    assert _stats(proxy).open == 0
+            await access.wait(refused)
+        # The same connection with an epoll that takes it: it is parked.
+        epoll.refuse = False
+        client, server = await _parked_connection(proxy, bound, accepted)
+        await client.aclose()
+        await server.aclose()
+        await access.wait(3)
+    assert access.outcomes == ["ok", "ok", "ok"]
+    assert _stats(proxy) == l4proxy.ListenerStats(open=0, parked=0)
+
+
+async def test_a_failing_lot_ends_its_parked_connections_only(
+    access: AccessWatcher, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The lot's own failure (its epoll's ``poll()`` raising) closes and logs the
+    connections parked in it; the listener goes on accepting and serving, and ``serve``
+    returns normally after ``close()``."""
+    async with trio.open_nursery() as nursery:
+        backend, accepted = await _held_backend(nursery)
+        config = l4proxy.Config(
+            listeners=[l4proxy.ListenerConfig(listen=["127.0.0.1:0"], backends=[backend])]
+        )
+        proxy = l4proxy.Proxy(config)
+        bound, served = await serve_in(nursery, proxy)
+        with trio.fail_after(WAIT):
+            epoll = await _inject(proxy)
+            client, server = await _parked_connection(proxy, bound, accepted)
+            epoll.fail_poll = True
+            await client.send_all(b"wake")  # the lot's epoll reports it; poll() fails
+            assert await receive_all(server) == b""  # the proxy closed the backend side
+            with contextlib.suppress(trio.BrokenResourceError):  # unread bytes: a reset
+                assert await receive_all(client) == b""
+            await client.aclose()
+            await server.aclose()
+            (cut,) = await access.wait(1)
+            assert _stats(proxy) == l4proxy.ListenerStats(open=0, parked=0)
+            # The listener still accepts and proxies.
+            async with await connect_to(bound[0]) as client:
+                async with await accepted.receive() as server:
+                    await client.send_all(b"after")
+                    assert await receive_exactly(server, 5) == b"after"
+                    await server.send_all(b"fine")
+                    assert await receive_exactly(client, 4) == b"fine"
+            await access.wait(2)
+            assert not served.is_set()
+            proxy.close()
+            await served.wait()  # returned, not raised (it would end this nursery)
+        nursery.cancel_scope.cancel()
+    assert not epoll.fail_poll  # the failure was injected, once
+    assert (cut.bytes_to_backend, cut.bytes_to_client) == (1, 0)
+    assert cut.outcome != "ok"  # "cancelled" today: see the report on issue #8
+    assert access.outcomes[1] == "ok"
+    assert "the parking lot failed" in caplog.text
