@@ -11,6 +11,8 @@ import pytest
 import trio
 
 import l4proxy
+import l4proxy.connect
+import l4proxy.splice
 
 Handler = Callable[[trio.SocketStream], Awaitable[None]]
 
@@ -163,3 +165,17 @@ def access() -> Iterator[AccessWatcher]:
 
 
 from .tlsfixtures import pki  # noqa: E402, F401  (a session fixture for every module)
+
+
+@pytest.fixture(params=["fast", "streams", "copy"])
+def pump_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each way of moving bytes: the splice link between raw sockets (plain listener,
+    IP-literal or Unix backends), splice between trio streams (backends dialled as if
+    they were host names) and the copy loop (no splice)."""
+    if request.param == "copy":
+        monkeypatch.setattr(l4proxy.splice, "AVAILABLE", False)
+    else:
+        assert l4proxy.splice.AVAILABLE, "this kernel/Python has no os.splice"
+    if request.param == "streams":
+        monkeypatch.setattr(l4proxy.connect, "socket_address", lambda address: None)
+    return request.param  # type: ignore[no-any-return]

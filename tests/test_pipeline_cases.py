@@ -127,20 +127,6 @@ async def lines_until_bye(stream: trio.SocketStream) -> None:
 # --- passthrough: the client half-closes, the reply still arrives -----------------------------
 
 
-@pytest.fixture(params=["fast", "streams", "copy"])
-def pump_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Each way passthrough bytes can move (as in test_proxy.py): the fast path (raw
-    sockets, splice), splice between trio streams (backends dialled as host names), and
-    the copy loop."""
-    if request.param == "copy":
-        monkeypatch.setattr(l4proxy.splice, "AVAILABLE", False)
-    else:
-        assert l4proxy.splice.AVAILABLE, "this kernel/Python has no os.splice"
-    if request.param == "streams":
-        monkeypatch.setattr(l4proxy.connect, "socket_address", lambda address: None)
-    return request.param  # type: ignore[no-any-return]
-
-
 class BioTLS:
     """One end of a TLS session (stdlib ``ssl``) driven over memory BIOs, so the test
     decides what its transport does: here, a TCP half-close that OpenSSL never hears of.

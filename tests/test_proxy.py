@@ -32,19 +32,8 @@ from .conftest import (
     start_proxy,
 )
 
-
-@pytest.fixture(params=["fast", "streams", "copy"], autouse=True)
-def pump_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Every test here runs on each way of moving bytes: the plain-TCP fast path (raw
-    sockets, splice, the second direction a sibling task), splice between trio streams
-    (the general path, e.g. for backends given by host name) and the copy loop."""
-    if request.param == "copy":
-        monkeypatch.setattr(l4proxy.splice, "AVAILABLE", False)
-    else:
-        assert l4proxy.splice.AVAILABLE, "this kernel/Python has no os.splice"
-    if request.param == "streams":  # backends as if host names: dialled as trio streams
-        monkeypatch.setattr(l4proxy.connect, "socket_address", lambda address: None)
-    return request.param  # type: ignore[no-any-return]
+#: Every test here runs on each way of moving bytes (the ``pump_path`` fixture).
+pytestmark = pytest.mark.usefixtures("pump_path")
 
 
 async def test_the_chosen_pump_is_used_and_idle_connections_hold_no_pipe(
