@@ -7,6 +7,7 @@ The sockets are plain non-blocking ``socket.socket`` objects: the accept loops
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import socket
@@ -52,17 +53,22 @@ class Listening:
         socket's file is removed if it is still the one this bind created."""
         if self.sock.fileno() == -1:
             return
-        trio.lowlevel.notify_closing(self.sock)
-        self.sock.close()
+        ours = False
         if self.unix_file is not None:
             path, device, inode = self.unix_file
             self.unix_file = None
+            # Compared while the socket still holds its inode, so that number cannot
+            # have been given to a file someone else made since.
             try:
                 now = os.lstat(path)
-                if (now.st_dev, now.st_ino) == (device, inode):
-                    os.unlink(path)
+                ours = (now.st_dev, now.st_ino) == (device, inode)
             except OSError:
-                pass  # already gone, or not ours to remove
+                pass  # already gone
+        trio.lowlevel.notify_closing(self.sock)
+        self.sock.close()
+        if ours:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
 
 
 def _bound_address(sock: socket.socket) -> Address:

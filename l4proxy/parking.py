@@ -29,6 +29,7 @@ active, the lot's while parked.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 import logging
@@ -59,6 +60,7 @@ class SpliceLink(Protocol):
     park_token: int
     idle_seconds: float
     idle_deadline: float
+    error: Exception | None
 
     def request_park(self) -> None: ...
 
@@ -172,13 +174,17 @@ class ParkingLot:
             itself (its epoll) ends the links parked in it, after which the listener
             parks nothing more and goes on serving.
         """
+        failure: Exception | None = None
         try:
             await self._run()
-        except Exception:
+        except Exception as exc:
             LOGGER.exception("the parking lot failed; its parked connections are closed")
+            failure = exc
         finally:
             self._closing = True
             for link in set(self.parked.values()):
+                if failure is not None and link.error is None:
+                    link.error = failure  # logged as what ended it, not as "cancelled"
                 self._end(link, cut=True)
             self._epoll.close()
 
@@ -213,8 +219,10 @@ class ParkingLot:
                 link.expire()
             else:
                 link.cut()
-        except Exception:
+        except Exception as exc:
             LOGGER.exception("a parked connection failed; closing it")
+            if link.error is None:
+                link.error = exc
             if not cut:
                 link.cut()
 
@@ -240,4 +248,5 @@ class ParkingLot:
         for sock in (link.client, link.backend):
             fd = sock.fileno()
             if self.parked.pop(fd, None) is not None:
-                self._epoll.unregister(fd)
+                with contextlib.suppress(OSError):  # not registered any more: nothing to undo
+                    self._epoll.unregister(fd)

@@ -21,7 +21,7 @@ fails, or whose idle deadline passes, *closes both sockets* (``notify_closing`` 
 which wakes the other direction wherever it waits, and every wait is followed by a
 look at the link's ``closed`` flag, so a direction never touches a descriptor number
 after the close (it may already belong to another connection). The fast path
-(:func:`l4proxy.connection.serve_socket`) runs the second direction as a sibling task
+(:func:`l4proxy.pipeline.serve`) runs the second direction as a sibling task
 in the listener's nursery, which saves a nursery per connection; :func:`splice_pump`
 runs both in a nursery of its own for callers holding trio streams.
 
