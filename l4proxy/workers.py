@@ -289,7 +289,7 @@ class _Supervisor:
 
 def _worker_main(argv: list[str]) -> None:
     """Entry point of a worker process: read the spec, serve, exit with the status."""
-    from .cli import configure_logging, run_proxy
+    from .runner import configure_logging, run_proxy
     from .server import Proxy
 
     ready_fd = int(argv[1])

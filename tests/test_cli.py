@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import resource
@@ -16,7 +17,10 @@ from typing import TYPE_CHECKING
 import pytest
 import trio
 
-from l4proxy.cli import main
+from l4proxy import CertKey, ListenerConfig, TLSConfig
+from l4proxy.cli import cli, main
+from l4proxy.config import top_level_keys
+from l4proxy.configkeys import keys_of
 
 from .conftest import echo, identify, receive_all, receive_exactly, start_backend
 from .proxyprocess import ProxyProcess
@@ -104,6 +108,33 @@ def test_usage_errors_exit_2_with_one_line(
     assert err.count("\n") == 1, err
     assert err.startswith("l4proxy: error: ")
     assert message in err
+
+
+def test_settings_flags_are_the_flags_of_the_key_table() -> None:
+    """Options the command's function does not name go to the configuration through the
+    key table: each must be a key's flag, and each key's flag must be an option."""
+    named = set(inspect.signature(cli.callback).parameters) - {"settings_flags"}  # type: ignore[arg-type]
+    unnamed = {
+        opt
+        for param in cli.params
+        if param.expose_value and param.name not in named
+        for opt in param.opts
+        if opt.startswith("--")
+    }
+    table = {spec.flag for spec in top_level_keys().values() if spec.flag}
+    assert unnamed == table
+    every_flag = {opt for param in cli.params for opt in param.opts}
+    for cls in (ListenerConfig, TLSConfig, CertKey):
+        for spec in keys_of(cls).values():
+            assert spec.flag is None or spec.flag in every_flag, spec
+
+
+def test_an_empty_file_flag_is_refused_naming_the_flag(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code, _, err = run_main(["-l", ":1", "-b", "a:1", "--access-log", "", "--check"], capsys)
+    assert code == 2
+    assert err == "l4proxy: error: --access-log: expected a file path or '-', got ''\n"
 
 
 def test_config_errors_name_the_key_path(
