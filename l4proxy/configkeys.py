@@ -244,11 +244,21 @@ def read_toml(path: str | Path) -> dict[str, object]:
     """Read a TOML file into a mapping, or raise ``ConfigError`` naming the file."""
     try:
         with open(path, "rb") as file:
-            return tomllib.load(file)
+            data = file.read()
     except OSError as exc:
         raise ConfigError(
             f"cannot read config file: {exc.strerror or exc}", source=str(path)
         ) from exc
+    try:
+        # TOML files are UTF-8 (TOML 1.0, "Spec"); tomllib would let the decode error out.
+        text = data.decode()
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(
+            f"invalid TOML: not UTF-8 ({exc.reason} at line {line})", source=str(path)
+        ) from exc
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"invalid TOML: {exc}", source=str(path)) from exc
 

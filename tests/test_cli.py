@@ -153,6 +153,22 @@ def test_config_errors_name_the_key_path(
     assert "listeners[1].idel_timeout: unknown key (did you mean 'idle_timeout'?)" in err
 
 
+def test_a_config_file_that_is_not_utf8_exits_2_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "l4proxy.toml"
+    config.write_bytes(
+        '[[listeners]]\nname = "caf\xe9"\nlisten = ["127.0.0.1:0"]\nbackends = ["a:1"]\n'.encode(
+            "latin-1"
+        )
+    )
+    code, out, err = run_main(["--config", str(config)], capsys)
+    assert (code, out) == (2, "")
+    assert err == (
+        f"l4proxy: error: {config}: invalid TOML: not UTF-8 (invalid continuation byte at line 2)\n"
+    )
+
+
 def test_check_accepts_a_good_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = tmp_path / "l4proxy.toml"
     config.write_text(
@@ -324,6 +340,29 @@ async def test_sighup_reloads_the_config_file(nursery: trio.Nursery, tmp_path: P
                 assert await receive_exactly(client, 7) == b"second\n"
             proc.signal(signal.SIGTERM)
             assert await proc.wait() == 0
+
+
+async def test_sighup_with_a_file_that_is_not_utf8_keeps_serving(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    backend = await start_backend(nursery, identify(b"first"))
+    config = tmp_path / "l4proxy.toml"
+    text = '[[listeners]]\nname = "{}"\nlisten = ["127.0.0.1:0"]\nbackends = ["{}"]\n'
+    config.write_text(text.format("svc", backend))
+    with trio.fail_after(20):
+        async with ProxyProcess(nursery, ["--config", str(config)]) as proc:
+            ((host, port),) = await proc.listening()
+            config.write_bytes(text.format("caf\xe9", backend).encode("latin-1"))
+            proc.signal(signal.SIGHUP)
+            await proc.wait_for(
+                "SIGHUP: reload failed, keeping the running configuration: "
+                ".*invalid TOML: not UTF-8"
+            )
+            async with await trio.open_tcp_stream(host, port) as client:
+                assert await receive_exactly(client, 6) == b"first\n"
+            proc.signal(signal.SIGTERM)
+            assert await proc.wait() == 0
+    assert not [line for line in proc.stderr if "Traceback" in line]
 
 
 def _few_file_descriptors() -> None:

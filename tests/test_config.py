@@ -210,6 +210,18 @@ def test_load_errors_name_the_file(tmp_path: Path) -> None:
         Config.load(bad)
 
 
+def test_a_file_that_is_not_utf8_is_a_config_error_naming_the_file(tmp_path: Path) -> None:
+    latin1 = tmp_path / "latin1.toml"
+    latin1.write_bytes(
+        '# caf\xe9\n[[listeners]]\nlisten = [":1"]\nbackends = ["a:1"]\n'.encode("latin-1")
+    )
+    with pytest.raises(ConfigError) as info:
+        Config.load(latin1)
+    assert str(info.value) == (
+        f"{latin1}: invalid TOML: not UTF-8 (invalid continuation byte at line 1)"
+    )
+
+
 def test_classes_built_in_code_validate_too() -> None:
     listener = ListenerConfig(listen=["127.0.0.1:0"], backends=[UnixAddress("/x.sock")])
     assert listener.listen == (TCPAddress("127.0.0.1", 0),)
