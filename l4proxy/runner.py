@@ -54,6 +54,11 @@ async def run_proxy(
     SIGHUP calls ``reload_config`` and applies the result (re-reading certificates),
     off the event loop; a second SIGTERM/SIGINT cuts what is still draining.
     ``on_ready`` is called with the bound addresses.
+
+    Error handling:
+        A reload that fails in any way (a ``ConfigError``, a certificate
+        ``cryptography`` cannot parse, a file that vanished) is logged as one ERROR
+        line and the running configuration stays; it never ends the process.
     """
     exit_code = 0
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
@@ -102,8 +107,12 @@ async def _handle_signals(
                 # Files are read off the event loop; the swap happens on it, at once.
                 config = await trio.to_thread.run_sync(reload_config)
                 await proxy.reload(config)
-            except ConfigError as exc:
-                LOGGER.error("%s: reload failed, keeping the running configuration: %s", name, exc)
+            except Exception as exc:  # whatever failed, the running configuration stays
+                LOGGER.error(
+                    "%s: reload failed, keeping the running configuration: %s",
+                    name,
+                    failure_reason(exc),
+                )
         elif not proxy.draining:
             proxy.close()  # listening sockets are closed when this returns
             LOGGER.info(
@@ -113,3 +122,11 @@ async def _handle_signals(
         else:
             LOGGER.warning("%s again: closing remaining connections now", name)
             proxy.close(drain_timeout=0)
+
+
+def failure_reason(exc: Exception) -> str:
+    """One line saying why loading or applying a configuration failed: a
+    ``ConfigError``'s own message (it names the file and key), otherwise the exception's
+    type and message (``ValueError: error parsing asn1 value: ...``)."""
+    reason = str(exc) if isinstance(exc, ConfigError) else f"{type(exc).__name__}: {exc}"
+    return " ".join(reason.split())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import re
 import resource
 import signal
 import socket
@@ -22,6 +23,7 @@ from l4proxy.cli import cli, main
 from l4proxy.config import top_level_keys
 from l4proxy.configkeys import keys_of
 
+from .badcerts import write_unparsable_san_cert
 from .conftest import echo, identify, receive_all, receive_exactly, start_backend
 from .proxyprocess import ProxyProcess
 
@@ -485,6 +487,33 @@ async def test_sighup_re_reads_certificates_given_as_flags(
             assert await _served_certificate(host, port, pki) == second
             proc.signal(signal.SIGTERM)
             assert await proc.wait() == 0
+
+
+async def test_sighup_with_an_unusable_certificate_keeps_serving(
+    nursery: trio.Nursery, tmp_path: Path, pki: PKI
+) -> None:
+    """Not only ConfigError: a certificate whose extension cannot be parsed (ValueError
+    from cryptography) fails the reload with one line, and the proxy keeps serving."""
+    backend = await start_backend(nursery)
+    cert = tmp_path / "site.pem"
+    await trio.Path(cert).write_bytes(await trio.Path(pki.a.combined).read_bytes())
+    with trio.fail_after(20):
+        async with ProxyProcess(
+            nursery, ["-l", "127.0.0.1:0", "-b", backend, "--tls-cert", str(cert)]
+        ) as proc:
+            ((host, port),) = await proc.listening()
+            served = await _served_certificate(host, port, pki)
+            write_unparsable_san_cert(cert)
+            proc.signal(signal.SIGHUP)
+            await proc.wait_for(
+                "ERROR l4proxy.cli: SIGHUP: reload failed, keeping the running configuration: "
+                "ValueError: error parsing asn1 value"
+            )
+            assert await _served_certificate(host, port, pki) == served
+            proc.signal(signal.SIGTERM)
+            assert await proc.wait() == 0
+    # One line, no traceback: every line is a log record or an access line.
+    assert all(re.match(r"\d{4}-\d\d-\d\d[ T]", line) for line in proc.stderr), proc.stderr
 
 
 def x509_der(cert: trustme.LeafCert) -> bytes:
