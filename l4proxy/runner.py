@@ -48,12 +48,14 @@ async def run_proxy(
     reload_config: Callable[[], Config] | None = None,
     *,
     on_ready: Callable[[list[BoundAddress]], None] | None = None,
+    lifeline: trio.abc.ReceiveStream | None = None,
 ) -> int:
     """Serve until SIGTERM/SIGINT (drain) and return the exit status.
 
     SIGHUP calls ``reload_config`` and applies the result (re-reading certificates),
     off the event loop; a second SIGTERM/SIGINT cuts what is still draining.
-    ``on_ready`` is called with the bound addresses.
+    ``on_ready`` is called with the bound addresses. End-of-file on ``lifeline`` (a
+    worker's standard input, held open by its supervisor) drains as SIGTERM does.
 
     Error handling:
         A reload that fails in any way (a ``ConfigError``, a certificate
@@ -66,6 +68,8 @@ async def run_proxy(
             async with trio.open_nursery() as nursery:
                 bound = await nursery.start(_serve_then_stop, proxy, nursery.cancel_scope)
                 nursery.start_soon(_handle_signals, signals, proxy, reload_config)
+                if lifeline is not None:
+                    nursery.start_soon(_drain_when_closed, lifeline, proxy)
                 if on_ready is not None:
                     on_ready(bound)
         except* ListenError as group:
@@ -92,6 +96,19 @@ async def _serve_then_stop(
 ) -> None:
     await proxy.serve(task_status=task_status)
     scope.cancel()
+
+
+async def _drain_when_closed(lifeline: trio.abc.ReceiveStream, proxy: Proxy) -> None:
+    """Drain once ``lifeline`` ends: the other end's process is gone."""
+    async with lifeline:
+        try:
+            while await lifeline.receive_some():
+                pass  # nothing is sent on it; only its end counts
+        except trio.BrokenResourceError:
+            pass
+    if not proxy.draining:
+        proxy.close()
+        LOGGER.warning("supervisor gone: no longer accepting; draining established connections")
 
 
 async def _handle_signals(
