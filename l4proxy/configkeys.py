@@ -67,15 +67,22 @@ class Kind:
         return f"required ({self.expects})"
 
     def read(self, reader: MappingReader, value: object, path: str) -> object:
-        """The value to build the class with; problems go to ``reader.problem``."""
+        """The value to build the class with; problems go to ``reader.problem``.
+        By default: :meth:`check`, then :meth:`convert`."""
         problem = self.check(value)
         if problem:
             reader.problem(path, problem)
-        return value
+            return None
+        return self.convert(reader, value)
 
     def check(self, value: object) -> str | None:
-        """Why ``value`` (as passed to the class in code) is unusable, or ``None``."""
+        """Why ``value`` (from the file, or passed to the class in code) is unusable,
+        or ``None``."""
         return None
+
+    def convert(self, reader: MappingReader, value: object) -> object:
+        """A file's value that passed :meth:`check`, as the class takes it."""
+        return value
 
     @property
     def table(self) -> type[attrs.AttrsInstance] | None:
@@ -88,7 +95,7 @@ class Key:
     """A config key: how to read and check it, and where else it can be given.
 
     Attributes:
-        kind: what it accepts (:class:`Seconds`, :class:`File`, ...).
+        kind: what it accepts (:class:`~l4proxy.configkinds.Seconds`, ...).
         flag: its command-line flag, if it has one.
         inherit: a listener key that may also be set at the top level, as the default
             for every listener.

@@ -3,7 +3,8 @@
 Each kind reads a TOML value for :class:`~l4proxy.configkeys.MappingReader`
 (reporting problems with the key path) and may check a value given in code; a field
 names its kind in its :func:`~l4proxy.configkeys.key` metadata. A new kind is a
-small frozen class here, with ``read`` and/or ``check``.
+small frozen class here: ``check`` (used for the file and for code) and ``convert``,
+or its own ``read`` for what only the file needs.
 """
 
 from __future__ import annotations
@@ -46,15 +47,11 @@ class Seconds(Kind):
     positive: bool = False
     expects = "a number of seconds"
 
-    def read(self, reader: MappingReader, value: object, path: str) -> object:
-        problem = self.check(value)
-        if problem:
-            reader.problem(path, problem)
-            return None
-        return float(value)  # type: ignore[arg-type]  # check() made sure it is a number
-
     def check(self, value: object) -> str | None:
         return duration_problem(value, positive=self.positive)
+
+    def convert(self, reader: MappingReader, value: object) -> object:
+        return float(value)  # type: ignore[arg-type]  # check() made sure it is a number
 
 
 @attrs.frozen
@@ -90,17 +87,13 @@ class File(Kind):
     def expects(self) -> str:  # type: ignore[override]  # a property in place of a class constant
         return "a file path or '-'" if self.dash else "a file path"
 
-    def read(self, reader: MappingReader, value: object, path: str) -> object:
-        problem = self.check(value)
-        if problem:
-            reader.problem(path, problem)
-            return None
-        return reader.resolve(value)  # type: ignore[arg-type]  # check() made sure it is a str
-
     def check(self, value: object) -> str | None:
         if isinstance(value, str) and value:
             return None
         return f"expected {self.expects}, got {value!r}"
+
+    def convert(self, reader: MappingReader, value: object) -> object:
+        return reader.resolve(value)  # type: ignore[arg-type]  # check() made sure it is a str
 
 
 @attrs.frozen
