@@ -247,7 +247,7 @@ def cli(
     client_ca: str | None,
     tls_min_version: str | None,
     check: bool,
-    **settings_flags: object,
+    **settings_flags: object,  # the flags of top-level keys (--idle-timeout ...): _settings
 ) -> int:
     """A TCP/TLS layer-4 reverse proxy: accept on --listen, forward to --backend.
 
