@@ -177,10 +177,10 @@ def _read_config(reader: MappingReader, data: object) -> Config | None:
         reader.problem("", f"expected a table at the top level, got {type(data).__name__}")
         return None
     keys = top_level_keys()
-    for name in data:
-        if name in _LISTENER_ONLY:
-            reader.problem(name, "belongs in a [[listeners]] table")
     reader.reject_unknown({k: v for k, v in data.items() if k not in _LISTENER_ONLY}, keys, "")
+    for name in _LISTENER_ONLY:
+        if name in data:
+            reader.problem(name, "belongs in a [[listeners]] table")
     defaults = reader.values({n: spec for n, spec in keys.items() if spec.inherit}, data, "")
     own = keys_of(Config)
     listeners_kind = own.pop("listeners").kind
