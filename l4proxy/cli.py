@@ -11,7 +11,6 @@ import logging
 import math
 import os
 import re
-import signal
 import sys
 from typing import TYPE_CHECKING, NoReturn, TypeVar
 
@@ -20,31 +19,25 @@ import trio
 
 from ._version import __version__
 from .addresses import Address, Role, parse_address
-from .config import Config, LogLevel, server_name_problem
-from .errors import ConfigError, ListenError
-from .server import BoundAddress, Proxy
+from .config import LogLevel, flag_for, server_name_problem, top_level_keys
+from .configkinds import File
+from .errors import ConfigError
+from .runner import configure_logging, run_proxy
+from .server import Proxy
 from .workers import ConfigSource, supervise
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable, Sequence
+    from collections.abc import Callable, Mapping, Sequence
 
-LOGGER = logging.getLogger("l4proxy.cli")
+__all__ = ["cli", "configure_logging", "main", "run_proxy"]  # the last two for l4proxy.demo
+
 T = TypeVar("T")
 
 _LEVELS = (logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR)
 _LEVEL_INDEX = {LogLevel.DEBUG: 0, LogLevel.INFO: 1, LogLevel.WARNING: 2, LogLevel.ERROR: 3}
 
-#: How config-file key paths read when the "file" was the command line.
-_FLAG_FOR_PATH = (
-    (re.compile(r"listeners\[0\]\.listen(\[\d+\])?"), "--listen"),
-    (re.compile(r"listeners\[0\]\.backends(\[\d+\])?"), "--backend"),
-    (re.compile(r"listeners\[0\]\.tls\.certs\[\d+\]\.cert"), "--tls-cert"),
-    (re.compile(r"listeners\[0\]\.tls\.certs\[\d+\]\.key"), "--tls-key"),
-    (re.compile(r"listeners\[0\]\.tls\.client_ca"), "--client-ca"),
-    (re.compile(r"listeners\[0\]\.tls\.alpn"), "--alpn"),
-    (re.compile(r"listeners\[0\]\.routes(\[\d+\])?(\.\w+)?"), "--route"),
-    (re.compile(r"listeners\[0\]\.(\w+)"), "\\1"),
-)
+#: A key path of the flags' one listener, anywhere in a message.
+_LISTENER_PATH = re.compile(r"listeners\[0\](?:\.\w+(?:\[\d+\])?)+")
 
 
 class AddressType(click.ParamType[Address, str]):
@@ -243,11 +236,6 @@ class SecondsType(click.ParamType[float, str]):
 def cli(
     listen: tuple[Address, ...],
     backend: tuple[Address, ...],
-    connect_timeout: float | None,
-    idle_timeout: float | None,
-    drain_timeout: float | None,
-    access_log: str | None,
-    log_format: str | None,
     verbose: int,
     quiet: int,
     config: str | None,
@@ -257,13 +245,9 @@ def cli(
     alpn: tuple[str, ...],
     passthrough: bool,
     client_ca: str | None,
-    backend_tls: bool,
-    backend_ca: str | None,
-    backend_sni: str | None,
     tls_min_version: str | None,
-    handshake_timeout: float | None,
-    workers: int | None,
     check: bool,
+    **settings_flags: object,  # the flags of top-level keys (--idle-timeout ...): _settings
 ) -> int:
     """A TCP/TLS layer-4 reverse proxy: accept on --listen, forward to --backend.
 
@@ -274,22 +258,7 @@ def cli(
       l4proxy --listen :443 --passthrough --route db.example.com=10.0.0.5:5432
       l4proxy --config l4proxy.toml --check
     """
-    settings = {
-        key: value
-        for key, value in (
-            ("connect_timeout", connect_timeout),
-            ("idle_timeout", idle_timeout),
-            ("drain_timeout", drain_timeout),
-            ("handshake_timeout", handshake_timeout),
-            ("access_log", _absolute(access_log)),
-            ("log_format", log_format),
-            ("backend_tls", backend_tls or None),
-            ("backend_ca", _absolute(backend_ca)),
-            ("backend_sni", backend_sni),
-            ("workers", workers),
-        )
-        if value is not None
-    }
+    settings = _settings(settings_flags)
     listener_flags = {
         "--listen": listen,
         "--backend": backend,
@@ -336,10 +305,24 @@ def cli(
     return trio.run(run_proxy, proxy, load)
 
 
-def _absolute(path: str | None) -> str | None:
-    """Flag paths are relative to the working directory, even next to --config (whose
-    own relative paths are relative to the file)."""
-    return path if path is None or path == "-" else os.path.abspath(path)
+def _settings(flags: Mapping[str, object]) -> dict[str, object]:
+    """The top-level keys the settings flags give (those with a ``flag`` in the key
+    table), as the file would: ``--idle-timeout 5`` is ``idle_timeout = 5``.
+
+    Flag paths are relative to the working directory, even next to --config (whose own
+    relative paths are relative to the file), so file keys are made absolute here.
+    """
+    settings = {}
+    for name, spec in top_level_keys().items():
+        if spec.flag is None:
+            continue
+        value = flags.get(spec.flag.removeprefix("--").replace("-", "_"))
+        if value is None or value is False:  # not given (an absent on/off flag is False)
+            continue
+        if isinstance(spec.kind, File) and isinstance(value, str) and value not in ("", "-"):
+            value = os.path.abspath(value)  # "" stays, to be refused as the file key would be
+        settings[name] = value
+    return settings
 
 
 def _listener_from_flags(
@@ -418,102 +401,15 @@ def _or_usage_error(build: Callable[[], T], *, flags: bool) -> T:
 
 
 def _flag_names(problem: str) -> str:
-    for pattern, flag in _FLAG_FOR_PATH:
-        problem = pattern.sub(flag, problem)
-    key = problem.partition(":")[0]
-    if re.fullmatch(r"[a-z_]+", key):
-        problem = "--" + key.replace("_", "-") + problem[len(key) :]
-    return problem
-
-
-def configure_logging(level: int, *, prefix: str = "") -> None:
-    """Diagnostics to standard error at ``level``.
-
-    Access lines do not pass through here: the command gives the proxy standard error
-    as its access stream, written by the same bounded writer thread as access-log
-    files (see :class:`~l4proxy.accesslog.FileSink`), so a slow standard error never
-    stalls the event loop.
-    """
-    diagnostics = logging.StreamHandler(sys.stderr)
-    diagnostics.setFormatter(
-        logging.Formatter(f"%(asctime)s %(levelname)s {prefix}%(name)s: %(message)s")
+    """``problem`` with the flags for its key paths: ``listeners[0].tls.certs[0].cert:
+    ...`` reads ``--tls-cert: ...``, ``idle_timeout: ...`` reads ``--idle-timeout: ...``.
+    A path that no flag sets loses its ``listeners[0].`` only."""
+    problem = _LISTENER_PATH.sub(
+        lambda match: flag_for(match[0]) or match[0].removeprefix("listeners[0]."), problem
     )
-    package = logging.getLogger("l4proxy")
-    package.handlers[:] = [diagnostics]
-    package.setLevel(level)
-    package.propagate = False
-
-
-async def run_proxy(
-    proxy: Proxy,
-    reload_config: Callable[[], Config] | None = None,
-    *,
-    on_ready: Callable[[list[BoundAddress]], None] | None = None,
-) -> int:
-    """Serve until SIGTERM/SIGINT (drain) and return the exit status.
-
-    SIGHUP calls ``reload_config`` and applies the result (re-reading certificates),
-    off the event loop; a second SIGTERM/SIGINT cuts what is still draining.
-    ``on_ready`` is called with the bound addresses.
-    """
-    exit_code = 0
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
-        try:
-            async with trio.open_nursery() as nursery:
-                bound = await nursery.start(_serve_then_stop, proxy, nursery.cancel_scope)
-                nursery.start_soon(_handle_signals, signals, proxy, reload_config)
-                if on_ready is not None:
-                    on_ready(bound)
-        except* ListenError as group:
-            _print_error(group)
-            exit_code = 1
-        except* ConfigError as group:
-            _print_error(group)
-            exit_code = 2
-    if exit_code == 0:
-        LOGGER.info("shut down cleanly")
-    return exit_code
-
-
-def _print_error(group: BaseExceptionGroup[BaseException]) -> None:
-    for exc in group.exceptions:
-        click.echo(f"l4proxy: error: {exc}", err=True)
-
-
-async def _serve_then_stop(
-    proxy: Proxy,
-    scope: trio.CancelScope,
-    *,
-    task_status: trio.TaskStatus[list[BoundAddress]] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    await proxy.serve(task_status=task_status)
-    scope.cancel()
-
-
-async def _handle_signals(
-    signals: AsyncIterator[int], proxy: Proxy, reload_config: Callable[[], Config] | None
-) -> None:
-    async for signum in signals:
-        name = signal.Signals(signum).name
-        if signum == signal.SIGHUP:
-            if reload_config is None:
-                LOGGER.warning("%s: nothing to reload (no --config file)", name)
-                continue
-            try:
-                # Files are read off the event loop; the swap happens on it, at once.
-                config = await trio.to_thread.run_sync(reload_config)
-                await proxy.reload(config)
-            except ConfigError as exc:
-                LOGGER.error("%s: reload failed, keeping the running configuration: %s", name, exc)
-        elif not proxy.draining:
-            proxy.close()  # listening sockets are closed when this returns
-            LOGGER.info(
-                "%s: no longer accepting; draining established connections (signal again to stop now)",
-                name,
-            )
-        else:
-            LOGGER.warning("%s again: closing remaining connections now", name)
-            proxy.close(drain_timeout=0)
+    key, colon, rest = problem.partition(":")
+    flag = flag_for(key) if colon and re.fullmatch(r"[a-z_]+", key) else None
+    return f"{flag}{colon}{rest}" if flag else problem
 
 
 def main(args: Sequence[str] | None = None) -> NoReturn:

@@ -7,12 +7,21 @@ the workers and each uses a core. The supervisor:
 * reserves a real port for every ``HOST:0`` listen address first (a bound, non-listening
   ``SO_REUSEPORT`` socket), so all workers share the same ephemeral port;
 * starts the workers in their own process group and hands each its configuration on
-  standard input (a pickle: parent and child are the same program);
+  standard input (a pickle: parent and child are the same program), which it then
+  keeps open as a lifeline: a worker whose supervisor is gone (even by SIGKILL) sees
+  end-of-file and drains as on SIGTERM;
 * waits until every worker reports it is listening; if one fails to start, it stops
   the others and exits with that worker's status (2 for a config error, 1 for a port
   in use), the same contract as a single process;
-* forwards SIGTERM/SIGINT (drain; a second one cuts) and SIGHUP (reload) to every
-  worker; restarts a worker that dies unexpectedly, backing off if it keeps dying;
+* on SIGHUP, loads and applies the configuration itself first (files read in a worker
+  thread, the same checks as a worker's reload), then forwards SIGHUP to every worker;
+  a reload that fails anywhere is one ERROR line and changes nothing. A restarted
+  worker starts with the configuration applied last, not the one from start-up;
+* restarts a worker that dies unexpectedly, backing off if it keeps dying;
+* on SIGTERM/SIGINT signals every worker at once (drain; a second signal cuts), waits
+  for the longest ``drain_timeout`` plus a margin and kills what is left; the same
+  happens whenever the supervisor ends for another reason (cancelled, an error), so
+  no worker outlives it;
 * exits 0 once every worker has drained and exited.
 
 Unix-socket listeners cannot be shared this way (there is no ``SO_REUSEPORT`` for
@@ -21,14 +30,15 @@ them), so ``--workers`` refuses them, as it refuses ``:0`` (a port per address f
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pickle
 import signal
 import socket
+import struct
 import subprocess
 import sys
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -38,6 +48,8 @@ import trio
 from .addresses import TCPAddress, UnixAddress
 from .config import Config, read_toml
 from .errors import ConfigError
+from .runner import configure_logging, failure_reason, run_proxy
+from .server import Proxy
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Mapping
@@ -48,6 +60,11 @@ LOGGER = logging.getLogger("l4proxy.workers")
 STABLE_SECONDS = 5.0
 MAX_BACKOFF = 30.0
 READY_TIMEOUT = 60.0
+#: Stopping waits this long beyond the longest drain_timeout before it kills: time for a
+#: worker to cut its connections, flush its access logs (bounded by 5 s) and exit.
+STOP_MARGIN = 10.0
+#: The spec on a worker's standard input: its length, then the pickle.
+_LENGTH = struct.Struct("!Q")
 
 
 @attrs.frozen
@@ -82,14 +99,15 @@ class WorkerSpec:
 
 
 def pin(config: Config, ports: Mapping[tuple[int, int], int]) -> Config:
-    """``config`` with the reserved ports in place of ``HOST:0``."""
+    """``config`` with the reserved ports in place of ``HOST:0``. Only port 0 is
+    replaced: a reloaded file that names a real port there is a change of address."""
     if not ports:
         return config
     listeners = []
     for i, listener in enumerate(config.listeners):
         listen = tuple(
             TCPAddress(address.host, ports[(i, j)])
-            if (i, j) in ports and isinstance(address, TCPAddress)
+            if (i, j) in ports and isinstance(address, TCPAddress) and address.port == 0
             else address
             for j, address in enumerate(listener.listen)
         )
@@ -134,50 +152,66 @@ def reserve_ports(config: Config) -> tuple[dict[tuple[int, int], int], list[sock
 
 
 async def supervise(config: Config, source: ConfigSource, log_level: int) -> int:
-    """Run ``config.workers`` workers until they have all drained; return the exit status."""
+    """Run ``config.workers`` workers until they have all drained; return the exit status.
+
+    Error handling:
+        Raises ``ConfigError`` if the workers cannot share the listen addresses or the
+        configuration's files cannot be used (before any worker starts).
+    """
     ports, holders = reserve_ports(config)
     try:
         source = attrs.evolve(source, pinned_ports=ports)
-        pinned = pin(config, ports)
-        supervisor = _Supervisor(pinned, source, log_level)
-        return await supervisor.run()
+        # Never serves: its reload() is the workers' own test of a new configuration,
+        # and its config what they run, so restarted workers get that.
+        applied = Proxy(pin(config, ports))
+        return await _Supervisor(applied, source, log_level).run()
     finally:
         for holder in holders:
             holder.close()
 
 
+@attrs.define
+class _Worker:
+    """One worker process, its standard input (the lifeline) and whether it listens
+    (before that it cannot take SIGHUP: its handler is not installed yet)."""
+
+    process: trio.Process
+    lifeline: trio.abc.SendStream
+    ready: bool = False
+
+
 class _Supervisor:
-    def __init__(self, config: Config, source: ConfigSource, log_level: int) -> None:
-        self.config = config
+    def __init__(self, applied: Proxy, source: ConfigSource, log_level: int) -> None:
+        self.applied = applied
         self.source = source
         self.log_level = log_level
-        self.processes: dict[int, trio.Process] = {}
-        self.stopping = False
+        self.workers: dict[int, _Worker] = {}
+        self.stopping = trio.Event()  # set by SIGTERM/SIGINT, or when the supervisor ends
+        self.reloading = trio.Lock()
 
     async def run(self) -> int:
-        try:
-            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+            try:
                 failed = await self._start_all()
                 if failed is not None:
                     return failed
-                LOGGER.info("%d workers running", len(self.processes))
+                LOGGER.info("%d workers running", len(self.workers))
                 async with trio.open_nursery() as nursery:
-                    forwarder = trio.CancelScope()
-                    nursery.start_soon(self._forward_signals, signals, forwarder)
+                    nursery.start_soon(self._handle_signals, signals, nursery)
                     async with trio.open_nursery() as watchers:
-                        for index, process in self.processes.items():
-                            watchers.start_soon(self._watch, index, process)
-                    forwarder.cancel()  # every worker has drained and exited
-            return 0
-        finally:
-            # Whatever ended the supervisor, leave no worker behind (they are in their
-            # own process group, so nothing else would stop them).
-            with trio.CancelScope(shield=True), trio.move_on_after(20):
-                for process in self.processes.values():
-                    await self._stop(process)
+                        for index in self.workers:
+                            watchers.start_soon(self._watch, index)
+                    nursery.cancel_scope.cancel()  # every worker has drained and exited
+                return 0
+            finally:
+                # Whatever ended the supervisor, leave no worker behind (they are in their
+                # own process group, so nothing else would stop them).
+                with trio.CancelScope(shield=True):
+                    await self._stop_all(signals)
 
     async def _start_all(self) -> int | None:
-        """Start every worker; if one cannot start, stop the rest and return its status."""
+        """Start every worker; if one cannot start, return its status (``run`` stops
+        the others)."""
         failures: list[int] = []
 
         async def start(index: int) -> None:
@@ -185,14 +219,9 @@ class _Supervisor:
                 failures.append(self._status(index))
 
         async with trio.open_nursery() as nursery:
-            for index in range(self.config.workers):
+            for index in range(self.applied.config.workers):
                 nursery.start_soon(start, index)
-        if not failures:
-            return None
-        self.stopping = True
-        for process in self.processes.values():
-            await self._stop(process)
-        return failures[0]
+        return failures[0] if failures else None
 
     async def _start(self, index: int) -> trio.Process | None:
         """Start worker ``index``; return it once it listens, or ``None`` if it died."""
@@ -211,31 +240,34 @@ class _Supervisor:
             os.close(ready_read)
             LOGGER.error("worker %d could not be started: %s", index + 1, exc)
             return None
-        self.processes[index] = process
         assert process.stdin is not None
-        spec = WorkerSpec(
-            index=index + 1, config=self.config, source=self.source, log_level=self.log_level
-        )
-        try:
-            async with process.stdin:
-                await process.stdin.send_all(pickle.dumps(spec))
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # it died already; the readiness pipe says so below
+        config = self.applied.config
+        worker = self.workers[index] = _Worker(process, process.stdin)
+        spec = pickle.dumps(WorkerSpec(index + 1, config, self.source, self.log_level))
+        # If it died already, the readiness pipe says so below. Standard input stays
+        # open: it is the worker's lifeline (see _worker_main).
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await process.stdin.send_all(_LENGTH.pack(len(spec)) + spec)
         async with trio.lowlevel.FdStream(ready_read) as ready:
             with trio.move_on_after(READY_TIMEOUT):
                 if await ready.receive_some(1):  # b"" when the worker died first
                     LOGGER.info("worker %d started (pid %d)", index + 1, process.pid)
+                    worker.ready = True
+                    if self.applied.config is not config:  # a reload while it started
+                        process.send_signal(signal.SIGHUP)
                     return process
-        await self._stop(process)
+        await self._stop([worker])
         return None
 
-    async def _watch(self, index: int, process: trio.Process) -> None:
+    async def _watch(self, index: int) -> None:
         """Wait for the worker; unless stopping, restart it (backing off if it keeps dying)."""
         backoff = 0.0
         while True:
             started = trio.current_time()
+            process = self.workers[index].process
             status = await process.wait()
-            if self.stopping:
+            await self.workers[index].lifeline.aclose()
+            if self.stopping.is_set():
                 return
             LOGGER.error(
                 "worker %d (pid %d) exited with status %d; restarting",
@@ -248,52 +280,112 @@ class _Supervisor:
             restarted = None
             while restarted is None:
                 await trio.sleep(backoff)
-                if self._draining():
+                if self.stopping.is_set():
                     return
                 restarted = await self._start(index)
                 backoff = min(max(backoff * 2, 1.0), MAX_BACKOFF)
-            if self._draining():  # SIGTERM arrived while it was starting: it missed it
-                await self._stop(restarted)
+            if self.stopping.is_set():  # SIGTERM arrived while it was starting: it missed it
+                await self._stop([self.workers[index]])
                 return
-            process = restarted
 
-    def _draining(self) -> bool:
-        return self.stopping
+    async def _handle_signals(self, signals: AsyncIterator[int], nursery: trio.Nursery) -> None:
+        async for signum in signals:
+            name = signal.Signals(signum).name
+            if signum == signal.SIGHUP:
+                nursery.start_soon(self._reload, name)
+            elif not self.stopping.is_set():
+                self.stopping.set()
+                LOGGER.info("%s: draining %d workers", name, len(self.workers))
+                nursery.start_soon(self._stop, list(self.workers.values()), signum)
+            else:  # again: the workers cut what is still draining
+                self._signal_all(signum)
 
-    async def _forward_signals(self, signals: AsyncIterator[int], scope: trio.CancelScope) -> None:
-        with scope:
-            async for signum in signals:
-                if signum in (signal.SIGINT, signal.SIGTERM) and not self.stopping:
-                    self.stopping = True
-                    LOGGER.info(
-                        "%s: draining %d workers", signal.Signals(signum).name, len(self.processes)
-                    )
-                for process in self.processes.values():
-                    if process.returncode is None:
-                        process.send_signal(signum)
+    async def _reload(self, name: str) -> None:
+        """Apply the configuration here first, so restarted workers get it; then have
+        every worker reload (each reads the files again, as a single process does)."""
+        async with self.reloading:  # one at a time, in the order the signals came
+            try:
+                config = await trio.to_thread.run_sync(self.source.load)
+                await self.applied.reload(config)
+            except Exception as exc:  # whatever failed, every worker keeps its configuration
+                LOGGER.error(
+                    "%s: reload failed, keeping the running configuration: %s",
+                    name,
+                    failure_reason(exc),
+                )
+                return
+        for worker in self.workers.values():
+            if worker.ready and worker.process.returncode is None:
+                worker.process.send_signal(signal.SIGHUP)
+
+    def _signal_all(self, signum: int) -> None:
+        for worker in self.workers.values():
+            if worker.ready and worker.process.returncode is None:
+                worker.process.send_signal(signum)
+
+    async def _stop_all(self, signals: AsyncIterator[int]) -> None:
+        """Stop every worker still running; a SIGTERM/SIGINT meanwhile cuts their drain."""
+        self.stopping.set()
+        async with trio.open_nursery() as nursery:
+
+            async def cut_on_signal() -> None:
+                async for signum in signals:
+                    if signum != signal.SIGHUP:
+                        self._signal_all(signum)
+
+            nursery.start_soon(cut_on_signal)
+            await self._stop(list(self.workers.values()))
+            nursery.cancel_scope.cancel()
+
+    async def _stop(self, workers: list[_Worker], signum: int = signal.SIGTERM) -> None:
+        """Signal ``workers`` all at once, wait for their drain (the longest
+        ``drain_timeout`` plus :data:`STOP_MARGIN`), then kill what is left."""
+        running = [worker.process for worker in workers if worker.process.returncode is None]
+        for process in running:
+            process.send_signal(signum)
+        drain = max(listener.drain_timeout for listener in self.applied.config.listeners)
+        with trio.move_on_after(drain + STOP_MARGIN):
+            async with trio.open_nursery() as nursery:
+                for process in running:
+                    nursery.start_soon(process.wait)
+        for process in running:
+            if process.returncode is None:
+                LOGGER.error(
+                    "worker (pid %d) did not stop after its drain; killing it", process.pid
+                )
+                process.kill()
+                await process.wait()
+        for worker in workers:
+            await worker.lifeline.aclose()
 
     def _status(self, index: int) -> int:
-        process = self.processes.get(index)
-        code = process.returncode if process is not None else None
+        worker = self.workers.get(index)
+        code = worker.process.returncode if worker is not None else None
         return code if code is not None and code > 0 else 1
 
-    async def _stop(self, process: trio.Process) -> None:
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-        with trio.move_on_after(10):
-            await process.wait()
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+
+def _read_spec(fd: int) -> WorkerSpec:
+    """The spec the supervisor wrote on ``fd``: exactly its length, nothing after it."""
+
+    def read_exactly(size: int) -> bytes:
+        data = b""
+        while len(data) < size:
+            chunk = os.read(fd, size - len(data))
+            if not chunk:
+                raise SystemExit(1)  # the supervisor died before it sent everything
+            data += chunk
+        return data
+
+    (size,) = _LENGTH.unpack(read_exactly(_LENGTH.size))
+    # Unpickled as l4proxy.workers.WorkerSpec, not this __main__ module's class.
+    spec: WorkerSpec = pickle.loads(read_exactly(size))
+    return spec
 
 
 def _worker_main(argv: list[str]) -> None:
     """Entry point of a worker process: read the spec, serve, exit with the status."""
-    from .cli import configure_logging, run_proxy
-    from .server import Proxy
-
     ready_fd = int(argv[1])
-    spec: WorkerSpec = pickle.loads(sys.stdin.buffer.read())
+    spec = _read_spec(sys.stdin.fileno())
     configure_logging(spec.log_level, prefix=f"[worker {spec.index}] ")
     try:
         proxy = Proxy(spec.config, reuse_port=True, access_stream=sys.stderr)
@@ -305,7 +397,12 @@ def _worker_main(argv: list[str]) -> None:
         os.write(ready_fd, b"R")
         os.close(ready_fd)
 
-    sys.exit(trio.run(partial(run_proxy, proxy, spec.source.load, on_ready=ready)))
+    async def main() -> int:
+        # End-of-file on standard input: the supervisor is gone (even by SIGKILL).
+        lifeline = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
+        return await run_proxy(proxy, spec.source.load, on_ready=ready, lifeline=lifeline)
+
+    sys.exit(trio.run(main))
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ class ProxyProcess:
         self.stdout: list[str] = []
         self.stderr: list[str] = []
         self._changed = trio.Event()
+        self._streams_open = 2  # standard output and error, until their EOF
         self.process: trio.Process | None = None
 
     async def __aenter__(self) -> Self:
@@ -64,12 +65,16 @@ class ProxyProcess:
         async for chunk in stream:
             buffer += chunk
             *complete, buffer = buffer.split(b"\n")
-            lines.extend(line.decode() for line in complete)
-            self._changed.set()
-            self._changed = trio.Event()
+            lines.extend(line.decode(errors="replace") for line in complete)
+            self._notify()
         if buffer:
-            lines.append(buffer.decode())
+            lines.append(buffer.decode(errors="replace"))
+        self._streams_open -= 1
+        self._notify()
+
+    def _notify(self) -> None:
         self._changed.set()
+        self._changed = trio.Event()
 
     async def wait_for(
         self, pattern: str, *, count: int = 1, where: str = "stderr"
@@ -81,23 +86,14 @@ class ProxyProcess:
             matches = [m for m in map(regex.search, lines) if m]
             if len(matches) >= count:
                 return matches
-            if (
-                self.process is not None
-                and self.process.returncode is not None
-                and not self._changed.is_set()
-            ):
-                await trio.sleep(0.05)  # let the collectors read the last output
-                matches = [m for m in map(regex.search, lines) if m]
-                if len(matches) >= count:
-                    return matches
+            assert self.process is not None
+            if self._streams_open == 0 and self.process.poll() is not None:  # nothing more comes
                 raise AssertionError(
                     f"exited {self.process.returncode} before {pattern!r}; stderr:\n"
                     + "\n".join(self.stderr)
                 )
             with trio.move_on_after(0.1):  # also notice the process exiting
                 await self._changed.wait()
-            if self.process is not None:
-                self.process.poll()
 
     async def listening(self, count: int = 1) -> list[tuple[str, int]]:
         """The (host, port) pairs the proxy logged as bound."""

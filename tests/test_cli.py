@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
+import re
 import resource
 import signal
 import socket
@@ -16,8 +18,12 @@ from typing import TYPE_CHECKING
 import pytest
 import trio
 
-from l4proxy.cli import main
+from l4proxy import CertKey, ListenerConfig, TLSConfig
+from l4proxy.cli import cli, main
+from l4proxy.config import top_level_keys
+from l4proxy.configkeys import keys_of
 
+from .badcerts import write_unparsable_san_cert
 from .conftest import echo, identify, receive_all, receive_exactly, start_backend
 from .proxyprocess import ProxyProcess
 
@@ -106,6 +112,33 @@ def test_usage_errors_exit_2_with_one_line(
     assert message in err
 
 
+def test_settings_flags_are_the_flags_of_the_key_table() -> None:
+    """Options the command's function does not name go to the configuration through the
+    key table: each must be a key's flag, and each key's flag must be an option."""
+    named = set(inspect.signature(cli.callback).parameters) - {"settings_flags"}  # type: ignore[arg-type]
+    unnamed = {
+        opt
+        for param in cli.params
+        if param.expose_value and param.name not in named
+        for opt in param.opts
+        if opt.startswith("--")
+    }
+    table = {spec.flag for spec in top_level_keys().values() if spec.flag}
+    assert unnamed == table
+    every_flag = {opt for param in cli.params for opt in param.opts}
+    for cls in (ListenerConfig, TLSConfig, CertKey):
+        for spec in keys_of(cls).values():
+            assert spec.flag is None or spec.flag in every_flag, spec
+
+
+def test_an_empty_file_flag_is_refused_naming_the_flag(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code, _, err = run_main(["-l", ":1", "-b", "a:1", "--access-log", "", "--check"], capsys)
+    assert code == 2
+    assert err == "l4proxy: error: --access-log: expected a file path or '-', got ''\n"
+
+
 def test_config_errors_name_the_key_path(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -120,6 +153,22 @@ def test_config_errors_name_the_key_path(
     assert err.startswith(f"l4proxy: error: {config}: listeners[1].")
     assert "listeners[1].backends[0]: expected HOST:PORT" in err
     assert "listeners[1].idel_timeout: unknown key (did you mean 'idle_timeout'?)" in err
+
+
+def test_a_config_file_that_is_not_utf8_exits_2_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "l4proxy.toml"
+    config.write_bytes(
+        '[[listeners]]\nname = "caf\xe9"\nlisten = ["127.0.0.1:0"]\nbackends = ["a:1"]\n'.encode(
+            "latin-1"
+        )
+    )
+    code, out, err = run_main(["--config", str(config)], capsys)
+    assert (code, out) == (2, "")
+    assert err == (
+        f"l4proxy: error: {config}: invalid TOML: not UTF-8 (invalid continuation byte at line 2)\n"
+    )
 
 
 def test_check_accepts_a_good_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -295,6 +344,29 @@ async def test_sighup_reloads_the_config_file(nursery: trio.Nursery, tmp_path: P
             assert await proc.wait() == 0
 
 
+async def test_sighup_with_a_file_that_is_not_utf8_keeps_serving(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    backend = await start_backend(nursery, identify(b"first"))
+    config = tmp_path / "l4proxy.toml"
+    text = '[[listeners]]\nname = "{}"\nlisten = ["127.0.0.1:0"]\nbackends = ["{}"]\n'
+    config.write_text(text.format("svc", backend))
+    with trio.fail_after(20):
+        async with ProxyProcess(nursery, ["--config", str(config)]) as proc:
+            ((host, port),) = await proc.listening()
+            config.write_bytes(text.format("caf\xe9", backend).encode("latin-1"))
+            proc.signal(signal.SIGHUP)
+            await proc.wait_for(
+                "SIGHUP: reload failed, keeping the running configuration: "
+                ".*invalid TOML: not UTF-8"
+            )
+            async with await trio.open_tcp_stream(host, port) as client:
+                assert await receive_exactly(client, 6) == b"first\n"
+            proc.signal(signal.SIGTERM)
+            assert await proc.wait() == 0
+    assert not [line for line in proc.stderr if "Traceback" in line]
+
+
 def _few_file_descriptors() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (48, 48))
 
@@ -415,6 +487,33 @@ async def test_sighup_re_reads_certificates_given_as_flags(
             assert await _served_certificate(host, port, pki) == second
             proc.signal(signal.SIGTERM)
             assert await proc.wait() == 0
+
+
+async def test_sighup_with_an_unusable_certificate_keeps_serving(
+    nursery: trio.Nursery, tmp_path: Path, pki: PKI
+) -> None:
+    """Not only ConfigError: a certificate whose extension cannot be parsed (ValueError
+    from cryptography) fails the reload with one line, and the proxy keeps serving."""
+    backend = await start_backend(nursery)
+    cert = tmp_path / "site.pem"
+    await trio.Path(cert).write_bytes(await trio.Path(pki.a.combined).read_bytes())
+    with trio.fail_after(20):
+        async with ProxyProcess(
+            nursery, ["-l", "127.0.0.1:0", "-b", backend, "--tls-cert", str(cert)]
+        ) as proc:
+            ((host, port),) = await proc.listening()
+            served = await _served_certificate(host, port, pki)
+            write_unparsable_san_cert(cert)
+            proc.signal(signal.SIGHUP)
+            await proc.wait_for(
+                "ERROR l4proxy.cli: SIGHUP: reload failed, keeping the running configuration: "
+                "ValueError: error parsing asn1 value"
+            )
+            assert await _served_certificate(host, port, pki) == served
+            proc.signal(signal.SIGTERM)
+            assert await proc.wait() == 0
+    # One line, no traceback: every line is a log record or an access line.
+    assert all(re.match(r"\d{4}-\d\d-\d\d[ T]", line) for line in proc.stderr), proc.stderr
 
 
 def x509_der(cert: trustme.LeafCert) -> bytes:

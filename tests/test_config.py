@@ -2,9 +2,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import attrs
 import pytest
 
-from l4proxy import Config, ConfigError, ListenerConfig, LogFormat, TCPAddress, UnixAddress
+from l4proxy import (
+    CertKey,
+    Config,
+    ConfigError,
+    ListenerConfig,
+    LogFormat,
+    RouteConfig,
+    TCPAddress,
+    TLSConfig,
+    UnixAddress,
+)
+from l4proxy.config import flag_for, top_level_keys
+from l4proxy.configkeys import keys_of
 
 
 def listeners(*items: dict[str, object]) -> dict[str, object]:
@@ -195,6 +208,18 @@ def test_load_errors_name_the_file(tmp_path: Path) -> None:
         ConfigError, match=r"bad\.toml: listeners\[0\]\.backends\[0\]: expected HOST:PORT"
     ):
         Config.load(bad)
+
+
+def test_a_file_that_is_not_utf8_is_a_config_error_naming_the_file(tmp_path: Path) -> None:
+    latin1 = tmp_path / "latin1.toml"
+    latin1.write_bytes(
+        '# caf\xe9\n[[listeners]]\nlisten = [":1"]\nbackends = ["a:1"]\n'.encode("latin-1")
+    )
+    with pytest.raises(ConfigError) as info:
+        Config.load(latin1)
+    assert str(info.value) == (
+        f"{latin1}: invalid TOML: not UTF-8 (invalid continuation byte at line 1)"
+    )
 
 
 def test_classes_built_in_code_validate_too() -> None:
@@ -429,3 +454,64 @@ def test_workers_is_a_top_level_whole_number() -> None:
         assert f"workers: expected a whole number from 1 to 256, got {bad!r}" in problems_of(
             {"workers": bad, **listeners({"listen": [":1"], "backends": ["a:1"]})}
         )
+
+
+def test_every_field_is_a_key_of_the_table() -> None:
+    """A field without key() metadata could be built in code but not read from a file."""
+    for cls in (Config, ListenerConfig, TLSConfig, RouteConfig, CertKey):
+        assert list(keys_of(cls)) == [field.name for field in attrs.fields(cls)], cls
+
+
+def test_listener_settings_are_top_level_defaults_from_the_table() -> None:
+    inherited = {name for name, spec in keys_of(ListenerConfig).items() if spec.inherit}
+    assert inherited == {
+        "connect_timeout",
+        "idle_timeout",
+        "drain_timeout",
+        "handshake_timeout",
+        "access_log",
+        "log_format",
+        "backend_tls",
+        "backend_ca",
+        "backend_sni",
+        "splice",
+    }
+    assert set(top_level_keys()) == {"listeners", "log_level", "workers", *inherited}
+    config = Config.from_mapping(
+        {
+            "splice": False,
+            "handshake_timeout": 3,
+            **listeners({"listen": [":1"], "backends": ["a:1"]}),
+        }
+    )
+    assert (config.listeners[0].splice, config.listeners[0].handshake_timeout) == (False, 3.0)
+    assert "listeners[0].splice: expected true or false, got 1" in problems_of(
+        listeners({"listen": [":1"], "backends": ["a:1"], "splice": 1})
+    )
+
+
+def test_kinds_check_values_given_in_code_with_the_file_messages() -> None:
+    with pytest.raises(ConfigError, match=r"^splice: expected true or false, got 'yes'$"):
+        ListenerConfig(listen=[":1"], backends=["a:1"], splice="yes")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"^idle_timeout: expected a number of seconds >= 0"):
+        ListenerConfig(listen=[":1"], backends=["a:1"], idle_timeout=-1)
+    with pytest.raises(ConfigError, match=r"^cert: expected a file path, got ''$"):
+        CertKey(cert="")
+    with pytest.raises(ConfigError, match=r"^workers: expected a whole number from 1 to 256"):
+        Config(listeners=[ListenerConfig(listen=[":1"], backends=["a:1"])], workers=0)
+    # Optional keys left unset are not checked.
+    assert ListenerConfig(listen=[":1"], backends=["a:1"]).backend_ca is None
+
+
+def test_flag_for_a_key_path() -> None:
+    assert flag_for("listeners[0].listen[1]") == "--listen"
+    assert flag_for("listeners[0].tls.certs[2].cert") == "--tls-cert"
+    assert flag_for("listeners[0].tls.certs[2].key") == "--tls-key"
+    assert flag_for("listeners[0].tls.min_version") == "--tls-min-version"
+    assert flag_for("listeners[0].routes[3].sni") == "--route"  # the deepest key with a flag
+    assert flag_for("listeners[0].backend_sni") == "--backend-sni"
+    assert flag_for("idle_timeout") == "--idle-timeout"  # a top-level default
+    assert flag_for("workers") == "--workers"
+    assert flag_for("log_level") is None  # -v/-q move it; no flag sets it
+    assert flag_for("listeners[0].name") is None
+    assert flag_for("listeners[0].tls.allow_sans") is None

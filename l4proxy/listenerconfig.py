@@ -1,0 +1,352 @@
+"""One listener's configuration: where it accepts, where it forwards, TLS and limits.
+
+Frozen attrs classes whose fields are config keys (see :mod:`l4proxy.configkeys`):
+their metadata says how each is read from a ``[[listeners]]`` table, checked in code,
+inherited from the top level and set by a flag. :mod:`l4proxy.config` puts them
+together into the whole :class:`~l4proxy.config.Config`, and re-exports them.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import TYPE_CHECKING
+
+import attrs
+from cryptography import x509
+
+from .addresses import Address, Role, TCPAddress, UnixAddress, parse_address
+from .configkeys import check_kinds, key
+from .configkinds import (
+    Addresses,
+    Choice,
+    File,
+    Flag,
+    Seconds,
+    ServerName,
+    Strings,
+    Table,
+    Tables,
+    Text,
+    server_name_problem,
+)
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Mapping
+
+__all__ = ["CertKey", "ListenerConfig", "LogFormat", "RouteConfig", "TLSConfig", "TLSVersion"]
+
+
+class LogFormat(enum.StrEnum):
+    """How access-log lines are written."""
+
+    TEXT = "text"
+    JSON = "json"
+
+
+def _to_addresses(
+    values: Iterable[Address | str] | Address | str, role: Role
+) -> tuple[Address, ...]:
+    if isinstance(values, str | TCPAddress | UnixAddress):
+        values = [values]
+    result: list[Address] = []
+    for value in values:
+        if isinstance(value, TCPAddress | UnixAddress):
+            result.append(value)
+            continue
+        try:
+            result.append(parse_address(value, role=role))
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{role}: {exc}") from None
+    return tuple(result)
+
+
+def _listen_addresses(values: Iterable[Address | str] | Address | str) -> tuple[Address, ...]:
+    return _to_addresses(values, "listen")
+
+
+def _backend_addresses(values: Iterable[Address | str] | Address | str) -> tuple[Address, ...]:
+    return _to_addresses(values, "backend")
+
+
+def _log_format(value: LogFormat | str) -> LogFormat:
+    try:
+        return LogFormat(value)
+    except ValueError:
+        raise ConfigError(f"log_format: expected 'text' or 'json', got {value!r}") from None
+
+
+def _non_empty(
+    _instance: object, attribute: attrs.Attribute[tuple[Address, ...]], value: tuple[Address, ...]
+) -> None:
+    if not value:
+        raise ConfigError(f"{attribute.name}: needs at least one address")
+
+
+class TLSVersion(enum.StrEnum):
+    """Lowest TLS version accepted; TLS 1.0/1.1 and SSLv3 are always refused."""
+
+    TLS1_2 = "1.2"
+    TLS1_3 = "1.3"
+
+
+def _tls_version_text(value: object) -> object:
+    """TOML reads ``min_version = 1.3`` as a float."""
+    return f"{value:.1f}" if isinstance(value, float) else value
+
+
+def _tls_version(value: TLSVersion | str | float) -> TLSVersion:
+    try:
+        return TLSVersion(str(_tls_version_text(value)))
+    except ValueError:
+        raise ConfigError(f"min_version: expected '1.2' or '1.3', got {value!r}") from None
+
+
+def _strings(values: Iterable[str] | str) -> tuple[str, ...]:
+    return (values,) if isinstance(values, str) else tuple(values)
+
+
+def _server_names(values: Iterable[str] | str) -> tuple[str, ...]:
+    """SNI patterns: exact names or ``*.`` plus a domain; lower-cased, trailing dot dropped."""
+    names = []
+    for value in _strings(values):
+        name = value.lower().removesuffix(".") if isinstance(value, str) else value
+        problem = server_name_problem(name)
+        if problem:
+            raise ConfigError(f"sni: {problem}")
+        names.append(name)
+    if not names:
+        raise ConfigError("sni: needs at least one name")
+    return tuple(names)
+
+
+@attrs.frozen(kw_only=True, field_transformer=check_kinds)
+class CertKey:
+    """A certificate (chain) file and its private key file (``None``: the key is in ``cert``)."""
+
+    cert: str = attrs.field(metadata=key(File(), flag="--tls-cert", required=True))
+    key: str | None = attrs.field(default=None, metadata=key(File(), flag="--tls-key"))
+
+
+def _cert_keys(values: Iterable[CertKey | Mapping[str, str] | str]) -> tuple[CertKey, ...]:
+    result = []
+    for value in values:
+        if isinstance(value, CertKey):
+            result.append(value)
+        elif isinstance(value, str):
+            result.append(CertKey(cert=value))
+        else:
+            result.append(CertKey(**value))
+    if not result:
+        raise ConfigError("certs: needs at least one {cert, key} pair")
+    return tuple(result)
+
+
+@attrs.frozen(kw_only=True, field_transformer=check_kinds)
+class TLSConfig:
+    """TLS termination for a listener.
+
+    Attributes:
+        certs: certificates to serve; chosen by SNI against each certificate's DNS
+            names (exact, then ``*.`` wildcard); the first is served for no or unknown SNI.
+        client_ca: require client certificates chaining to this CA file (mTLS).
+        allow_subjects: with ``client_ca``, accept only these subjects (RFC 4514
+            strings such as ``CN=alice,O=Example``); empty accepts any.
+        allow_sans: with ``client_ca``, accept only certificates with one of these
+            subject alternative names (DNS names, e-mail addresses, URIs); empty accepts any.
+        alpn: protocols to offer, in preference order.
+        min_version: ``1.2`` (default) or ``1.3``.
+    """
+
+    certs: tuple[CertKey, ...] = attrs.field(
+        converter=_cert_keys,
+        metadata=key(
+            Tables(
+                CertKey,
+                expects="a list of {cert, key} tables",
+                wrong="expected a non-empty list of {{cert, key}} tables",
+                item_wrong='expected a table like {cert = "a.pem", key = "a.key"}',
+            ),
+            required=True,
+        ),
+    )
+    client_ca: str | None = attrs.field(default=None, metadata=key(File(), flag="--client-ca"))
+    allow_subjects: tuple[str, ...] = attrs.field(
+        default=(), converter=_strings, metadata=key(Strings())
+    )
+    allow_sans: tuple[str, ...] = attrs.field(
+        default=(), converter=_strings, metadata=key(Strings())
+    )
+    alpn: tuple[str, ...] = attrs.field(
+        default=(), converter=_strings, metadata=key(Strings(), flag="--alpn")
+    )
+    min_version: TLSVersion = attrs.field(
+        default=TLSVersion.TLS1_2,
+        converter=_tls_version,
+        metadata=key(
+            Choice(TLSVersion, message="'1.2' or '1.3'", parse=_tls_version_text),
+            flag="--tls-min-version",
+        ),
+    )
+
+    def __attrs_post_init__(self) -> None:
+        if (self.allow_subjects or self.allow_sans) and not self.client_ca:
+            raise ConfigError("allow_subjects/allow_sans need client_ca")
+        for index, subject in enumerate(self.allow_subjects):
+            try:
+                x509.Name.from_rfc4514_string(subject)
+            except ValueError:
+                raise ConfigError(
+                    f"allow_subjects[{index}]: {subject!r} is not an RFC 4514 name like 'CN=alice,O=Example'"
+                ) from None
+        for protocol in self.alpn:
+            if not protocol or len(protocol.encode()) > 255:
+                raise ConfigError(f"alpn: bad protocol name {protocol!r}")
+
+
+@attrs.frozen(kw_only=True, field_transformer=check_kinds)
+class RouteConfig:
+    """Connections whose SNI matches ``sni`` (and, if given, offer one of ``alpn``) go
+    to ``backends``. Exact names beat ``*.`` wildcards, which beat the listener's
+    default pool; among equals, the first route listed wins."""
+
+    sni: tuple[str, ...] = attrs.field(
+        converter=_server_names, metadata=key(Strings(), required=True)
+    )
+    backends: tuple[Address, ...] = attrs.field(
+        converter=_backend_addresses,
+        validator=_non_empty,
+        metadata=key(Addresses("backend"), required=True),
+    )
+    alpn: tuple[str, ...] = attrs.field(default=(), converter=_strings, metadata=key(Strings()))
+
+
+def _routes(values: Iterable[RouteConfig]) -> tuple[RouteConfig, ...]:
+    return tuple(values)
+
+
+@attrs.frozen(kw_only=True, field_transformer=check_kinds)
+class ListenerConfig:
+    """One listener: where to accept, which pool to forward to, and its limits.
+
+    Attributes:
+        name: appears in the access log; defaults to the first listen address.
+        listen: addresses to accept on; ``:PORT`` binds every interface (IPv4 and IPv6).
+        backends: the pool, tried round-robin; each at most once per client connection.
+        connect_timeout: seconds allowed per backend connect attempt.
+        idle_timeout: seconds without a byte in either direction before both sides are
+            closed; ``0`` turns it off.
+        drain_timeout: on shutdown, seconds established connections may keep running.
+        access_log: file path, ``-`` for standard output, or ``None`` for the
+            ``l4proxy.access`` logger.
+        log_format: ``text`` (logfmt-style) or ``json`` (one object per line).
+        tls: terminate TLS with these certificates (see :class:`TLSConfig`).
+        passthrough: read the ClientHello (SNI, ALPN) to route, but do not terminate.
+        routes: SNI (and ALPN) routes to other pools; needs ``tls`` or ``passthrough``.
+        handshake_timeout: seconds for the ClientHello and the TLS handshake.
+        backend_tls: re-encrypt to the backends and verify their certificates.
+        backend_ca: CA file to verify backends with (default: the system store).
+        backend_sni: server name to send to and verify at backends (default: the
+            backend's host name).
+        splice: move plain TCP bytes with zero-copy ``splice(2)`` (Linux) instead of
+            through Python; on by default, off only to compare or to work around a kernel.
+    """
+
+    # The keys of a [[listeners]] table. With inherit=True, also top-level defaults.
+    listen: tuple[Address, ...] = attrs.field(
+        converter=_listen_addresses,
+        validator=_non_empty,
+        metadata=key(Addresses("listen"), flag="--listen", required=True),
+    )
+    backends: tuple[Address, ...] = attrs.field(
+        default=(),
+        converter=_backend_addresses,
+        metadata=key(Addresses("backend"), flag="--backend", required=True, unless="routes"),
+    )
+    name: str = attrs.field(metadata=key(Text()))
+    tls: TLSConfig | None = attrs.field(default=None, metadata=key(Table(TLSConfig)))
+    passthrough: bool = attrs.field(default=False, metadata=key(Flag(), flag="--passthrough"))
+    routes: tuple[RouteConfig, ...] = attrs.field(
+        default=(),
+        converter=_routes,
+        metadata=key(
+            Tables(RouteConfig, wrong="expected a non-empty array of [[listeners.routes]] tables"),
+            flag="--route",
+        ),
+    )
+    handshake_timeout: float = attrs.field(
+        default=10.0,
+        metadata=key(Seconds(positive=True), flag="--handshake-timeout", inherit=True),
+    )
+    backend_tls: bool = attrs.field(
+        default=False, metadata=key(Flag(), flag="--backend-tls", inherit=True)
+    )
+    backend_ca: str | None = attrs.field(
+        default=None, metadata=key(File(), flag="--backend-ca", inherit=True)
+    )
+    backend_sni: str | None = attrs.field(
+        default=None, metadata=key(ServerName(), flag="--backend-sni", inherit=True)
+    )
+    splice: bool = attrs.field(default=True, metadata=key(Flag(), inherit=True))
+    connect_timeout: float = attrs.field(
+        default=5.0, metadata=key(Seconds(positive=True), flag="--connect-timeout", inherit=True)
+    )
+    idle_timeout: float = attrs.field(
+        default=0.0, metadata=key(Seconds(), flag="--idle-timeout", inherit=True)
+    )
+    drain_timeout: float = attrs.field(
+        default=30.0, metadata=key(Seconds(), flag="--drain-timeout", inherit=True)
+    )
+    access_log: str | None = attrs.field(
+        default=None, metadata=key(File(dash=True), flag="--access-log", inherit=True)
+    )
+    log_format: LogFormat = attrs.field(
+        default=LogFormat.TEXT,
+        converter=_log_format,
+        metadata=key(Choice(LogFormat), flag="--log-format", inherit=True),
+    )
+
+    def __attrs_post_init__(self) -> None:
+        problems = []
+        if not self.backends and not self.routes:
+            problems.append("backends: needs at least one address (or [[listeners.routes]])")
+        if self.passthrough and self.tls is not None:
+            problems.append("passthrough: cannot be combined with tls (terminating)")
+        if self.passthrough and self.backend_tls:
+            problems.append(
+                "backend_tls: cannot be combined with passthrough (the client's TLS goes to the backend as is)"
+            )
+        if self.routes and self.tls is None and not self.passthrough:
+            problems.append(
+                "routes: need tls (to terminate) or passthrough = true (to read the SNI)"
+            )
+        if not self.backend_tls:
+            problems.extend(
+                f"{key}: needs backend_tls = true"
+                for key in ("backend_ca", "backend_sni")
+                if getattr(self, key)
+            )
+        if self.backend_sni is not None:
+            problem = server_name_problem(self.backend_sni)
+            if problem or self.backend_sni.startswith("*"):
+                problems.append(f"backend_sni: {problem or 'must be a host name, not a wildcard'}")
+        seen: dict[tuple[str, tuple[str, ...]], int] = {}
+        for index, route in enumerate(self.routes):
+            for name in route.sni:
+                key = (name, route.alpn)
+                if key in seen:
+                    problems.append(
+                        f"routes[{index}].sni: {name!r} already routed by routes[{seen[key]}]"
+                    )
+                seen.setdefault(key, index)
+        if problems:
+            raise ConfigError(problems)
+
+    @property
+    def inspects_tls(self) -> bool:
+        """Whether the listener reads a ClientHello (terminating or passthrough)."""
+        return self.tls is not None or self.passthrough
+
+    @name.default
+    def _name_default(self) -> str:
+        return str(self.listen[0]) if self.listen else "listener"

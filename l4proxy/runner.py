@@ -1,0 +1,149 @@
+"""Running one proxy process until it is told to stop: logging, signals, reload.
+
+Shared by the ``l4proxy`` command (:mod:`l4proxy.cli`), each ``--workers`` worker
+(:mod:`l4proxy.workers`) and the demo, so none of them imports another.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from typing import TYPE_CHECKING
+
+import click
+import trio
+
+from .errors import ConfigError, ListenError
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Callable
+
+    from .config import Config
+    from .server import BoundAddress, Proxy
+
+LOGGER = logging.getLogger("l4proxy.cli")
+
+
+def configure_logging(level: int, *, prefix: str = "") -> None:
+    """Diagnostics to standard error at ``level``.
+
+    Access lines do not pass through here: the command gives the proxy standard error
+    as its access stream, written by the same bounded writer thread as access-log
+    files (see :class:`~l4proxy.accesslog.FileSink`), so a slow standard error never
+    stalls the event loop.
+    """
+    diagnostics = logging.StreamHandler(sys.stderr)
+    diagnostics.setFormatter(
+        logging.Formatter(f"%(asctime)s %(levelname)s {prefix}%(name)s: %(message)s")
+    )
+    package = logging.getLogger("l4proxy")
+    package.handlers[:] = [diagnostics]
+    package.setLevel(level)
+    package.propagate = False
+
+
+async def run_proxy(
+    proxy: Proxy,
+    reload_config: Callable[[], Config] | None = None,
+    *,
+    on_ready: Callable[[list[BoundAddress]], None] | None = None,
+    lifeline: trio.abc.ReceiveStream | None = None,
+) -> int:
+    """Serve until SIGTERM/SIGINT (drain) and return the exit status.
+
+    SIGHUP calls ``reload_config`` and applies the result (re-reading certificates),
+    off the event loop; a second SIGTERM/SIGINT cuts what is still draining.
+    ``on_ready`` is called with the bound addresses. End-of-file on ``lifeline`` (a
+    worker's standard input, held open by its supervisor) drains as SIGTERM does.
+
+    Error handling:
+        A reload that fails in any way (a ``ConfigError``, a certificate
+        ``cryptography`` cannot parse, a file that vanished) is logged as one ERROR
+        line and the running configuration stays; it never ends the process.
+    """
+    exit_code = 0
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+        try:
+            async with trio.open_nursery() as nursery:
+                bound = await nursery.start(_serve_then_stop, proxy, nursery.cancel_scope)
+                nursery.start_soon(_handle_signals, signals, proxy, reload_config)
+                if lifeline is not None:
+                    nursery.start_soon(_drain_when_closed, lifeline, proxy)
+                if on_ready is not None:
+                    on_ready(bound)
+        except* ListenError as group:
+            _print_error(group)
+            exit_code = 1
+        except* ConfigError as group:
+            _print_error(group)
+            exit_code = 2
+    if exit_code == 0:
+        LOGGER.info("shut down cleanly")
+    return exit_code
+
+
+def _print_error(group: BaseExceptionGroup[BaseException]) -> None:
+    for exc in group.exceptions:
+        click.echo(f"l4proxy: error: {exc}", err=True)
+
+
+async def _serve_then_stop(
+    proxy: Proxy,
+    scope: trio.CancelScope,
+    *,
+    task_status: trio.TaskStatus[list[BoundAddress]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    await proxy.serve(task_status=task_status)
+    scope.cancel()
+
+
+async def _drain_when_closed(lifeline: trio.abc.ReceiveStream, proxy: Proxy) -> None:
+    """Drain once ``lifeline`` ends: the other end's process is gone."""
+    async with lifeline:
+        try:
+            while await lifeline.receive_some():
+                pass  # nothing is sent on it; only its end counts
+        except trio.BrokenResourceError:
+            pass
+    if not proxy.draining:
+        proxy.close()
+        LOGGER.warning("supervisor gone: no longer accepting; draining established connections")
+
+
+async def _handle_signals(
+    signals: AsyncIterator[int], proxy: Proxy, reload_config: Callable[[], Config] | None
+) -> None:
+    async for signum in signals:
+        name = signal.Signals(signum).name
+        if signum == signal.SIGHUP:
+            if reload_config is None:
+                LOGGER.warning("%s: nothing to reload (no --config file)", name)
+                continue
+            try:
+                # Files are read off the event loop; the swap happens on it, at once.
+                config = await trio.to_thread.run_sync(reload_config)
+                await proxy.reload(config)
+            except Exception as exc:  # whatever failed, the running configuration stays
+                LOGGER.error(
+                    "%s: reload failed, keeping the running configuration: %s",
+                    name,
+                    failure_reason(exc),
+                )
+        elif not proxy.draining:
+            proxy.close()  # listening sockets are closed when this returns
+            LOGGER.info(
+                "%s: no longer accepting; draining established connections (signal again to stop now)",
+                name,
+            )
+        else:
+            LOGGER.warning("%s again: closing remaining connections now", name)
+            proxy.close(drain_timeout=0)
+
+
+def failure_reason(exc: Exception) -> str:
+    """One line saying why loading or applying a configuration failed: a
+    ``ConfigError``'s own message (it names the file and key), otherwise the exception's
+    type and message (``ValueError: error parsing asn1 value: ...``)."""
+    reason = str(exc) if isinstance(exc, ConfigError) else f"{type(exc).__name__}: {exc}"
+    return " ".join(reason.split())
