@@ -171,6 +171,19 @@ def test_a_config_file_that_is_not_utf8_exits_2_with_one_line(
     )
 
 
+def test_a_certificate_whose_extensions_cannot_be_parsed_exits_2_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cert = tmp_path / "bad.pem"
+    write_unparsable_san_cert(cert)
+    code, _, err = run_main(["-l", ":1", "-b", "a:1", "--tls-cert", str(cert), "--check"], capsys)
+    assert code == 2
+    assert err.count("\n") == 1
+    assert err.startswith(
+        f"l4proxy: error: --tls-cert: {str(cert)!r}: cannot parse its extensions: "
+    )
+
+
 def test_check_accepts_a_good_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = tmp_path / "l4proxy.toml"
     config.write_text(
@@ -492,8 +505,9 @@ async def test_sighup_re_reads_certificates_given_as_flags(
 async def test_sighup_with_an_unusable_certificate_keeps_serving(
     nursery: trio.Nursery, tmp_path: Path, pki: PKI
 ) -> None:
-    """Not only ConfigError: a certificate whose extension cannot be parsed (ValueError
-    from cryptography) fails the reload with one line, and the proxy keeps serving."""
+    """A certificate whose extension cannot be parsed (cryptography raises ValueError
+    when its names are read) fails the reload with one line naming the file, and the
+    proxy keeps serving."""
     backend = await start_backend(nursery)
     cert = tmp_path / "site.pem"
     await trio.Path(cert).write_bytes(await trio.Path(pki.a.combined).read_bytes())
@@ -506,8 +520,8 @@ async def test_sighup_with_an_unusable_certificate_keeps_serving(
             write_unparsable_san_cert(cert)
             proc.signal(signal.SIGHUP)
             await proc.wait_for(
-                "ERROR l4proxy.cli: SIGHUP: reload failed, keeping the running configuration: "
-                "ValueError: error parsing asn1 value"
+                "SIGHUP: reload failed, keeping the running configuration: "
+                r"listeners\[0\]\.tls\.certs\[0\]\.cert: .*cannot parse its extensions"
             )
             assert await _served_certificate(host, port, pki) == served
             proc.signal(signal.SIGTERM)

@@ -1,13 +1,17 @@
-"""Proxy.reload: a failure of any kind changes nothing."""
+"""Reloads: a failure of any kind changes nothing."""
 
 from __future__ import annotations
 
+import logging
+import os
+import signal
 from typing import TYPE_CHECKING
 
 import pytest
 import trio
 
 import l4proxy
+from l4proxy.runner import run_proxy
 
 from .badcerts import write_unparsable_san_cert
 from .conftest import identify, receive_exactly, serve_in, start_backend
@@ -52,7 +56,7 @@ async def test_a_reload_that_raises_keeps_the_running_configuration(
     with trio.fail_after(10):
         (bound,), served = await serve_in(nursery, proxy)
         assert await _greeting(bound, pki) == b"first\n"
-        with pytest.raises(ValueError, match="error parsing asn1 value"):
+        with pytest.raises(l4proxy.ConfigError, match=r"cannot parse its extensions"):
             await proxy.reload(_tls_config(str(bad), second))
         assert proxy.config is running
         assert await _greeting(bound, pki) == b"first\n"  # a new connection, the old config
@@ -60,3 +64,69 @@ async def test_a_reload_that_raises_keeps_the_running_configuration(
         assert await _greeting(bound, pki) == b"secnd\n"
         proxy.close()
         await served.wait()
+
+
+def test_a_certificate_whose_extensions_cannot_be_parsed_is_a_config_error(
+    tmp_path: Path,
+) -> None:
+    bad = tmp_path / "bad.pem"
+    write_unparsable_san_cert(bad)
+    with pytest.raises(l4proxy.ConfigError) as caught:
+        l4proxy.Proxy(_tls_config(str(bad), "127.0.0.1:1"))
+    assert str(caught.value).startswith(
+        f"listeners[0].tls.certs[0].cert: {str(bad)!r}: cannot parse its extensions:"
+    )
+
+
+async def test_sighup_survives_a_loader_that_fails_with_anything(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The command's SIGHUP handler (run in process here, with a real signal): a reload
+    that fails with an exception that is not a ConfigError is one ERROR line, and the
+    proxy keeps serving with its configuration."""
+    backend = await start_backend(nursery, identify(b"first"))
+    config = l4proxy.Config(
+        listeners=[l4proxy.ListenerConfig(listen=["127.0.0.1:0"], backends=[backend])]
+    )
+    proxy = l4proxy.Proxy(config)
+    loads = 0
+
+    def failing_loader() -> l4proxy.Config:
+        nonlocal loads
+        loads += 1
+        raise PermissionError(13, "Permission denied", "/etc/l4proxy.toml")
+
+    ready = trio.Event()
+    bound: list[l4proxy.BoundAddress] = []
+    status: list[int] = []
+
+    def on_ready(addresses: list[l4proxy.BoundAddress]) -> None:
+        bound.extend(addresses)
+        ready.set()
+
+    async def run() -> None:
+        status.append(await run_proxy(proxy, failing_loader, on_ready=on_ready))
+
+    caplog.set_level(logging.ERROR, logger="l4proxy.cli")
+    with trio.fail_after(10):
+        nursery.start_soon(run)
+        await ready.wait()
+        os.kill(os.getpid(), signal.SIGHUP)
+        while not caplog.records:  # noqa: ASYNC110 - waiting for the handler's one line
+            await trio.sleep(0.01)
+        assert loads == 1
+        assert proxy.config is config
+        address = bound[0].address
+        assert isinstance(address, l4proxy.TCPAddress)
+        assert address.host is not None
+        async with await trio.open_tcp_stream(address.host, address.port) as client:
+            assert await receive_exactly(client, 6) == b"first\n"
+        os.kill(os.getpid(), signal.SIGTERM)
+        while not status:  # noqa: ASYNC110 - run_proxy returns once drained
+            await trio.sleep(0.01)
+    assert status == [0]
+    (line,) = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert line == (
+        "SIGHUP: reload failed, keeping the running configuration: "
+        "PermissionError: [Errno 13] Permission denied: '/etc/l4proxy.toml'"
+    )

@@ -170,7 +170,13 @@ def build_server_tls(tls: TLSConfig, *, session_id: bytes, key_path: str) -> Ser
         if tls.client_ca:
             _require_client_certificates(context, tls.client_ca, f"{key_path}.client_ca")
         _warn_about_validity(leaf, pair.cert)
-        contexts.append((context, _dns_names(leaf)))
+        try:
+            names = _dns_names(leaf)
+        except ValueError as exc:  # cryptography parses extensions lazily, here
+            raise ConfigError(
+                f"{where}.cert: {pair.cert!r}: cannot parse its extensions: {exc}"
+            ) from None
+        contexts.append((context, names))
     try:
         subjects = tuple(x509.Name.from_rfc4514_string(s) for s in tls.allow_subjects)
     except ValueError as exc:
