@@ -56,11 +56,13 @@ def _timestamp(epoch: float) -> str:
 
 def format_text(record: AccessRecord) -> str:
     """logfmt-style: ``key=value`` pairs, values quoted only when they contain spaces."""
+    client, backend, outcome = record.client, record.backend, record.outcome
     line = (
         f"{_timestamp(record.time)} id={record.id} listener={_logfmt(record.listener)} "
-        f"client={_logfmt(_address(record.client))} backend={_logfmt(_address(record.backend))} "
+        f"client={'-' if client is None else _logfmt(str(client))} "
+        f"backend={'-' if backend is None else _logfmt(str(backend))} "
         f"bytes_to_backend={record.to_backend} bytes_to_client={record.to_client} "
-        f"duration={record.duration:.3f} outcome={_logfmt(record.outcome or '-')}"
+        f"duration={record.duration:.3f} outcome={'-' if outcome is None else str(outcome)}"
     )
     for key in _OPTIONAL_TEXT_FIELDS:
         value = getattr(record, key)

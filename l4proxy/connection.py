@@ -2,8 +2,8 @@
 
 :class:`Connection` is what the set-up steps (:mod:`l4proxy.pipeline`,
 :mod:`l4proxy.tlsfront`) build up and what the data phase is handed; :func:`finish` is
-the one place an access line is written, and :class:`Contained` / :func:`judge` turn
-whatever ended a connection into its outcome.
+the one place an access line is written, and the connection as a context manager
+(with :func:`judge`) turns whatever ended it into its outcome.
 """
 
 from __future__ import annotations
@@ -52,6 +52,10 @@ class Connection:
     ``trio.SocketStream`` and a TLS stream as steps need them; ``backend`` likewise
     from the connect step on. Each side is only ever its outermost object: closing it
     closes what is beneath.
+
+    It is also the context its steps run in: whatever ends the connection costs that
+    connection only. :class:`~l4proxy.record.Ended` and other exceptions become its
+    outcome (unexpected ones are logged with a traceback); ``Cancelled`` passes.
     """
 
     __slots__ = ("backend", "client", "record", "replay", "runtime", "shared")
@@ -90,6 +94,22 @@ class Connection:
         finally:
             await _close(self.client)
 
+    def __enter__(self) -> None:
+        pass
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: object
+    ) -> bool:
+        if exc is None:
+            return False
+        if isinstance(exc, BaseExceptionGroup):
+            # A pump's nursery wraps what one direction raised; judge the one inside.
+            exc = _single(exc)
+        if not isinstance(exc, Exception):
+            return False  # Cancelled (or KeyboardInterrupt) inside: never swallowed
+        judge(exc, self.record)
+        return True
+
     def link_done(self, link: SpliceLink) -> None:
         """A :class:`SpliceLink`'s last direction returned: close and log. Runs in a
         ``finally``, so it never awaits."""
@@ -110,7 +130,7 @@ def finish(connection: Connection) -> None:
     if record.outcome is None:
         record.outcome = Outcome.DRAINED if connection.shared.is_draining() else Outcome.CANCELLED
     record.duration = trio.current_time() - record.started
-    runtime.access_log.write(record, runtime.config.log_format)
+    runtime.access_log.write(record, runtime.log_format)
 
 
 def _socket_stream(sock: socket.socket) -> trio.SocketStream:
@@ -122,33 +142,6 @@ async def _close(side: Dialed) -> None:
         side.close()
     else:
         await side.aclose()
-
-
-class Contained:
-    """Whatever ends a connection costs that connection only: :class:`Ended` and other
-    exceptions become its outcome (unexpected ones are logged with a traceback);
-    ``Cancelled`` passes."""
-
-    __slots__ = ("record",)
-
-    def __init__(self, record: ConnectionRecord) -> None:
-        self.record = record
-
-    def __enter__(self) -> None:
-        pass
-
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: object
-    ) -> bool:
-        if exc is None:
-            return False
-        if isinstance(exc, BaseExceptionGroup):
-            # A pump's nursery wraps what one direction raised; judge the one inside.
-            exc = _single(exc)
-        if not isinstance(exc, Exception):
-            return False  # Cancelled (or KeyboardInterrupt) inside: never swallowed
-        judge(exc, self.record)
-        return True
 
 
 def _single(group: BaseExceptionGroup[BaseException]) -> BaseException:

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
 
     from .addresses import Address
-    from .config import Config, ListenerConfig
+    from .config import Config, ListenerConfig, LogFormat
     from .splice import PipePool
     from .tls import ServerTLS
 
@@ -46,6 +46,7 @@ class ListenerRuntime:
         config: the frozen listener config.
         router: SNI (and ALPN) to a route and its pool.
         default_route: the route of a listener that reads no ClientHello (or ``None``).
+        inspects_tls, log_format: the config's, read once per connection.
         access_log: where its connections are logged.
         server_tls: certificates and client-certificate checks when terminating TLS.
         backend_tls: the client context when re-encrypting to the backends.
@@ -61,10 +62,27 @@ class ListenerRuntime:
     pipes: PipePool | None = None
     live: LiveCount = attrs.field(factory=LiveCount)
     default_route: Route[BackendPool[Target]] | None = attrs.field(init=False)
+    #: Worked out once: read on every connection.
+    inspects_tls: bool = attrs.field(init=False)
+    log_format: LogFormat = attrs.field(init=False)
+    #: Whether connections can move bytes on the raw sockets (splice, no TLS inspected).
+    raw_data_phase: bool = attrs.field(init=False)
 
     @default_route.default
     def _default_route(self) -> Route[BackendPool[Target]] | None:
         return self.router.match(None, ())
+
+    @inspects_tls.default
+    def _inspects_tls(self) -> bool:
+        return self.config.inspects_tls
+
+    @raw_data_phase.default
+    def _raw_data_phase(self) -> bool:
+        return self.pipes is not None and not self.inspects_tls
+
+    @log_format.default
+    def _log_format(self) -> LogFormat:
+        return self.config.log_format
 
 
 def build_runtimes(
