@@ -29,7 +29,7 @@ from .workers import ConfigSource, supervise
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence
 
-__all__ = ["cli", "configure_logging", "main", "run_proxy"]  # the last two for l4proxy.demo
+__all__ = ["cli", "main"]
 
 T = TypeVar("T")
 

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from .cli import configure_logging, run_proxy
 from .config import Config, ListenerConfig
+from .runner import configure_logging, run_proxy
 from .server import Proxy
 
 if TYPE_CHECKING:
