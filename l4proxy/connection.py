@@ -107,7 +107,13 @@ class Connection:
             exc = _single(exc)
         if not isinstance(exc, Exception):
             return False  # Cancelled (or KeyboardInterrupt) inside: never swallowed
-        judge(exc, self.record)
+        if self.record.outcome is None:
+            judge(exc, self.record)
+        else:  # it had ended already (closing failed): the first outcome stands
+            LOGGER.warning(
+                "connection %d on listener %r: closing failed: %s: %s",
+                self.record.id, self.record.listener, type(exc).__name__, exc,
+            )  # fmt: skip
         return True
 
     def link_done(self, link: SpliceLink) -> None:

@@ -39,6 +39,8 @@ from typing import Protocol
 
 import trio
 
+from .record import Ended, Outcome
+
 LOGGER = logging.getLogger("l4proxy.parking")
 
 
@@ -184,7 +186,8 @@ class ParkingLot:
             self._closing = True
             for link in set(self.parked.values()):
                 if failure is not None and link.error is None:
-                    link.error = failure  # logged as what ended it, not as "cancelled"
+                    # What ended it (the traceback is above, once), not "cancelled".
+                    link.error = Ended(Outcome.INTERNAL_ERROR, f"parking lot failed: {failure!r}")
                 self._end(link, cut=True)
             self._epoll.close()
 
@@ -222,7 +225,7 @@ class ParkingLot:
         except Exception as exc:
             LOGGER.exception("a parked connection failed; closing it")
             if link.error is None:
-                link.error = exc
+                link.error = Ended(Outcome.INTERNAL_ERROR, f"parking failed: {exc!r}")
             if not cut:
                 link.cut()
 

@@ -86,7 +86,7 @@ async def serve(
             # The set-up steps, in order; each either returns or raises Ended.
             # 1. admit, 2. PROXY header in, 3. client preamble: issues #10 and #9.
             route = runtime.default_route
-            if runtime.raw_data_phase and type(client) is socket.socket:
+            if runtime.raw_data_phase and shared.connect is None and type(client) is socket.socket:
                 _prepare_raw(client)  # before the backend connect: measured cheaper
             if runtime.inspects_tls:  # 4-6. ClientHello, route, TLS termination
                 route = await read_tls_front(connection)
@@ -108,7 +108,8 @@ async def serve(
     finally:
         if not handed_over:
             try:
-                await connection.aclose()
+                with connection:  # a failing close costs this connection only, too
+                    await connection.aclose()
             finally:
                 finish(connection)
 

@@ -65,7 +65,8 @@ class ListenerRuntime:
     #: Worked out once: read on every connection.
     inspects_tls: bool = attrs.field(init=False)
     log_format: LogFormat = attrs.field(init=False)
-    #: Whether connections can move bytes on the raw sockets (splice, no TLS inspected).
+    #: Whether connections move bytes on the raw sockets (splice on, no TLS either side,
+    #: every backend reachable with a raw socket); with a custom connector they do not.
     raw_data_phase: bool = attrs.field(init=False)
 
     @default_route.default
@@ -78,7 +79,14 @@ class ListenerRuntime:
 
     @raw_data_phase.default
     def _raw_data_phase(self) -> bool:
-        return self.pipes is not None and not self.inspects_tls
+        default = self.default_route
+        return (
+            self.pipes is not None
+            and not self.inspects_tls
+            and self.backend_tls is None
+            and default is not None
+            and all(t.sockaddr is not None for t in default.pool.backends)
+        )
 
     @log_format.default
     def _log_format(self) -> LogFormat:
@@ -103,11 +111,12 @@ def build_runtimes(
         file cannot be read or used.
     """
     runtimes = {}
+    sinks = dict(file_sinks)  # listeners naming one file share one sink (and its thread)
     for index, listener in enumerate(config.listeners):
         runtimes[listener.name] = ListenerRuntime(
             listener,
             _router(listener),
-            _sink(listener, default_sink, file_sinks),
+            _sink(listener, default_sink, sinks),
             server_tls=None
             if listener.tls is None
             else build_server_tls(
@@ -139,7 +148,11 @@ def _router(listener: ListenerConfig) -> Router[BackendPool[Target]]:
     )
 
 
-def _sink(listener: ListenerConfig, default: Sink, files: Mapping[str, FileSink]) -> Sink:
-    if listener.access_log is None:
+def _sink(listener: ListenerConfig, default: Sink, files: dict[str, FileSink]) -> Sink:
+    path = listener.access_log
+    if path is None:
         return default
-    return files.get(listener.access_log) or FileSink(listener.access_log)
+    sink = files.get(path)
+    if sink is None:
+        sink = files[path] = FileSink(path)
+    return sink

@@ -155,6 +155,7 @@ class Proxy:
         self._is_serving = False
         self._draining = False
         self._shared = Shared(connect, itertools.count(1), self._is_draining)
+        self._reloading = trio.Lock()
 
     @property
     def config(self) -> Config:
@@ -230,9 +231,10 @@ class Proxy:
         )
         if problems:
             raise ConfigError(problems, source="reload")
-        runtimes = await trio.to_thread.run_sync(self._build_runtimes, config)
-        self._runtimes = runtimes  # the swap: on the trio thread, between two connections
-        self._config = config
+        async with self._reloading:  # one at a time: the last call's config wins
+            runtimes = await trio.to_thread.run_sync(self._build_runtimes, config)
+            self._runtimes = runtimes  # the swap: on the trio thread, between connections
+            self._config = config
         LOGGER.info("configuration reloaded: %d listeners", len(config.listeners))
 
     async def serve(

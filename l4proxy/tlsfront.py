@@ -46,6 +46,7 @@ async def read_tls_front(connection: Connection) -> Route[BackendPool[Target]]:
         if route is None:
             await _refuse_unrouted(stream, hello, in_socket, alert=runtime.server_tls is not None)
             raise Ended(Outcome.NO_ROUTE, _no_route(hello, runtime.config.name))
+        record.route = route.name  # logged even if the handshake fails
         if runtime.server_tls is None:
             connection.replay = consumed
         else:

@@ -401,7 +401,7 @@ async def test_a_failing_lot_ends_its_parked_connections_only(
         nursery.cancel_scope.cancel()
     assert not epoll.fail_poll  # the failure was injected, once
     assert (cut.bytes_to_backend, cut.bytes_to_client) == (1, 0)
-    assert cut.outcome == "error:os"  # what ended it, not "cancelled"
+    assert cut.outcome == "error:internal"  # what ended it, not "cancelled"
     assert cut.error is not None
     assert access.outcomes[1] == "ok"
     assert "the parking lot failed" in caplog.text

@@ -35,6 +35,8 @@ from .conftest import (
 )
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from .tlsfixtures import PKI, CertFiles
 
 WAIT = 10  # seconds: the bound on every step that should take milliseconds
@@ -379,3 +381,79 @@ async def test_handle_stream_terminates_tls_and_routes_by_sni(
     ]
     assert [r.listener for r in access.records] == ["embedded", "embedded"]
     assert [str(r.backend) for r in access.records] == [routed, default]
+
+
+async def test_listeners_sharing_an_access_log_file_all_write_to_it(tmp_path: Path) -> None:
+    """A top-level access_log is every listener's: one sink, one writer, every line."""
+    log = tmp_path / "access.log"
+    async with trio.open_nursery() as nursery:
+        backend = await start_backend(nursery)
+        config = l4proxy.Config.from_mapping(
+            {
+                "access_log": str(log),
+                "listeners": [
+                    {"name": name, "listen": ["127.0.0.1:0"], "backends": [backend]}
+                    for name in ("a", "b")
+                ],
+            }
+        )
+        proxy = l4proxy.Proxy(config)
+        with trio.fail_after(WAIT):
+            bound, served = await serve_in(nursery, proxy)
+            for address in bound:
+                async with await connect_to(address) as client:
+                    await client.send_all(b"hi")
+                    assert await receive_exactly(client, 2) == b"hi"
+                    await client.send_eof()
+                    assert await receive_all(client) == b""
+            proxy.close()
+            await served.wait()  # the access logs are flushed when serve returns
+        nursery.cancel_scope.cancel()
+    lines = log.read_text().splitlines()
+    assert sorted(line.split(" listener=")[1].split(" ")[0] for line in lines) == ["a", "b"]
+
+
+class _FailingClose(trio.abc.HalfCloseableStream):
+    """A real backend stream whose ``aclose`` fails after closing (a custom connector's)."""
+
+    def __init__(self, inner: trio.SocketStream) -> None:
+        self.inner = inner
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        return await self.inner.receive_some(max_bytes)
+
+    async def send_eof(self) -> None:
+        await self.inner.send_eof()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+        raise OSError(5, "Input/output error")
+
+
+async def test_a_close_that_fails_costs_that_connection_only(
+    nursery: trio.Nursery, access: AccessWatcher
+) -> None:
+    backend = await start_backend(nursery)
+
+    async def connect(address: l4proxy.Address) -> trio.abc.Stream:
+        stream = await l4proxy.connect.open_connection(address)
+        assert isinstance(stream, trio.SocketStream)
+        return _FailingClose(stream)
+
+    proxy, bound = await start_proxy(nursery, [backend], connect=connect)
+    with trio.fail_after(WAIT):
+        for _ in range(2):  # the listener goes on serving after the first failed close
+            async with await connect_to(bound[0]) as client:
+                await client.send_all(b"ok")
+                assert await receive_exactly(client, 2) == b"ok"
+                await client.send_eof()
+                assert await receive_all(client) == b""
+        records = await access.wait(2)
+    assert [record.outcome for record in records] == ["ok", "ok"]  # the first outcome stands
+    assert proxy.stats()[proxy.config.listeners[0].name].open == 0

@@ -415,6 +415,7 @@ async def test_tls12_without_ecdhe_aead_ciphers_is_refused(
         async with stream:
             cipher = stream.cipher()[0]
     assert record.outcome == "tls_handshake_failed"
+    assert record.route == "default"  # routed before the handshake failed: logged
     assert record.error is not None
     assert "cipher" in record.error
     assert cipher.startswith("ECDHE-RSA-")
