@@ -130,15 +130,23 @@ async def _connect(connection: Connection, pool: BackendPool[Target]) -> None:
 
 
 def _splice_link(connection: Connection, lot: ParkingLot | None) -> SpliceLink | None:
-    """Step 9's choice: a link between the two raw sockets, when there are two."""
-    client, backend, pipes = connection.client, connection.backend, connection.runtime.pipes
-    if lot is None or pipes is None or type(client) is not socket.socket:
+    """Step 9's choice: a link between the two raw sockets, for a listener whose
+    connections all splice raw (``raw_data_phase``: the client socket was prepared for
+    it before the connect) and a backend dialled as a raw socket."""
+    runtime = connection.runtime
+    client, backend, pipes = connection.client, connection.backend, runtime.pipes
+    if lot is None or pipes is None or not runtime.raw_data_phase:
         return None
-    if type(backend) is not socket.socket:
+    if type(client) is not socket.socket or type(backend) is not socket.socket:
         return None
-    config = connection.runtime.config
     return SpliceLink(
-        client, backend, connection.record, pipes, config.idle_timeout, connection.link_done, lot
+        client,
+        backend,
+        connection.record,
+        pipes,
+        runtime.config.idle_timeout,
+        connection.link_done,
+        lot,
     )
 
 

@@ -69,6 +69,17 @@ async def start_proxy(
     return proxy, bound
 
 
+async def read_line(stream: trio.abc.ReceiveStream) -> bytes:
+    """One line (an ``identify`` greeting), its newline included; EOF first fails."""
+    line = bytearray()
+    while not line.endswith(b"\n"):
+        chunk = await stream.receive_some(1)
+        if not chunk:
+            raise AssertionError(f"EOF after {bytes(line)!r}")
+        line += chunk
+    return bytes(line)
+
+
 async def serve_in(
     nursery: trio.Nursery, proxy: l4proxy.Proxy
 ) -> tuple[list[l4proxy.BoundAddress], trio.Event]:

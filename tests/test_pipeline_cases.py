@@ -27,6 +27,7 @@ from .conftest import (
     AccessWatcher,
     connect_to,
     identify,
+    read_line,
     receive_all,
     receive_exactly,
     serve_in,
@@ -98,16 +99,6 @@ async def open_tls(
         await trio.aclose_forcefully(tls)
         raise
     return tls
-
-
-async def read_line(stream: trio.abc.ReceiveStream) -> bytes:
-    line = bytearray()
-    while not line.endswith(b"\n"):
-        chunk = await stream.receive_some(1)
-        if not chunk:
-            raise AssertionError(f"EOF after {bytes(line)!r}")
-        line += chunk
-    return bytes(line)
 
 
 async def lines_until_bye(stream: trio.SocketStream) -> None:
@@ -456,4 +447,27 @@ async def test_a_close_that_fails_costs_that_connection_only(
                 assert await receive_all(client) == b""
         records = await access.wait(2)
     assert [record.outcome for record in records] == ["ok", "ok"]  # the first outcome stands
+    assert proxy.stats()[proxy.config.listeners[0].name].open == 0
+
+
+async def test_a_pool_of_a_literal_and_a_host_name_serves_both(
+    nursery: trio.Nursery, access: AccessWatcher
+) -> None:
+    """A connection to the literal gets a raw backend socket, one to the host name a
+    stream; either way the data phase gets what it needs (here: the stream pump, as
+    the listener cannot splice raw for every backend)."""
+    first = await start_backend(nursery, identify(b"first"))
+    second = await start_backend(nursery, identify(b"secnd"))
+    host_name = "localhost:" + second.rsplit(":", 1)[1]  # /etc/hosts: no DNS traffic
+    proxy, bound = await start_proxy(nursery, [first, host_name])
+    with trio.fail_after(WAIT):
+        greetings = []
+        for _ in range(2):
+            async with await connect_to(bound[0]) as client:
+                greetings.append(await read_line(client))
+                await client.send_all(b"ping")
+                assert await receive_exactly(client, 4) == b"ping"
+        records = await access.wait(2)
+    assert sorted(greetings) == [b"first\n", b"secnd\n"]
+    assert [record.outcome for record in records] == ["ok", "ok"]
     assert proxy.stats()[proxy.config.listeners[0].name].open == 0

@@ -25,7 +25,14 @@ from cryptography.hazmat.primitives.serialization import Encoding
 import l4proxy
 from l4proxy.config import CertKey, RouteConfig, TLSConfig
 
-from .conftest import AccessWatcher, identify, receive_all, receive_exactly, start_backend
+from .conftest import (
+    AccessWatcher,
+    identify,
+    read_line,
+    receive_all,
+    receive_exactly,
+    start_backend,
+)
 from .tlsfixtures import PKI, CertFiles, write_cert
 
 #: Seconds allowed for any one step of a test (connect, handshake, a reply, a log line).
@@ -114,24 +121,13 @@ async def open_tls(
     return stream
 
 
-async def read_line(stream: trio.abc.ReceiveStream) -> bytes:
-    """One ``identify`` greeting, without its newline."""
-    line = bytearray()
-    while not line.endswith(b"\n"):
-        chunk = await stream.receive_some(1)
-        if not chunk:
-            raise AssertionError(f"EOF after {bytes(line)!r}")
-        line += chunk
-    return bytes(line[:-1])
-
-
 async def which_backend(
     port: int, context: ssl.SSLContext, server_hostname: str | None
 ) -> tuple[bytes, trio.SSLStream[trio.SocketStream]]:
     """Handshake, then read the backend's greeting. The caller closes the stream."""
     stream = await open_tls(port, context, server_hostname)
     try:
-        return await read_line(stream), stream
+        return (await read_line(stream))[:-1], stream
     except BaseException:
         await trio.aclose_forcefully(stream)
         raise
@@ -521,7 +517,7 @@ async def test_sessions_resume_with_tickets(
         second.session = session
         async with second:
             await second.do_handshake()
-            assert await read_line(second) == b"backend"
+            assert await read_line(second) == b"backend\n"
             assert second.session_reused
     assert greeting == b"backend"
 
@@ -677,7 +673,7 @@ async def test_reload_swaps_certificates_for_new_handshakes_only(
 
             await proxy.reload(config(pair(fresh)))
             await established.send_all(b"still here\n")
-            assert await read_line(established) == b"still here"
+            assert await read_line(established) == b"still here\n"
             _, after = await which_backend(port, context, "a.example")
             async with after:
                 assert after.getpeercert(binary_form=True) == leaf_der(fresh)
@@ -692,7 +688,7 @@ async def test_reload_swaps_certificates_for_new_handshakes_only(
             assert str(bad_key) in str(caught.value)
 
             await established.send_all(b"and still\n")
-            assert await read_line(established) == b"and still"
+            assert await read_line(established) == b"and still\n"
             _, later = await which_backend(port, context, "a.example")
             async with later:
                 assert later.getpeercert(binary_form=True) == leaf_der(fresh)
