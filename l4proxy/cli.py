@@ -195,6 +195,17 @@ class SecondsType(click.ParamType[float, str]):
     help="Route on the ClientHello's SNI without terminating; the client talks TLS to the backend.",
 )
 @click.option(
+    "--preamble",
+    type=click.Choice(["postgres", "smtp", "imap", "pop3"]),
+    help="Speak this protocol's cleartext start (PostgreSQL SSLRequest, SMTP/IMAP/POP3 "
+    "STARTTLS) before terminating TLS; needs --tls-cert.",
+)
+@click.option(
+    "--allow-plaintext",
+    is_flag=True,
+    help="With --preamble postgres: forward a client that starts without TLS instead of refusing it.",
+)
+@click.option(
     "--client-ca", metavar="CA", help="Require client certificates chaining to CA (mTLS)."
 )
 @click.option(
@@ -244,6 +255,8 @@ def cli(
     route: tuple[tuple[str, Address], ...],
     alpn: tuple[str, ...],
     passthrough: bool,
+    preamble: str | None,
+    allow_plaintext: bool,
     client_ca: str | None,
     tls_min_version: str | None,
     check: bool,
@@ -267,6 +280,8 @@ def cli(
         "--route": route,
         "--alpn": alpn,
         "--passthrough": passthrough,
+        "--preamble": preamble,
+        "--allow-plaintext": allow_plaintext,
         "--client-ca": client_ca,
         "--tls-min-version": tls_min_version,
     }
@@ -282,6 +297,10 @@ def cli(
         listener = _listener_from_flags(
             listen, backend, tls_cert, tls_key, route, alpn, passthrough, client_ca, tls_min_version
         )
+        if preamble:
+            listener["preamble"] = preamble
+        if allow_plaintext:
+            listener["allow_plaintext"] = True
 
         source = ConfigSource(None, {"listeners": [listener], **settings})
     load = source.load

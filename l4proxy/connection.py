@@ -18,6 +18,7 @@ import trio
 from .connect import describe_os_error
 from .errors import L4ProxyError
 from .record import ConnectionRecord, Ended, Outcome
+from .sessions import SessionTable
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -35,7 +36,7 @@ RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENO
 class Shared:
     """What every connection of one :class:`~l4proxy.Proxy` uses."""
 
-    __slots__ = ("connect", "ids", "is_draining")
+    __slots__ = ("connect", "ids", "is_draining", "sessions")
 
     def __init__(
         self, connect: Connector | None, ids: Iterator[int], is_draining: Callable[[], bool]
@@ -43,6 +44,8 @@ class Shared:
         self.connect = connect  # None: the default (raw sockets where they can be used)
         self.ids = ids
         self.is_draining = is_draining
+        #: Session keys (PostgreSQL's BackendKeyData) of live connections: cancel routing.
+        self.sessions: SessionTable[Connection] = SessionTable()
 
 
 class Connection:
@@ -58,7 +61,7 @@ class Connection:
     outcome (unexpected ones are logged with a traceback); ``Cancelled`` passes.
     """
 
-    __slots__ = ("backend", "client", "record", "replay", "runtime", "shared")
+    __slots__ = ("backend", "client", "record", "replay", "runtime", "session_key", "shared")
 
     def __init__(
         self,
@@ -70,6 +73,7 @@ class Connection:
         self.client: Dialed = client
         self.backend: Dialed | None = None
         self.replay = b""  # passthrough: what was read of the ClientHello, for the backend
+        self.session_key: bytes | None = None  # in shared.sessions while the connection lives
         self.record = record
         self.runtime = runtime
         self.shared = shared
@@ -133,6 +137,8 @@ def finish(connection: Connection) -> None:
     """Step 10, the one place an access line is written."""
     runtime, record = connection.runtime, connection.record
     runtime.live.value -= 1
+    if connection.session_key is not None:
+        connection.shared.sessions.discard(connection.session_key, connection)
     if record.outcome is None:
         record.outcome = Outcome.DRAINED if connection.shared.is_draining() else Outcome.CANCELLED
     record.duration = trio.current_time() - record.started

@@ -34,7 +34,17 @@ from .errors import ConfigError
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping
 
-__all__ = ["CertKey", "ListenerConfig", "LogFormat", "RouteConfig", "TLSConfig", "TLSVersion"]
+    from .protocols.dialogue import Preamble
+
+__all__ = [
+    "CertKey",
+    "ListenerConfig",
+    "LogFormat",
+    "PreambleName",
+    "RouteConfig",
+    "TLSConfig",
+    "TLSVersion",
+]
 
 
 class LogFormat(enum.StrEnum):
@@ -42,6 +52,36 @@ class LogFormat(enum.StrEnum):
 
     TEXT = "text"
     JSON = "json"
+
+
+class PreambleName(enum.StrEnum):
+    """The built-in preambles: a cleartext dialogue before TLS (docs/databases-and-mail.md)."""
+
+    POSTGRES = "postgres"
+    SMTP = "smtp"
+    IMAP = "imap"
+    POP3 = "pop3"
+
+
+@attrs.frozen
+class PreambleKind(Choice):
+    """A built-in preamble's name; in code also a ``Preamble`` object of the embedder's
+    (:mod:`l4proxy.protocols.dialogue`): anything callable with a ``name``."""
+
+    choices: type[enum.StrEnum] = PreambleName
+
+    def check(self, value: object) -> str | None:
+        if isinstance(value, str):
+            if value in PreambleName.__members__.values():
+                return None
+            return f"expected {self.expects}, got {value!r}"
+        if callable(value) and isinstance(getattr(value, "name", None), str):
+            return None
+        return f"expected {self.expects} or a Preamble object, got {type(value).__name__}"
+
+
+def _preamble(value: object) -> object:
+    return PreambleName(value) if isinstance(value, str) and value in set(PreambleName) else value
 
 
 def _to_addresses(
@@ -250,6 +290,10 @@ class ListenerConfig:
             backend's host name).
         splice: move plain TCP bytes with zero-copy ``splice(2)`` (Linux) instead of
             through Python; on by default, off only to compare or to work around a kernel.
+        preamble: the cleartext dialogue clients speak before TLS (``postgres``,
+            ``smtp``, ``imap``, ``pop3``, or in code a ``Preamble`` object); needs ``tls``.
+        allow_plaintext: with ``preamble = "postgres"``: a client that starts without
+            TLS is forwarded in cleartext instead of refused.
     """
 
     # The keys of a [[listeners]] table. With inherit=True, also top-level defaults.
@@ -266,6 +310,12 @@ class ListenerConfig:
     name: str = attrs.field(metadata=key(Text()))
     tls: TLSConfig | None = attrs.field(default=None, metadata=key(Table(TLSConfig)))
     passthrough: bool = attrs.field(default=False, metadata=key(Flag(), flag="--passthrough"))
+    preamble: PreambleName | Preamble | None = attrs.field(
+        default=None, converter=_preamble, metadata=key(PreambleKind(), flag="--preamble")
+    )
+    allow_plaintext: bool = attrs.field(
+        default=False, metadata=key(Flag(), flag="--allow-plaintext")
+    )
     routes: tuple[RouteConfig, ...] = attrs.field(
         default=(),
         converter=_routes,
@@ -316,6 +366,7 @@ class ListenerConfig:
             problems.append(
                 "backend_tls: cannot be combined with passthrough (the client's TLS goes to the backend as is)"
             )
+        problems.extend(self._preamble_problems())
         if self.routes and self.tls is None and not self.passthrough:
             problems.append(
                 "routes: need tls (to terminate) or passthrough = true (to read the SNI)"
@@ -341,6 +392,23 @@ class ListenerConfig:
                 seen.setdefault(key, index)
         if problems:
             raise ConfigError(problems)
+
+    def _preamble_problems(self) -> list[str]:
+        if self.preamble is None:
+            return ["allow_plaintext: needs a preamble (postgres)"] if self.allow_plaintext else []
+        name = str(self.preamble) if isinstance(self.preamble, str) else self.preamble.name
+        problems = []
+        if self.tls is None:
+            problems.append(
+                f"preamble: {name!r} needs certificates (tls.certs, --tls-cert) to terminate"
+                " the TLS it starts"
+            )
+        if self.passthrough:
+            problems.append("preamble: cannot be combined with passthrough")
+        postgres = self.preamble is PreambleName.POSTGRES
+        if self.allow_plaintext and isinstance(self.preamble, PreambleName) and not postgres:
+            problems.append(f"allow_plaintext: only with preamble 'postgres', not {name!r}")
+        return problems
 
     @property
     def inspects_tls(self) -> bool:

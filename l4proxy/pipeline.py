@@ -6,15 +6,17 @@ as the list of steps (docs/architecture.md, "One connection"):
 
 1. **admit**: decide from the peer address alone, before any read (issue #10);
 2. **PROXY header in**: the client address a trusted peer gives (issue #10);
-3. **client preamble**: a cleartext dialogue before TLS (issue #9);
+3. **client preamble**: a cleartext dialogue before TLS, and what follows it once TLS
+   is up (:mod:`l4proxy.preamble`; steps 4-6 run inside it when its dialogue asks);
 4. **ClientHello**, 5. **route**, 6. **TLS termination**: under one deadline
    (:mod:`l4proxy.tlsfront`);
 7. **connect** with failover (:mod:`l4proxy.connect`);
-8. **backend preamble / PROXY header / TLS** (issues #9 and #10; TLS today);
+8. **backend preamble / PROXY header / TLS** (the dialogue's backend part with the
+   TLS it asks for; the PROXY header is issue #10's);
 9. **move bytes**: the data phase;
 10. **log**: the access line, written by :func:`~l4proxy.connection.finish` and nowhere else.
 
-Steps 1-3 and the first two of 8 are empty today: a listener that uses none of them
+Steps 1-2 and the PROXY header of 8 are empty today: a listener that uses none of them
 pays nothing for them. A step that ends the connection raises :class:`~l4proxy.record.Ended` with
 its outcome; anything else that escapes is judged by the :class:`~l4proxy.connection.Connection`, so whatever
 one peer or backend does costs that connection only.
@@ -38,6 +40,7 @@ import trio
 from .connect import connect_with_failover
 from .connection import Connection, finish
 from .errors import UpstreamConnectError
+from .preamble import backend_preamble, client_preamble
 from .pump import pump
 from .record import ConnectionRecord, Ended, Outcome
 from .splice import SpliceLink
@@ -84,17 +87,22 @@ async def serve(
     try:
         with connection:  # whatever ends it becomes its outcome
             # The set-up steps, in order; each either returns or raises Ended.
-            # 1. admit, 2. PROXY header in, 3. client preamble: issues #10 and #9.
-            route = runtime.default_route
+            # 1. admit, 2. PROXY header in: issue #10.
+            route, dialogue = runtime.default_route, None
             if runtime.raw_data_phase and shared.connect is None and type(client) is socket.socket:
                 _prepare_raw(client)  # before the backend connect: measured cheaper
-            if runtime.inspects_tls:  # 4-6. ClientHello, route, TLS termination
+            if runtime.preamble is not None:  # 3. client preamble, with 4-6 if it starts TLS
+                dialogue, route = await client_preamble(connection)
+            elif runtime.inspects_tls:  # 4-6. ClientHello, route, TLS termination
                 route = await read_tls_front(connection)
-            assert route is not None  # a listener without a default pool inspects TLS
+            if route is None:  # a cleartext preamble session on a listener with routes only
+                raise Ended(Outcome.NO_ROUTE, _no_default(runtime.config.name))
             record.route = route.name
             await _connect(connection, route.pool)  # 7.
-            # 8. backend preamble, backend PROXY header (issues #9, #10), backend TLS:
-            if runtime.backend_tls is not None:
+            # 8. backend preamble (with its TLS), backend PROXY header (issue #10), TLS:
+            if dialogue is not None:
+                await backend_preamble(connection, dialogue)
+            elif runtime.backend_tls is not None:
                 await secure_backend(connection, runtime.backend_tls)
             # 9. move bytes; 10. log (finish, here or in the link's last direction).
             link = _splice_link(connection, lot)
@@ -112,6 +120,10 @@ async def serve(
                     await connection.aclose()
             finally:
                 finish(connection)
+
+
+def _no_default(listener: str) -> str:
+    return f"a cleartext session has no SNI to route on and listener {listener!r} has no default backends"
 
 
 async def _connect(connection: Connection, pool: BackendPool[Target]) -> None:

@@ -39,6 +39,19 @@ class Outcome(enum.StrEnum):
     TLS_HANDSHAKE_FAILED = "tls_handshake_failed"
     CLIENT_CERT_REJECTED = "client_cert_rejected"
     BACKEND_TLS_FAILED = "backend_tls_failed"
+    #: The client broke a cleartext preamble (issue #9): bytes pipelined after
+    #: SSLRequest or STARTTLS, an over-long line, garbage, TLS without the ALPN asked.
+    BAD_PREAMBLE = "bad_preamble"
+    #: A client went on without TLS where TLS is required (PostgreSQL's cleartext startup).
+    TLS_REQUIRED = "tls_required"
+    #: The client ended the preamble itself (QUIT, LOGOUT, or closed) before any backend.
+    QUIT = "quit"
+    #: A PostgreSQL cancel request sent on to the backend of the session it names.
+    CANCEL_FORWARDED = "cancel_forwarded"
+    #: A cancel request naming no live session: dropped without reply, as PostgreSQL does.
+    CANCEL_UNKNOWN = "cancel_unknown"
+    #: The backend's side of a preamble failed (a refusing greeting, an unexpected reply).
+    BACKEND_PREAMBLE_FAILED = "backend_preamble_failed"
     CLIENT_RESET = "error:client_reset"
     BACKEND_RESET = "error:backend_reset"
     RESET = "error:reset"

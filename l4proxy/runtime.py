@@ -8,6 +8,7 @@ counters to reuse.
 
 from __future__ import annotations
 
+import socket
 from typing import TYPE_CHECKING
 
 import attrs
@@ -15,6 +16,8 @@ import attrs
 from .accesslog import FileSink, LoggerSink
 from .balancing import BackendPool
 from .connect import Target, target
+from .protocols.builtin import BUILTIN_PREAMBLES
+from .protocols.dialogue import DialogueSettings, Preamble
 from .routing import Route, Router
 from .tls import BackendTLS, build_server_tls
 
@@ -52,6 +55,8 @@ class ListenerRuntime:
         backend_tls: the client context when re-encrypting to the backends.
         pipes: the splice pipe pool, when ``splice`` is on and the kernel has it.
         live: open connections, shared with the runtimes built by later reloads.
+        preamble: the listener's preamble (a built-in one looked up by name), if any.
+        dialogue_settings: what each of its dialogues is told.
     """
 
     config: ListenerConfig
@@ -61,6 +66,9 @@ class ListenerRuntime:
     backend_tls: BackendTLS | None = None
     pipes: PipePool | None = None
     live: LiveCount = attrs.field(factory=LiveCount)
+    server_name: str = "l4proxy"  # the name mail greetings give: the host's, by default
+    preamble: Preamble | None = attrs.field(init=False)
+    dialogue_settings: DialogueSettings = attrs.field(init=False)
     default_route: Route[BackendPool[Target]] | None = attrs.field(init=False)
     #: Worked out once: read on every connection.
     inspects_tls: bool = attrs.field(init=False)
@@ -77,12 +85,28 @@ class ListenerRuntime:
     def _inspects_tls(self) -> bool:
         return self.config.inspects_tls
 
+    @preamble.default
+    def _preamble(self) -> Preamble | None:
+        preamble = self.config.preamble
+        if isinstance(preamble, str):
+            return BUILTIN_PREAMBLES[preamble]
+        return preamble
+
+    @dialogue_settings.default
+    def _dialogue_settings(self) -> DialogueSettings:
+        return DialogueSettings(
+            server_name=self.server_name,
+            backend_tls=self.config.backend_tls,
+            allow_plaintext=self.config.allow_plaintext,
+        )
+
     @raw_data_phase.default
     def _raw_data_phase(self) -> bool:
         default = self.default_route
         return (
             self.pipes is not None
             and not self.inspects_tls
+            and self.config.preamble is None
             and self.backend_tls is None
             and default is not None
             and all(t.sockaddr is not None for t in default.pool.backends)
@@ -111,6 +135,7 @@ def build_runtimes(
         file cannot be read or used.
     """
     runtimes = {}
+    server_name = socket.gethostname() or "l4proxy"
     sinks = dict(file_sinks)  # listeners naming one file share one sink (and its thread)
     for index, listener in enumerate(config.listeners):
         runtimes[listener.name] = ListenerRuntime(
@@ -133,6 +158,7 @@ def build_runtimes(
             else None,
             pipes=pipes if listener.splice else None,
             live=live.get(listener.name) or LiveCount(),
+            server_name=server_name,
         )
     return runtimes
 

@@ -18,12 +18,19 @@ from .addresses import TCPAddress
 from .errors import ClientHelloError
 from .protocols.clienthello import DEFAULT_LIMIT, ClientHello, next_size, parse_client_hello
 from .record import Ended, Outcome
-from .tls import ALERT_UNRECOGNIZED_NAME, ClientCertificateRejected, SocketTLSStream, TLSStream
+from .tls import (
+    ALERT_NO_APPLICATION_PROTOCOL,
+    ALERT_UNRECOGNIZED_NAME,
+    ClientCertificateRejected,
+    SocketTLSStream,
+    TLSStream,
+)
 
 if TYPE_CHECKING:
     from .balancing import BackendPool
     from .connect import Target
     from .connection import Connection
+    from .protocols.dialogue import StartClientTLS
     from .routing import Route
     from .tls import BackendTLS, ServerTLS
 
@@ -34,27 +41,46 @@ async def read_tls_front(connection: Connection) -> Route[BackendPool[Target]]:
     The ClientHello and the handshake share one deadline. Passthrough keeps what was
     read of the ClientHello for the backend (``connection.replay``).
     """
-    runtime = connection.runtime
-    seconds = runtime.config.handshake_timeout
+    seconds = connection.runtime.config.handshake_timeout
     with trio.move_on_after(seconds):
-        stream = connection.client_stream()
-        hello, consumed, in_socket = await _client_hello(stream)
-        record = connection.record
-        record.sni = hello.server_name
-        record.alpn = ",".join(p.decode("ascii", "replace") for p in hello.alpn_protocols) or None
-        route = runtime.router.match(hello.server_name, hello.alpn_protocols)
-        if route is None:
-            await _refuse_unrouted(stream, hello, in_socket, alert=runtime.server_tls is not None)
-            raise Ended(Outcome.NO_ROUTE, _no_route(hello, runtime.config.name))
-        record.route = route.name  # logged even if the handshake fails
-        if runtime.server_tls is None:
-            connection.replay = consumed
-        else:
-            await _terminate(connection, hello, consumed, in_socket, route.alpn, runtime.server_tls)
-        return route
+        return await tls_front(connection)
     raise Ended(
         Outcome.HANDSHAKE_TIMEOUT, f"no complete ClientHello and handshake within {seconds:g}s"
     )
+
+
+async def tls_front(
+    connection: Connection, start: StartClientTLS | None = None
+) -> Route[BackendPool[Target]]:
+    """Steps 4-6 without a deadline of their own: a preamble (:mod:`l4proxy.preamble`)
+    runs them under its deadline when its dialogue asks for TLS (``start``: the ALPN
+    to select and whether the client must offer it, bytes of the ClientHello that the
+    dialogue already read)."""
+    runtime = connection.runtime
+    stream = connection.client_stream()
+    hello, consumed, in_socket = await _client_hello(stream, start.replay if start else b"")
+    record = connection.record
+    record.sni = hello.server_name
+    record.alpn = ",".join(p.decode("ascii", "replace") for p in hello.alpn_protocols) or None
+    route = runtime.router.match(hello.server_name, hello.alpn_protocols)
+    if route is None:
+        await _refuse(
+            stream, hello, in_socket, ALERT_UNRECOGNIZED_NAME if runtime.server_tls else b""
+        )
+        raise Ended(Outcome.NO_ROUTE, _no_route(hello, runtime.config.name))
+    record.route = route.name  # logged even if the handshake fails
+    if runtime.server_tls is None:
+        connection.replay = consumed
+        return route
+    alpn = route.alpn
+    if start is not None:
+        alpn = alpn or start.alpn
+        if start.require_alpn and not any(p in hello.alpn_protocols for p in start.alpn):
+            await _refuse(stream, hello, in_socket, ALERT_NO_APPLICATION_PROTOCOL)
+            wanted = ", ".join(repr(p.decode("ascii", "replace")) for p in start.alpn)
+            raise Ended(Outcome.BAD_PREAMBLE, f"TLS at once without ALPN {wanted} offered")
+    await _terminate(connection, hello, consumed, in_socket, alpn, runtime.server_tls)
+    return route
 
 
 def _no_route(hello: ClientHello, listener: str) -> str:
@@ -63,17 +89,20 @@ def _no_route(hello: ClientHello, listener: str) -> str:
     return f"no route for a ClientHello without sni on listener {listener!r}"
 
 
-async def _refuse_unrouted(
-    stream: trio.abc.Stream, hello: ClientHello, in_socket: bool, *, alert: bool
+async def _refuse(
+    stream: trio.abc.Stream, hello: ClientHello, in_socket: bool, alert: bytes
 ) -> None:
+    """Refuse a ClientHello: read what was only peeked (closing with unread bytes is a
+    reset), then send the fatal alert, if any (RFC 6066 §3 ``unrecognized_name``, RFC
+    7301 §3.2 ``no_application_protocol``)."""
     with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-        if in_socket:  # read what was only peeked: closing with unread bytes is a reset
+        if in_socket:
             await stream.receive_some(hello.size)
-        if alert:  # RFC 6066 §3: a fatal unrecognized_name
-            await stream.send_all(ALERT_UNRECOGNIZED_NAME)
+        if alert:
+            await stream.send_all(alert)
 
 
-async def _client_hello(stream: trio.abc.Stream) -> tuple[ClientHello, bytes, bool]:
+async def _client_hello(stream: trio.abc.Stream, replay: bytes) -> tuple[ClientHello, bytes, bool]:
     """The ClientHello, the bytes consumed to get it, and whether it is still in the socket.
 
     Fast path: most clients send the whole ClientHello in their first segment, so peek
@@ -86,7 +115,7 @@ async def _client_hello(stream: trio.abc.Stream) -> tuple[ClientHello, bytes, bo
         connection as ``bad_client_hello``.
     """
     try:
-        if type(stream) is trio.SocketStream:
+        if type(stream) is trio.SocketStream and not replay:
             try:
                 data = await stream.socket.recv(DEFAULT_LIMIT, socket.MSG_PEEK)
             except OSError as exc:
@@ -101,22 +130,27 @@ async def _client_hello(stream: trio.abc.Stream) -> tuple[ClientHello, bytes, bo
                 raise
             if hello is not None:
                 return hello, b"", True
-        hello, consumed = await read_client_hello(stream)
+        hello, consumed = await read_client_hello(stream, initial=replay)
     except ClientHelloError as exc:
         raise Ended(Outcome.BAD_CLIENT_HELLO, str(exc)) from None
     return hello, consumed, False
 
 
 async def read_client_hello(
-    stream: trio.abc.ReceiveStream, *, limit: int = DEFAULT_LIMIT
+    stream: trio.abc.ReceiveStream, *, limit: int = DEFAULT_LIMIT, initial: bytes = b""
 ) -> tuple[ClientHello, bytes]:
-    """Read until a whole ClientHello arrived; return it and every byte read (to replay).
+    """Read until a whole ClientHello arrived; return it and every byte read (to replay),
+    ``initial`` (its first bytes, already read) included.
 
     Never reads more than ``limit`` bytes. Raises ``ClientHelloError`` for anything
     that is not a ClientHello, including EOF before a complete one.
     """
-    buffer = bytearray()
-    parse_at = 1  # parse only once a record can have completed: linear, not quadratic
+    buffer = bytearray(initial)
+    if buffer:
+        hello = parse_client_hello(buffer, limit=limit)
+        if hello is not None:
+            return hello, bytes(buffer)
+    parse_at = next_size(buffer) if buffer else 1  # parse once a record can be complete
     while True:
         chunk = await stream.receive_some(limit - len(buffer))
         if not chunk:

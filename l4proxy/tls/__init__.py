@@ -21,6 +21,7 @@ policy.
 
 from .contexts import BackendTLS, ClientCertificateRejected, ServerTLS, build_server_tls
 from .policy import (
+    ALERT_NO_APPLICATION_PROTOCOL,
     ALERT_UNRECOGNIZED_NAME,
     TLS12_CIPHERS,
     TLS13_CIPHERSUITES,
@@ -29,6 +30,7 @@ from .policy import (
 from .streams import RECEIVE_SIZE, RECORD_SIZE, SEND_CHUNK, SocketTLSStream, TLSStream
 
 __all__ = [
+    "ALERT_NO_APPLICATION_PROTOCOL",
     "ALERT_UNRECOGNIZED_NAME",
     "RECEIVE_SIZE",
     "RECORD_SIZE",

@@ -25,6 +25,11 @@ LOGGER = logging.getLogger("l4proxy.tls")
 #: handshake when no route matches the SNI.
 ALERT_UNRECOGNIZED_NAME = b"\x15\x03\x03\x00\x02\x02\x70"
 
+#: A fatal ``no_application_protocol`` alert (RFC 7301 §3.2), sent in clear before any
+#: handshake to a client that must offer an ALPN protocol and did not (PostgreSQL's
+#: direct TLS without ``postgresql``).
+ALERT_NO_APPLICATION_PROTOCOL = b"\x15\x03\x03\x00\x02\x02\x78"
+
 #: Mozilla "intermediate" TLS 1.2 suites, ECDHE only (forward secrecy, AEAD).
 TLS12_CIPHERS = ":".join(
     [
