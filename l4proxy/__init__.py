@@ -11,6 +11,7 @@ from .config import (
     ListenerConfig,
     LogFormat,
     LogLevel,
+    PreambleName,
     RouteConfig,
     TLSConfig,
     TLSVersion,
@@ -25,6 +26,7 @@ from .errors import (
     UpstreamConnectError,
     UpstreamError,
 )
+from .protocols.dialogue import Dialogue, DialogueSettings, Preamble
 from .record import AccessRecord, ConnectionRecord, Outcome
 from .server import BoundAddress, ListenerStats, PipeStats, Proxy
 
@@ -38,6 +40,8 @@ __all__ = [
     "ConfigError",
     "ConnectionRecord",
     "Connector",
+    "Dialogue",
+    "DialogueSettings",
     "L4ProxyError",
     "ListenError",
     "ListenerConfig",
@@ -46,6 +50,8 @@ __all__ = [
     "LogLevel",
     "Outcome",
     "PipeStats",
+    "Preamble",
+    "PreambleName",
     "ProtocolError",
     "Proxy",
     "RouteConfig",

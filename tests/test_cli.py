@@ -99,6 +99,13 @@ def run_main(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, 
             "--backend-sni: needs backend_tls = true",
         ),
         (["-c", "/nonexistent/l4proxy.toml"], "/nonexistent/l4proxy.toml: cannot read config file"),
+        (
+            ["-l", ":1", "-b", "a:1", "--preamble", "postgres"],
+            "--preamble: 'postgres' needs certificates (tls.certs, --tls-cert)",
+        ),
+        (["-l", ":1", "-b", "a:1", "--preamble", "mysql"], "Invalid value for '--preamble'"),
+        (["-l", ":1", "-b", "a:1", "--allow-plaintext"], "--allow-plaintext: needs a preamble"),
+        (["-c", "x.toml", "--preamble", "smtp"], "--preamble cannot be combined with --config"),
     ],
 )
 def test_usage_errors_exit_2_with_one_line(
@@ -192,6 +199,31 @@ def test_check_accepts_a_good_config(tmp_path: Path, capsys: pytest.CaptureFixtu
     code, out, err = run_main(["--config", str(config), "--check"], capsys)
     assert (code, err) == (0, "")
     assert out == f"{config}: ok (1 listener: pg)\n"
+
+
+def test_check_accepts_a_preamble_listener(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], pki: PKI
+) -> None:
+    config = tmp_path / "l4proxy.toml"
+    config.write_text(
+        '[[listeners]]\nname = "pg"\nlisten = [":5432"]\nbackends = ["127.0.0.1:5433"]\n'
+        'preamble = "postgres"\nallow_plaintext = true\n'
+        f'tls = {{ certs = [{{ cert = "{pki.a.combined}" }}] }}\n'
+        '[[listeners]]\nname = "smtp"\nlisten = [":587"]\nbackends = ["127.0.0.1:2525"]\n'
+        f'preamble = "smtp"\ntls = {{ certs = [{{ cert = "{pki.a.combined}" }}] }}\n'
+    )
+    code, out, err = run_main(["--config", str(config), "--check"], capsys)
+    assert (code, err) == (0, "")
+    assert out == f"{config}: ok (2 listeners: pg, smtp)\n"
+    bad = tmp_path / "bad.toml"
+    bad.write_text(
+        config.read_text().replace('preamble = "smtp"', 'preamble = "smtp"\nallow_plaintext = true')
+    )
+    code, out, err = run_main(["--config", str(bad), "--check"], capsys)
+    assert code == 2
+    assert err == (
+        f"l4proxy: error: {bad}: listeners[1].allow_plaintext: only with preamble 'postgres', not 'smtp'\n"
+    )
 
 
 def test_check_accepts_flags_and_environment(
