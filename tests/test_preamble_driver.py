@@ -56,7 +56,7 @@ async def _proxy(
                 listen=["127.0.0.1:0"],
                 backends=backends,
                 tls=l4proxy.TLSConfig(certs=[l4proxy.CertKey(cert=pki.a.combined)]),
-                preamble=preamble,  # type: ignore[arg-type]
+                preamble=preamble,
                 **settings,  # type: ignore[arg-type]
             )
         ]
@@ -176,7 +176,7 @@ async def test_a_session_key_routes_a_later_connection_to_the_same_backend(
         async def handler(stream: trio.SocketStream) -> None:
             await stream.send_all(name + b"\n")
             async for chunk in stream:
-                received[name].append(chunk)
+                received[name].append(bytes(chunk))
                 if b"cancel" in chunk:
                     arrived[name].set()
 
@@ -259,5 +259,5 @@ def test_a_custom_preamble_is_checked_when_the_config_is_built(pki: PKI) -> None
             listen=["127.0.0.1:0"],
             backends=["127.0.0.1:1"],
             tls=l4proxy.TLSConfig(certs=[l4proxy.CertKey(cert=pki.a.combined)]),
-            preamble=42,  # type: ignore[arg-type]
+            preamble=42,
         )

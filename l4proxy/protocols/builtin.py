@@ -1,15 +1,21 @@
-"""TEMPORARY while the protocol modules are being written (restored from /tmp/builtin.py.final)."""
+"""The preambles l4proxy ships, by the name a config gives them (``preamble = "smtp"``)."""
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from typing import TYPE_CHECKING
 
-BUILTIN_PREAMBLES: dict[str, Any] = {}
-for _module, _name in (("postgres", "POSTGRES"), ("smtp", "SMTP"), ("imap", "IMAP"), ("pop3", "POP3")):
-    try:
-        BUILTIN_PREAMBLES[_module] = getattr(
-            importlib.import_module(f"l4proxy.protocols.{_module}"), _name
-        )
-    except (ImportError, AttributeError):
-        pass
+from .imap import IMAP
+from .pop3 import POP3
+from .postgres import POSTGRES
+from .smtp import SMTP
+
+if TYPE_CHECKING:
+    from .dialogue import Preamble
+
+#: Every built-in preamble, keyed by its config name.
+BUILTIN_PREAMBLES: dict[str, Preamble] = {
+    "postgres": POSTGRES,
+    "smtp": SMTP,
+    "imap": IMAP,
+    "pop3": POP3,
+}

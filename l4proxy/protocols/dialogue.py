@@ -199,8 +199,10 @@ class Dialogue(Protocol):
 class Preamble(Protocol):
     """A protocol's dialogues: the listener's ``preamble``. Called once per connection."""
 
-    #: Its name in the access log and in errors (``postgres``, ``smtp``...).
-    name: str
+    @property
+    def name(self) -> str:
+        """Its name in errors and timeouts (``postgres``, ``smtp``...)."""
+        ...
 
     def __call__(self, settings: DialogueSettings) -> Dialogue:
         """A new dialogue for one connection."""
