@@ -225,3 +225,15 @@ def test_next_size_never_skips_the_completing_byte(sizes: list[int], cut: int) -
     prefix = framed[: min(cut, len(framed) - 1)]
     assert parse_client_hello(prefix) is None
     assert len(prefix) < next_size(prefix) <= len(framed)
+
+
+@pytest.mark.parametrize("sent", [b"/var/run/pgsql", b"under score!!!", b"cafe\xc3\xa9.example"])
+def test_a_server_name_that_is_not_a_host_name_counts_as_none(sent: bytes) -> None:
+    """libpq < 18 given only ``hostaddr=`` sends its socket directory as SNI; OpenSSL and
+    PostgreSQL ignore such a name, and so do we (no SNI: default certificate and route)."""
+    hello = python_client_hello("db.example.com")
+    assert len(sent) == len(b"db.example.com")  # the same length: no lengths to patch
+    patched = hello.replace(b"db.example.com", sent)
+    parsed = parse_client_hello(patched)
+    assert parsed is not None
+    assert parsed.server_name is None

@@ -233,12 +233,14 @@ def _server_name(payload: _Reader) -> str | None:
         name = bytes(names.take(names.integer(2, "server name length"), "server name"))
         if name_type != 0 or host is not None:
             continue  # RFC 6066 §3: only one host_name; other types are ignored
-        if not name or len(name) > 255 or not name.isascii():
-            raise ClientHelloError("bad server name")
-        text = name.decode("ascii").lower().removesuffix(".")
-        if not text or not all(c.isalnum() or c in "-._*" for c in text):
-            raise ClientHelloError(f"bad server name {text!r}")
-        host = text
+        if not name:
+            raise ClientHelloError("empty server name")  # host_name<1..2^16-1>
+        text = name.decode("ascii", "replace").lower().removesuffix(".")
+        if len(name) <= 255 and text and all(c.isalnum() or c in "-._*" for c in text):
+            host = text
+        # Anything else is well-formed but not a host name, and counts as no SNI, as
+        # OpenSSL and PostgreSQL take it: libpq < 18 given only hostaddr= sends its
+        # default socket directory ("/var/run/postgresql") as the server name.
     return host
 
 
