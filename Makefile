@@ -7,8 +7,8 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Debian packages the test suite runs for real: PostgreSQL (server, psql, pgbench), Redis,
-# and the TLS clients openssl (s_client) and curl.
-TEST_DEBS := postgresql redis-server redis-tools openssl curl
+# the TLS clients openssl (s_client) and curl, Dovecot (IMAP and POP3 backends) and swaks
+# (an SMTP client; its --tls needs libnet-ssleay-perl).
 
 .PHONY: demo test lint bench bench-deps system-deps clean
 
@@ -64,6 +64,10 @@ system-deps:
 	  command -v redis-cli >/dev/null && command -v redis-benchmark >/dev/null || missing="$$missing redis-tools"; \
 	  command -v openssl >/dev/null || missing="$$missing openssl"; \
 	  command -v curl >/dev/null || missing="$$missing curl"; \
+	  [ -x /usr/sbin/dovecot ] && [ -x /usr/lib/dovecot/imap ] || missing="$$missing dovecot-imapd"; \
+	  [ -x /usr/lib/dovecot/pop3 ] || missing="$$missing dovecot-pop3d"; \
+	  command -v swaks >/dev/null || missing="$$missing swaks"; \
+	  perl -MNet::SSLeay -e1 2>/dev/null || missing="$$missing libnet-ssleay-perl"; \
 	  if [ -n "$$missing" ]; then \
 	    echo "installing Debian packages:$$missing"; \
 	    $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
