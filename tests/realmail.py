@@ -186,9 +186,7 @@ class MailSink:
         session.host_name = hostname
         return responses
 
-    async def handle_DATA(
-        self, server: SMTP, session: Session, envelope: Envelope
-    ) -> str:
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         content = envelope.original_content
         assert isinstance(content, bytes)
         self.messages.append((str(envelope.mail_from), list(envelope.rcpt_tos), content))
