@@ -195,8 +195,12 @@ sleeping = (
     "select count(*) from pg_stat_activity where state = 'active' "
     "and query = 'select pg_sleep(30)'"
 )
-with psycopg.connect(watch) as watcher:  # the cluster itself, over its Unix socket
+# The cluster itself, over its Unix socket; autocommit, or every poll would read the
+# statistics snapshot its transaction took first (stats_fetch_consistency = cache).
+with psycopg.connect(watch, autocommit=True) as watcher:
+    deadline = time.monotonic() + 20
     while watcher.execute(sleeping).fetchone() != (1,):
+        assert time.monotonic() < deadline, "the query never showed in pg_stat_activity"
         time.sleep(0.05)
 start = time.monotonic()
 getattr(conn, how)()
