@@ -320,3 +320,23 @@ async def test_backend_tls_sends_sslrequest_and_verifies_the_cluster(
     assert rows == [(cluster_b.port, True)]
     (record,) = await access.wait(1)
     assert record.outcome == "ok"
+
+
+async def test_bytes_pipelined_after_sslrequest_are_refused_not_fed_to_tls(
+    nursery: trio.Nursery, pki: PKI, cluster_a: Postgres, cluster_b: Postgres, access: AccessWatcher
+) -> None:
+    """CVE-2021-23214: bytes that did not wait for the proxy's ``S`` (here the start of
+    a ClientHello) would be read as if they had come over TLS."""
+    port = await _proxy(nursery, pki, cluster_a, cluster_b)
+    ssl_request = (8).to_bytes(4, "big") + (80877103).to_bytes(4, "big")
+    async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+        await stream.send_all(ssl_request + b"\x16\x03\x01\x02\x00\x01")
+        answer = bytearray()
+        with trio.fail_after(5):
+            while chunk := await stream.receive_some():
+                answer += chunk
+    assert answer[:1] == b"E", answer  # an ErrorResponse, never the "S" that starts TLS
+    assert b"received unencrypted data after SSL request" in answer
+    (record,) = await access.wait(1)
+    assert record.outcome == "bad_preamble"
+    assert record.backend is None
