@@ -23,6 +23,8 @@ after round, starting one later each round; the table shows the median of the ro
   bulk (wrk fetching 1 MiB over 4 kept-alive connections), full handshakes per second
   (parallel ``openssl s_time -new``: wrk resumes its TLS session on every reconnect)
   and those resumed handshakes per second (wrk with ``Connection: close``);
+- ``postgres``: pgbench -S through ``--preamble postgres`` against PostgreSQL's own TLS,
+  on kept connections and with a new connection per transaction (benchmarks/_postgres.py);
 - ``memory``: RSS of the proxy with 5,000 idle connections through it, per connection.
 
 Besides each tool's own figures, the table has the proxy's CPU time per unit of work
@@ -56,6 +58,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Generic, NoReturn, TypeVar
 
 import _load
+import _postgres
 import _procs
 import trustme
 from _procs import (
@@ -109,7 +112,7 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-SCENARIOS = ("bulk", "connrate", "keepalive", "tls", "memory")
+SCENARIOS = ("bulk", "connrate", "keepalive", "tls", "postgres", "memory")
 
 METRICS = [
     Metric("bulk1", "bulk (iperf3)", "1 stream", "Gbit/s", True, 2),
@@ -143,6 +146,7 @@ METRICS = [
     Metric("tls_res", "TLS termination", "resumed handshakes (wrk)", "conn/s", True, 0),
     Metric("tls_res_p50", "TLS termination", "resumed: p50 latency", "ms", False, 2),
     Metric("tls_res_cpu", "TLS termination", "proxy CPU per resumed conn", "µs", False, 0, True),
+    *_postgres.METRICS,
     Metric("mem_per_conn", "idle connections", "RSS per connection", "KiB", False, 2),
     Metric("mem_base", "idle connections", "RSS before (no connections)", "MiB", False, 1),
     Metric("mem_fds_per_conn", "idle connections", "fds per connection", "fds", False, 2),
@@ -173,6 +177,7 @@ class Context:
     proxies: list[str]
     nginx_port: int = 0
     tls_facts: dict[str, str] = field(default_factory=dict)
+    pg_facts: dict[str, str] = field(default_factory=dict)
 
     @property
     def width(self) -> int:
@@ -513,6 +518,7 @@ RUNNERS: dict[str, Callable[[Context], None]] = {
     "connrate": scenario_connrate,
     "keepalive": scenario_keepalive,
     "tls": scenario_tls,
+    "postgres": _postgres.scenario_postgres,
     "memory": scenario_memory,
 }
 
@@ -549,7 +555,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="1 round of 1 s per measurement (about 1.5 minutes in all; default: about 4.5)",
+        help="1 round of 1 s per measurement (about 2 minutes in all; default: about 5.5)",
     )
     parser.add_argument("--rounds", type=int, help="rounds per measurement (default 3; --quick: 1)")
     parser.add_argument(
@@ -723,6 +729,8 @@ def _method(ctx: Context) -> list[str]:
         )
     for kind, facts in ctx.tls_facts.items():
         lines.append(f"TLS as negotiated by `openssl s_client` with {TITLES[kind]}: {facts}.")
+    if "postgres" in args.only:
+        lines += _postgres.method_lines(args, ctx.pg_facts)
     return lines
 
 
