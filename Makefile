@@ -20,9 +20,10 @@ demo: $(STAMP)
 test: $(STAMP) system-deps lint
 	$(BIN)/pytest
 
-# make bench: l4proxy vs HAProxy, pproxy and direct (benchmarks/bench.py, about 4.5 minutes;
-# BENCH_ARGS=--quick for about 1.5). Never part of make test. benchmarks/bulk.py is the older
-# l4proxy-only bulk test: $(BIN)/python benchmarks/bulk.py
+# make bench: l4proxy vs HAProxy, pproxy and direct, and PostgreSQL through the postgres
+# preamble vs its own TLS (benchmarks/bench.py, about 5.5 minutes; BENCH_ARGS=--quick for
+# about 2). Never part of make test. benchmarks/bulk.py is the older l4proxy-only bulk
+# test: $(BIN)/python benchmarks/bulk.py
 BENCH_ARGS ?=
 PPROXY_VERSION := 2.7.9
 
@@ -36,6 +37,7 @@ bench-deps:
 	  command -v iperf3 >/dev/null || missing="$$missing iperf3"; \
 	  command -v wrk >/dev/null || missing="$$missing wrk"; \
 	  command -v openssl >/dev/null || missing="$$missing openssl"; \
+	  ls /usr/lib/postgresql/*/bin/pgbench >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	  if [ -n "$$missing" ]; then \
 	    echo "installing Debian packages:$$missing"; \
 	    $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
