@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import shlex
 import socket
 import subprocess
 import time
@@ -13,14 +15,23 @@ from typing import TYPE_CHECKING
 from _procs import LOAD_CORE, BenchError, find_binary, pin
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Mapping, Sequence
     from pathlib import Path
 
 _TIME_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3}
 _SIZE_UNITS = {"B": 1, "KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "TB": 1 << 40}
 
 
-def _run(argv: Sequence[str], timeout: float) -> str:
+def run_load(
+    argv: Sequence[str],
+    *,
+    timeout: float,
+    what: str | None = None,
+    env: Mapping[str, str] | None = None,
+    cwd: str | None = None,
+) -> str:
+    """Run a load generator pinned to the load core; its standard output, or BenchError."""
+    what = what or argv[0]
     try:
         done = subprocess.run(
             list(argv),
@@ -28,14 +39,17 @@ def _run(argv: Sequence[str], timeout: float) -> str:
             capture_output=True,
             text=True,
             timeout=timeout,
+            env=None if env is None else {**os.environ, **env},
+            cwd=cwd,
             preexec_fn=lambda: pin(LOAD_CORE),
             check=False,
         )
     except subprocess.TimeoutExpired as error:
-        raise BenchError(f"{argv[0]} did not finish within {timeout:g} s") from error
+        raise BenchError(f"{what} did not finish within {timeout:g} s") from error
     if done.returncode != 0:
         raise BenchError(
-            f"{' '.join(argv)} exited with {done.returncode}: {(done.stderr or done.stdout)[-600:]}"
+            f"{what} ({shlex.join(argv)}) exited with {done.returncode}: "
+            f"{(done.stderr or done.stdout).strip()[-600:]}"
         )
     return done.stdout
 
@@ -106,7 +120,7 @@ def wrk(url: str, *, connections: int, seconds: int, close: bool = False) -> Wrk
     if close:
         argv += ["-H", "Connection: close"]
     argv.append(url)
-    result = parse_wrk(_run(argv, timeout=seconds + 30))
+    result = parse_wrk(run_load(argv, timeout=seconds + 30))
     if result.requests == 0:
         raise BenchError(f"wrk completed no request against {url} ({result.error_text})")
     return result
@@ -128,7 +142,7 @@ def iperf3(port: int, *, streams: int, seconds: int) -> float:
     ]
     for attempt in range(3):
         try:
-            report = json.loads(_run(argv, timeout=seconds + 30))
+            report = json.loads(run_load(argv, timeout=seconds + 30))
         except BenchError as error:
             # The server answers "busy" for a moment after the previous test.
             if "busy" in str(error) and attempt < 2:

@@ -28,7 +28,6 @@ import contextlib
 import os
 import pwd
 import re
-import shlex
 import shutil
 import subprocess
 import tempfile
@@ -38,7 +37,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import trustme
-from _procs import LOAD_CORE, BenchError, find_binary, free_port, pin, process_tree
+from _load import run_load
+from _procs import LOAD_CORE, BenchError, find_binary, free_port, process_tree
 from _report import TITLES, Metric
 from _servers import BASELINE, start_proxy
 
@@ -140,31 +140,6 @@ def _program(name: str) -> str:
     return str(path)
 
 
-def _run(
-    argv: Sequence[str], what: str, *, timeout: float, env: Mapping[str, str] | None = None
-) -> str:
-    try:
-        done = subprocess.run(
-            list(argv),
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env={**os.environ, **(env or {})},
-            cwd="/",  # the postgres user may not be able to read the current directory
-            preexec_fn=lambda: pin(LOAD_CORE),
-            check=False,
-        )
-    except subprocess.TimeoutExpired as error:
-        raise BenchError(f"{what} did not finish within {timeout:g} s") from error
-    if done.returncode != 0:
-        raise BenchError(
-            f"{what} ({shlex.join(argv)}) exited with {done.returncode}: "
-            f"{(done.stderr or done.stdout).strip()[-600:]}"
-        )
-    return done.stdout
-
-
 def _runas() -> tuple[tuple[str, ...], pwd.struct_passwd | None]:
     """PostgreSQL refuses root: as root, run its programs as ``postgres`` via runuser."""
     if os.geteuid() != 0:
@@ -230,11 +205,12 @@ def cluster(procs: Procs, cert: Path, key: Path) -> Iterator[Cluster]:
         if owner is not None:
             os.chown(base, owner.pw_uid, owner.pw_gid)
         datadir = base / "data"
-        _run(
+        run_load(
             [*runas, initdb, "-D", str(datadir), "-A", "trust", "-U", "postgres",
              "-E", "UTF8", "--locale=C", "--no-sync"],
-            "initdb",
+            what="initdb",
             timeout=120,
+            cwd="/",  # the postgres user may not be able to read the current directory
         )  # fmt: skip
         for source, name in ((cert, "server.crt"), (key, "server.key")):
             shutil.copyfile(source, datadir / name)
@@ -254,10 +230,11 @@ def cluster(procs: Procs, cert: Path, key: Path) -> Iterator[Cluster]:
             yield found
         finally:
             with contextlib.suppress(BenchError, OSError):
-                _run(
+                run_load(
                     [*runas, pg_ctl, "-D", str(datadir), "-m", "fast", "-w", "-t", "20", "stop"],
-                    "pg_ctl stop",
+                    what="pg_ctl stop",
                     timeout=40,
+                    cwd="/",
                 )
             procs.stop(proc)
     finally:
@@ -301,7 +278,9 @@ def pgbench(port: int, extra: Sequence[str], *, seconds: int) -> Pgbench:
         "-S", *extra, "-c", str(CLIENTS), "-j", str(THREADS), "-T", str(seconds), "-n",
         "postgres",
     ]  # fmt: skip
-    return parse_pgbench(_run(argv, "pgbench", timeout=seconds + 60, env=_client_env("require")))
+    return parse_pgbench(
+        run_load(argv, what="pgbench", timeout=seconds + 60, env=_client_env("require"), cwd="/")
+    )
 
 
 def _tls_probe(port: int) -> str:
@@ -396,7 +375,7 @@ def scenario_postgres(ctx: Context) -> None:
     with cluster(ctx.procs, cert, key) as pg:
         init = [_program("pgbench"), "-h", "127.0.0.1", "-p", str(pg.port), "-U", "postgres",
                 "-i", "-s", "1", "-q", "postgres"]  # fmt: skip
-        _run(init, "pgbench -i", timeout=120, env=_client_env("disable"))
+        run_load(init, what="pgbench -i", timeout=120, env=_client_env("disable"), cwd="/")
         ports, proxies = _start_proxies(ctx, pg.port, cert, key)
         try:
             for kind, port in ports.items():
