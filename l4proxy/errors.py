@@ -57,3 +57,7 @@ class ProtocolError(L4ProxyError):
 
 class ClientHelloError(ProtocolError):
     """The first bytes of a TLS connection are not a well-formed ClientHello."""
+
+
+class ProxyHeaderError(ProtocolError):
+    """A peer that must open with a PROXY protocol header sent something else."""
