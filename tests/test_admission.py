@@ -1,0 +1,103 @@
+"""The admit step's decisions without I/O (issue #10): access lists and per-client
+limits, including the bound on the per-client table."""
+
+from __future__ import annotations
+
+import tracemalloc
+
+import pytest
+
+from l4proxy.admission import AccessList, ClientLimits, Refusal, client_key
+
+
+@pytest.mark.parametrize(
+    ("allow", "deny", "address", "permitted"),
+    [
+        ((), (), "203.0.113.9", True),
+        ((), ("203.0.113.0/24",), "203.0.113.9", False),
+        ((), ("203.0.113.0/24",), "203.0.114.9", True),
+        (("10.0.0.0/8",), (), "10.1.2.3", True),
+        (("10.0.0.0/8",), (), "11.1.2.3", False),
+        (("10.0.0.0/8",), ("10.9.0.0/16",), "10.9.1.1", False),  # deny wins
+        (("10.0.0.0/8",), (), "::ffff:10.1.2.3", True),  # mapped IPv6 is matched as IPv4
+        ((), ("10.0.0.0/8",), "::ffff:10.1.2.3", False),
+        ((), ("::ffff:10.0.0.0/104",), "10.1.2.3", False),  # and a mapped CIDR too
+        (("2001:db8::/32",), (), "2001:db8:1::5", True),
+        (("2001:db8::/32",), (), "2001:db9::5", False),
+        (("2001:db8::/32",), (), "10.1.2.3", False),
+        (("10.0.0.0/8",), (), "fe80::1%eth0", False),
+        (("127.0.0.1",), (), "127.0.0.1", True),  # a bare address is a /32
+        (("0.0.0.0/0",), ("::/0",), "1.2.3.4", True),
+        (("0.0.0.0/0",), ("::/0",), "2001:db8::1", False),
+    ],
+)
+def test_access_list(
+    allow: tuple[str, ...], deny: tuple[str, ...], address: str, permitted: bool
+) -> None:
+    assert AccessList(allow, deny).permits(address) is permitted
+
+
+def test_ipv6_clients_are_grouped_by_prefix() -> None:
+    assert client_key("2001:db8:1:2::1") == client_key("2001:db8:1:2:ffff::9")
+    assert client_key("2001:db8:1:2::1") != client_key("2001:db8:1:3::1")
+    assert client_key("2001:db8:1:2::1", 128) != client_key("2001:db8:1:2::2", 128)
+    assert client_key("::ffff:192.0.2.1") == client_key("192.0.2.1")
+
+
+def test_open_connections_per_client() -> None:
+    limits = ClientLimits(max_open=2)
+    a, b = client_key("192.0.2.1"), client_key("192.0.2.2")
+    assert limits.admit(a, 0) is None
+    assert limits.admit(a, 0) is None
+    assert limits.admit(a, 0) is Refusal.LIMIT_PER_IP
+    assert limits.admit(b, 0) is None  # another client is not affected
+    limits.release(a, 0)
+    assert limits.admit(a, 0) is None
+    for _ in range(2):
+        limits.release(a, 0)
+    limits.release(b, 0)
+    assert len(limits) == 0  # nothing kept once a client has no open connections
+
+
+def test_rate_is_a_token_bucket_with_burst_equal_to_the_rate() -> None:
+    limits = ClientLimits(rate=5)
+    key = client_key("192.0.2.1")
+    outcomes = [limits.admit(key, 0.0) for _ in range(7)]
+    assert outcomes == [None] * 5 + [Refusal.RATE_LIMITED] * 2
+    assert limits.admit(key, 0.1) is Refusal.RATE_LIMITED  # half a token back
+    assert limits.admit(key, 0.2) is None  # one token back
+    for _ in range(6):
+        limits.release(key, 0.2)
+    assert len(limits) == 1  # its bucket is not full yet: remembered
+    limits.admit(client_key("192.0.2.2"), 1.5)  # a later call forgets the refilled one
+    assert len(limits) == 1
+
+
+def test_a_client_is_forgotten_when_its_bucket_is_full_again() -> None:
+    limits = ClientLimits(rate=10, max_open=3)
+    key = client_key("2001:db8::1")
+    assert limits.admit(key, 0) is None
+    limits.release(key, 0)
+    limits.release(key, 5)  # a release of nothing open changes nothing
+    limits.admit(client_key("2001:db8:0:1::1"), 5)
+    assert len(limits) == 1
+
+
+@pytest.mark.slow
+def test_a_million_distinct_clients_stay_under_the_memory_cap() -> None:
+    """A flood of distinct addresses (each one connection, then gone) through a limiter
+    with both limits on: the table stays at its capacity and under 64 MiB."""
+    limits = ClientLimits(max_open=4, rate=1, capacity=100_000)
+    tracemalloc.start()
+    try:
+        now = 0.0
+        for number in range(1_000_000):
+            key = number
+            now += 1e-5  # 100,000 new clients a second: buckets never refill in time
+            assert limits.admit(key, now) is None
+            limits.release(key, now)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(limits) <= 100_000
+    assert peak < 64 * 2**20, peak
