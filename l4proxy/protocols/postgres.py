@@ -228,10 +228,10 @@ class PostgresDialogue:
         elif code >> 16 != 3:
             major, minor = code >> 16, code & 0xFFFF
             self._refuse(f"unsupported frontend protocol {major}.{minor}: l4proxy relays 3.x")
+        elif len(data) < length:  # all of it first, even to refuse it: a close with
+            self._need_first_packet()  # unread bytes is a reset, which may eat the refusal
         elif self._phase is not _Phase.IN_TLS and not self._settings.allow_plaintext:
             self._refuse(TLS_REQUIRED_MESSAGE, _INVALID_AUTHORIZATION, Outcome.TLS_REQUIRED)
-        elif len(data) < length:
-            self._need_first_packet()
         else:
             self._connect(ConnectBackend(), self._take(length))
 
