@@ -61,7 +61,16 @@ class Connection:
     outcome (unexpected ones are logged with a traceback); ``Cancelled`` passes.
     """
 
-    __slots__ = ("backend", "client", "record", "replay", "runtime", "session_key", "shared")
+    __slots__ = (
+        "backend",
+        "client",
+        "record",
+        "replay",
+        "runtime",
+        "session_key",
+        "session_peer",
+        "shared",
+    )
 
     def __init__(
         self,
@@ -74,6 +83,9 @@ class Connection:
         self.backend: Dialed | None = None
         self.replay = b""  # passthrough: what was read of the ClientHello, for the backend
         self.session_key: bytes | None = None  # in shared.sessions while the connection lives
+        #: The backend's own address when the key was noted (family, (host, port)): what
+        #: a cancel for this session dials, even if the configured name resolves anew.
+        self.session_peer: tuple[int, tuple[str, int]] | None = None
         self.record = record
         self.runtime = runtime
         self.shared = shared

@@ -15,12 +15,13 @@ class and nothing here knows PostgreSQL or SMTP.
 
 from __future__ import annotations
 
+import socket
 from typing import TYPE_CHECKING
 
 import trio
 
 from .balancing import BackendPool
-from .connect import target
+from .connect import Target, target
 from .errors import L4ProxyError
 from .protocols.dialogue import (
     RECEIVE_SIZE,
@@ -38,10 +39,10 @@ from .protocols.dialogue import (
 )
 from .record import Ended, Outcome
 from .routing import Route
+from .tls.streams import TLSStream
 from .tlsfront import secure_backend, tls_front
 
 if TYPE_CHECKING:
-    from .connect import Target
     from .connection import Connection
     from .protocols.dialogue import Dialogue, Event
 
@@ -124,6 +125,7 @@ async def converse(connection: Connection, dialogue: Dialogue) -> Event:
             if connection.session_key is not None:
                 connection.shared.sessions.discard(connection.session_key, connection)
             connection.session_key = event.key
+            connection.session_peer = backend_peer(connection.backend)
             connection.shared.sessions.register(event.key, connection)
         elif type(event) is Close:
             raise Ended(event.outcome, event.reason)
@@ -137,7 +139,31 @@ def _owner_route(connection: Connection, key: bytes) -> Route[BackendPool[Target
     if owner is None or owner.record.backend is None:
         raise Ended(Outcome.CANCEL_UNKNOWN, "no live session has this key")
     connection.record.route = owner.record.route
-    return Route(owner.record.route or "default", BackendPool((target(owner.record.backend),)))
+    found = target(owner.record.backend)
+    if found.sockaddr is None and owner.session_peer is not None:
+        # A host name: resolving it again might give another server of the same name.
+        found = Target(found.address, *owner.session_peer)
+    return Route(owner.record.route or "default", BackendPool((found,)))
+
+
+def backend_peer(backend: object) -> tuple[int, tuple[str, int]] | None:
+    """The TCP address ``backend`` (a raw socket, a trio socket stream, or our TLS
+    stream over one) is connected to; ``None`` for anything else (Unix sockets, an
+    embedder's streams)."""
+    for _ in range(3):  # TLS over a socket stream over a socket, at the most
+        if isinstance(backend, trio.SocketStream):
+            backend = backend.socket
+        elif isinstance(backend, TLSStream):
+            backend = backend.transport
+    if not isinstance(backend, (socket.socket, trio.socket.SocketType)):
+        return None
+    if backend.family not in (socket.AF_INET, socket.AF_INET6):
+        return None
+    try:
+        peer = backend.getpeername()
+    except OSError:
+        return None
+    return backend.family, (peer[0], peer[1])
 
 
 def dialogue_name(connection: Connection) -> str:

@@ -4,7 +4,9 @@ driver's contract, whatever the protocol (the built-in ones have their own tests
 from __future__ import annotations
 
 import importlib.util
+import socket
 import sys
+from functools import partial
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
@@ -261,3 +263,65 @@ def test_a_custom_preamble_is_checked_when_the_config_is_built(pki: PKI) -> None
             tls=l4proxy.TLSConfig(certs=[l4proxy.CertKey(cert=pki.a.combined)]),
             preamble=42,
         )
+
+
+class _RoundRobinResolver(trio.abc.HostnameResolver):
+    """``db.test`` is 127.0.0.1 and 127.0.0.2, in turn first: DNS round robin."""
+
+    def __init__(self) -> None:
+        self.lookups = 0
+
+    async def getaddrinfo(self, host, port, family=0, socktype=0, proto=0, flags=0):  # type: ignore[no-untyped-def, override]
+        assert host == b"db.test", host
+        addresses = ["127.0.0.1", "127.0.0.2"]
+        self.lookups += 1
+        if self.lookups % 2 == 0:
+            addresses.reverse()
+        return [
+            (socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (a, int(port)))
+            for a in addresses
+        ]
+
+    async def getnameinfo(self, sockaddr, flags):  # type: ignore[no-untyped-def, override]
+        raise NotImplementedError
+
+
+async def test_a_cancel_dials_the_address_its_session_reached_not_a_new_lookup(
+    nursery: trio.Nursery, pki: PKI, access: AccessWatcher
+) -> None:
+    """A backend given by a host name with two addresses: the session reached one; a
+    new lookup for the cancel would give the other first."""
+    resolver = _RoundRobinResolver()
+    trio.socket.set_custom_hostname_resolver(resolver)
+    try:
+        cancelled: dict[str, list[bytes]] = {"127.0.0.1": [], "127.0.0.2": []}
+        arrived = trio.Event()
+
+        async def handler(stream: trio.SocketStream) -> None:
+            here = stream.socket.getsockname()[0]
+            await stream.send_all(here.encode() + b"\n")
+            async for chunk in stream:
+                if b"cancel" in chunk:
+                    cancelled[here].append(bytes(chunk))
+                    arrived.set()
+
+        first = await start_backend(nursery, handler, host="127.0.0.1")
+        backend_port = int(first.rsplit(":", 1)[1])
+        await nursery.start(partial(trio.serve_tcp, handler, backend_port, host="127.0.0.2"))
+        host, port = await _proxy(nursery, pki, [f"db.test:{backend_port}"], _KeyedPreamble())
+        session = await trio.open_tcp_stream(host, port)
+        await session.send_all(b"KEY k1\n")
+        reached = (await read_line(session)).strip().decode()
+        owner = await trio.open_tcp_stream(host, port)
+        await owner.send_all(b"OWNER k1\n")
+        assert await receive_all(owner) == b""
+        await owner.aclose()
+        with trio.fail_after(5):
+            await arrived.wait()
+        assert cancelled[reached] == [b"cancel k1\n"]
+        assert resolver.lookups == 1  # the cancel did not look the name up again
+        (record,) = await access.wait(1)
+        assert record.outcome == "cancel_forwarded"
+        await session.aclose()
+    finally:
+        trio.socket.set_custom_hostname_resolver(None)
