@@ -264,6 +264,8 @@ def test_smtp_backend_greeting_that_cannot_be_read(backend: list[bytes], reason:
         (b"", SMTP_MUST),
         (b"\x16\x03\x01\x02\x00", SMTP_MUST),
         (b"STARTTLS now", b"501 5.5.4 Syntax error (no parameters allowed)\r\n"),
+        (b"EHLO", b"501 5.5.4 Syntax: EHLO hostname\r\n"),  # RFC 5321 4.1.1.1: a domain
+        (b"helo ", b"501 5.5.4 Syntax: HELO hostname\r\n"),
     ],
 )
 def test_smtp_cleartext_commands(command: bytes, reply: bytes) -> None:

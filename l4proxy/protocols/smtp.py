@@ -103,6 +103,8 @@ class SMTPRules:
 
     def answer(self, command: bytes, server_name: bytes) -> Answer:
         verb, arguments = split_command(command)
+        if verb in (b"EHLO", b"HELO") and not arguments.strip():
+            return Answer(b"501 5.5.4 Syntax: " + verb + b" hostname\r\n", refused=True)
         if verb == b"EHLO":
             return Answer(
                 b"250-" + server_name + b"\r\n250-ENHANCEDSTATUSCODES\r\n250 STARTTLS\r\n"
