@@ -146,6 +146,18 @@ class SecondsType(click.ParamType[float, str]):
     help="On SIGTERM/SIGINT, seconds established connections may finish.  [default: 30]",
 )
 @click.option(
+    "--allow",
+    multiple=True,
+    metavar="CIDR",
+    help="Let in only clients from CIDR (IPv4 or IPv6; repeatable); others are closed at once.",
+)
+@click.option(
+    "--deny",
+    multiple=True,
+    metavar="CIDR",
+    help="Close connections from CIDR at once, before any read (repeatable; wins over --allow).",
+)
+@click.option(
     "--access-log",
     metavar="PATH|-",
     help="Write one line per connection to PATH, or standard output for '-'.  [default: standard error]",
@@ -336,8 +348,8 @@ def _settings(flags: Mapping[str, object]) -> dict[str, object]:
         if spec.flag is None:
             continue
         value = flags.get(spec.flag.removeprefix("--").replace("-", "_"))
-        if value is None or value is False:  # not given (an absent on/off flag is False)
-            continue
+        if value is None or value is False or value == ():  # not given (an absent on/off
+            continue  # flag is False, an absent repeatable one empty)
         if isinstance(spec.kind, File) and isinstance(value, str) and value not in ("", "-"):
             value = os.path.abspath(value)  # "" stays, to be refused as the file key would be
         settings[name] = value

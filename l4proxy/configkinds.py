@@ -9,6 +9,7 @@ or its own ``read`` for what only the file needs.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
@@ -28,6 +29,7 @@ __all__ = [
     "Choice",
     "File",
     "Flag",
+    "Networks",
     "Seconds",
     "ServerName",
     "Strings",
@@ -36,6 +38,7 @@ __all__ = [
     "Text",
     "WholeNumber",
     "duration_problem",
+    "network_problem",
     "server_name_problem",
 ]
 
@@ -165,6 +168,39 @@ class Strings(Kind):
             reader.problem(path, f"expected a list of strings, got {value!r}")
             return None
         return value
+
+
+@attrs.frozen
+class Networks(Kind):
+    """A list of IP networks in CIDR notation (``10.0.0.0/8``, ``2001:db8::/32``) or bare
+    addresses (one host); a single string is a one-element list. Host bits set
+    (``10.1.2.3/8``) are a mistake worth saying, not something to round silently."""
+
+    expects = "a list of CIDRs"
+
+    def check(self, value: object) -> str | None:
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)):
+            return f"expected a list of CIDRs, got {kind_name(value)}"
+        for item in items:
+            problem = network_problem(item)
+            if problem:
+                return problem
+        return None
+
+    def convert(self, reader: MappingReader, value: object) -> object:
+        return (value,) if isinstance(value, str) else tuple(value)  # type: ignore[arg-type]  # check() made sure
+
+
+def network_problem(value: object) -> str | None:
+    """Why ``value`` is not a CIDR or an IP address, or ``None``."""
+    if not isinstance(value, str):
+        return f"expected a CIDR string, got {kind_name(value)}"
+    try:
+        ipaddress.ip_network(value, strict=True)
+    except ValueError as exc:
+        return f"bad CIDR {value!r}: {exc}"
+    return None
 
 
 @attrs.frozen

@@ -18,6 +18,7 @@ import trio
 from .connect import describe_os_error
 from .errors import L4ProxyError
 from .record import ConnectionRecord, Ended, Outcome
+from .rejections import RejectionLog
 from .sessions import SessionTable
 
 if TYPE_CHECKING:
@@ -36,7 +37,7 @@ RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENO
 class Shared:
     """What every connection of one :class:`~l4proxy.Proxy` uses."""
 
-    __slots__ = ("connect", "ids", "is_draining", "sessions")
+    __slots__ = ("connect", "ids", "is_draining", "rejections", "sessions")
 
     def __init__(
         self, connect: Connector | None, ids: Iterator[int], is_draining: Callable[[], bool]
@@ -46,6 +47,8 @@ class Shared:
         self.is_draining = is_draining
         #: Session keys (PostgreSQL's BackendKeyData) of live connections: cancel routing.
         self.sessions: SessionTable[Connection] = SessionTable()
+        #: Connections the admit step refused: counts, and which get an access line.
+        self.rejections = RejectionLog()
 
 
 class Connection:

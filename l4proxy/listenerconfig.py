@@ -21,6 +21,7 @@ from .configkinds import (
     Choice,
     File,
     Flag,
+    Networks,
     Seconds,
     ServerName,
     Strings,
@@ -294,6 +295,8 @@ class ListenerConfig:
             ``smtp``, ``imap``, ``pop3``, or in code a ``Preamble`` object); needs ``tls``.
         allow_plaintext: with ``preamble = "postgres"``: a client that starts without
             TLS is forwarded in cleartext instead of refused.
+        allow, deny: client networks (CIDRs) let in or turned away before any byte is
+            read; deny wins; without ``allow`` everything not denied is let in.
     """
 
     # The keys of a [[listeners]] table. With inherit=True, also top-level defaults.
@@ -349,6 +352,12 @@ class ListenerConfig:
     )
     access_log: str | None = attrs.field(
         default=None, metadata=key(File(dash=True), flag="--access-log", inherit=True)
+    )
+    allow: tuple[str, ...] = attrs.field(
+        default=(), converter=_strings, metadata=key(Networks(), flag="--allow", inherit=True)
+    )
+    deny: tuple[str, ...] = attrs.field(
+        default=(), converter=_strings, metadata=key(Networks(), flag="--deny", inherit=True)
     )
     log_format: LogFormat = attrs.field(
         default=LogFormat.TEXT,

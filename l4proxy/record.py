@@ -52,6 +52,8 @@ class Outcome(enum.StrEnum):
     CANCEL_UNKNOWN = "cancel_unknown"
     #: The backend's side of a preamble failed (a refusing greeting, an unexpected reply).
     BACKEND_PREAMBLE_FAILED = "backend_preamble_failed"
+    #: Turned away by the admit step (issue #10), before any byte was read.
+    DENIED = "denied"
     CLIENT_RESET = "error:client_reset"
     BACKEND_RESET = "error:backend_reset"
     RESET = "error:reset"

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import attrs
 
 from .accesslog import FileSink, LoggerSink
+from .admission import AccessList
 from .balancing import BackendPool
 from .connect import Target, target
 from .protocols.builtin import BUILTIN_PREAMBLES
@@ -73,9 +74,16 @@ class ListenerRuntime:
     #: Worked out once: read on every connection.
     inspects_tls: bool = attrs.field(init=False)
     log_format: LogFormat = attrs.field(init=False)
+    #: The allow/deny lists, or ``None`` when the listener has neither (no check at all).
+    access_list: AccessList | None = attrs.field(init=False)
     #: Whether connections move bytes on the raw sockets (splice on, no TLS either side,
     #: every backend reachable with a raw socket); with a custom connector they do not.
     raw_data_phase: bool = attrs.field(init=False)
+
+    @access_list.default
+    def _access_list(self) -> AccessList | None:
+        config = self.config
+        return AccessList(config.allow, config.deny) if config.allow or config.deny else None
 
     @default_route.default
     def _default_route(self) -> Route[BackendPool[Target]] | None:

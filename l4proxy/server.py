@@ -30,11 +30,13 @@ import trio
 from . import splice
 from .accesslog import FileSink, LoggerSink
 from .addresses import Address, TCPAddress, UnixAddress
+from .admit import refuse, report_suppressed
 from .connection import Shared
 from .errors import ConfigError
 from .listening import Listening, bind_all
 from .parking import ParkingLot
 from .pipeline import serve
+from .record import Outcome
 from .runtime import LiveCount, build_runtimes
 
 if TYPE_CHECKING:
@@ -257,22 +259,10 @@ class Proxy:
             await self._open_access_logs()
             opened = await bind_all(self._config.listeners, reuse_port=self._reuse_port)
             try:
-                async with trio.open_nursery() as nursery:
-                    bound: list[BoundAddress] = []
-                    for name, listeners in opened:
-                        serving = _Serving(name, trio.CancelScope(), trio.CancelScope(), listeners)
-                        self._serving.append(serving)
-                        bound.extend(
-                            BoundAddress(name, listening.address) for listening in listeners
-                        )
-                        nursery.start_soon(
-                            self._run_listener, serving, listeners, name=f"l4proxy listener {name}"
-                        )
-                    for address in bound:
-                        LOGGER.info("listener %r: accepting on %s", address.listener, address)
-                    task_status.started(bound)
-                    if self._draining:
-                        self.close()
+                async with trio.open_nursery() as reporting:
+                    reporting.start_soon(report_suppressed, self._shared)
+                    await self._serve_listeners(opened, task_status)
+                    reporting.cancel_scope.cancel()
             finally:
                 for _, listeners in opened:
                     for listening in listeners:
@@ -285,6 +275,27 @@ class Proxy:
                 cleanup.shield = True
                 for sink in self._all_file_sinks():
                     await sink.aclose()
+
+    async def _serve_listeners(
+        self,
+        opened: list[tuple[str, list[Listening]]],
+        task_status: trio.TaskStatus[list[BoundAddress]],
+    ) -> None:
+        """Run every listener's accept loops and connections until they have all ended."""
+        async with trio.open_nursery() as nursery:
+            bound: list[BoundAddress] = []
+            for name, listeners in opened:
+                serving = _Serving(name, trio.CancelScope(), trio.CancelScope(), listeners)
+                self._serving.append(serving)
+                bound.extend(BoundAddress(name, listening.address) for listening in listeners)
+                nursery.start_soon(
+                    self._run_listener, serving, listeners, name=f"l4proxy listener {name}"
+                )
+            for address in bound:
+                LOGGER.info("listener %r: accepting on %s", address.listener, address)
+            task_status.started(bound)
+            if self._draining:
+                self.close()
 
     def close(self, *, drain_timeout: float | None = None) -> None:
         """Stop accepting now and let established connections finish.
@@ -447,10 +458,15 @@ class Proxy:
                 )  # fmt: skip
                 failures = 0
                 backoff = 0.0
-            # Positional arguments and no wrapper coroutine: one frame less per connection.
-            lot.nursery.start_soon(
-                serve, sock, _peer_address(peer), local, self._runtimes[name], shared, lot
-            )
+            runtime = self._runtimes[name]
+            admission = runtime.access_list  # 1. admit: before any read, task or TLS work
+            if admission is not None and type(peer) is tuple and not admission.permits(peer[0]):
+                refuse(sock, _peer_address(peer), peer[0], local, runtime, shared, Outcome.DENIED)
+            else:
+                # Positional arguments and no wrapper coroutine: one frame less per connection.
+                lot.nursery.start_soon(
+                    serve, sock, _peer_address(peer), local, runtime, shared, lot
+                )
             accepted += 1
             if accepted >= ACCEPT_BATCH:
                 accepted = 0

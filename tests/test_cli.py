@@ -78,6 +78,8 @@ def run_main(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, 
             "'--idle-timeout': expected a number of seconds",
         ),
         (["-l", ":1", "-b", "a:1", "--log-format", "xml"], "'--log-format'"),
+        (["-l", ":1", "-b", "a:1", "--deny", "10.0.0.1/8"], "--deny: bad CIDR '10.0.0.1/8'"),
+        (["-l", ":1", "-b", "a:1", "--allow", "db.example"], "--allow: bad CIDR 'db.example'"),
         (["-l", ":1", "-l", ":1", "-b", "a:1"], "--listen: duplicate listen address ':1'"),
         (["-c", "x.toml", "-l", ":1"], "--listen cannot be combined with --config"),
         (

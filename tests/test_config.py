@@ -475,6 +475,8 @@ def test_listener_settings_are_top_level_defaults_from_the_table() -> None:
         "backend_ca",
         "backend_sni",
         "splice",
+        "allow",
+        "deny",
     }
     assert set(top_level_keys()) == {"listeners", "log_level", "workers", *inherited}
     config = Config.from_mapping(
@@ -515,3 +517,33 @@ def test_flag_for_a_key_path() -> None:
     assert flag_for("log_level") is None  # -v/-q move it; no flag sets it
     assert flag_for("listeners[0].name") is None
     assert flag_for("listeners[0].tls.allow_sans") is None
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (["10.0.0.1/8"], "listeners[0].allow: bad CIDR '10.0.0.1/8': 10.0.0.1/8 has host bits set"),
+        (["10.0.0.0/33"], "listeners[0].allow: bad CIDR '10.0.0.0/33'"),
+        (["db.example"], "listeners[0].allow: bad CIDR 'db.example'"),
+        ([5], "listeners[0].allow: expected a CIDR string, got an integer"),
+        (5, "listeners[0].allow: expected a list of CIDRs, got an integer"),
+    ],
+)
+def test_allow_and_deny_take_cidrs(value: object, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        Config.from_mapping(listeners({"listen": [":1"], "backends": ["a:1"], "allow": value}))
+    assert message in str(caught.value)
+
+
+def test_top_level_allow_and_deny_are_listener_defaults() -> None:
+    config = Config.from_mapping(
+        {
+            "deny": "192.0.2.0/24",
+            **listeners(
+                {"listen": [":1"], "backends": ["a:1"]},
+                {"listen": [":2"], "backends": ["a:1"], "deny": [], "allow": ["::1"]},
+            ),
+        }
+    )
+    assert config.listeners[0].deny == ("192.0.2.0/24",)
+    assert (config.listeners[1].deny, config.listeners[1].allow) == ((), ("::1",))

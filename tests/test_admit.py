@@ -1,0 +1,115 @@
+"""The admit step (issue #10) on real sockets: allow/deny decided in the accept loop
+before any read, refusals logged within a budget, changes applied by a reload.
+
+Clients pick their source address among 127.0.0.0/8 (``local_address``), so one
+machine plays several clients."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import TYPE_CHECKING
+
+import trio
+
+import l4proxy
+
+from .conftest import identify, read_line, start_backend
+
+if TYPE_CHECKING:
+    import pytest
+
+    from .conftest import AccessWatcher
+
+
+async def _connect(port: int, source: str) -> trio.SocketStream:
+    return await trio.open_tcp_stream("127.0.0.1", port, local_address=source)
+
+
+async def _closed_at_once(port: int, source: str) -> None:
+    """The proxy closes the connection without a byte (a reset counts too)."""
+    stream = await _connect(port, source)
+    async with stream:
+        with trio.fail_after(5), contextlib.suppress(trio.BrokenResourceError):
+            assert await stream.receive_some() == b""
+
+
+async def _served(port: int, source: str) -> None:
+    async with await _connect(port, source) as stream:
+        with trio.fail_after(5):
+            assert await read_line(stream) == b"backend\n"
+
+
+def _config(backend: str, **settings: object) -> l4proxy.Config:
+    listener = l4proxy.ListenerConfig(
+        name="edge",
+        listen=["127.0.0.1:0"],
+        backends=[backend],
+        **settings,  # type: ignore[arg-type]
+    )
+    return l4proxy.Config(listeners=[listener])
+
+
+async def test_deny_and_allow_decide_before_any_read(
+    nursery: trio.Nursery, access: AccessWatcher
+) -> None:
+    contacted = []
+
+    async def backend_handler(stream: trio.SocketStream) -> None:
+        contacted.append(stream.socket.getpeername())
+        await identify(b"backend")(stream)
+
+    backend = await start_backend(nursery, backend_handler)
+    proxy = l4proxy.Proxy(_config(backend, allow=["127.0.0.0/30", "::1"], deny=["127.0.0.3"]))
+    (bound,) = await nursery.start(proxy.serve)
+    await _served(bound.port, "127.0.0.2")  # allowed
+    await _closed_at_once(bound.port, "127.0.0.3")  # allowed, but denied: deny wins
+    await _closed_at_once(bound.port, "127.0.0.9")  # not in allow
+    records = await access.wait(3)
+    assert [r.outcome for r in records] == ["ok", "denied", "denied"]
+    assert [str(r.client).rsplit(":", 1)[0] for r in records] == [
+        "127.0.0.2", "127.0.0.3", "127.0.0.9"
+    ]  # fmt: skip
+    assert all(r.backend is None and r.to_client == 0 for r in records[1:])
+    assert len(contacted) == 1  # a denied client never costs a backend connection
+
+
+async def test_a_flood_of_refusals_is_logged_within_budget_and_summarised(
+    nursery: trio.Nursery, access: AccessWatcher, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="l4proxy.server")
+    backend = await start_backend(nursery, identify(b"backend"))
+    proxy = l4proxy.Proxy(_config(backend, deny=["127.0.0.5"]))
+    (bound,) = await nursery.start(proxy.serve)
+    with trio.fail_after(20):
+        for _ in range(60):  # bounded: 60 connections, well within a second or two
+            await _closed_at_once(bound.port, "127.0.0.5")
+        await _served(bound.port, "127.0.0.6")  # others are still served
+        await access.wait(1)
+        await trio.sleep(1.5)  # the summary comes once a second
+    denied = [r for r in access.records if r.outcome == "denied"]
+    assert 10 <= len(denied) < 60  # the first, then the budget of 10 lines a second
+    (summary,) = [m for m in caplog.messages if "suppressed" in m]
+    assert summary.startswith("suppressed ")
+    assert "denied from 127.0.0.5" in summary
+    suppressed = int(summary.split()[1])
+    assert suppressed + len(denied) == 60
+
+
+async def test_a_reload_changes_the_lists_for_new_connections(
+    nursery: trio.Nursery, access: AccessWatcher
+) -> None:
+    backend = await start_backend(nursery, identify(b"backend"))
+    proxy = l4proxy.Proxy(_config(backend))
+    (bound,) = await nursery.start(proxy.serve)
+    established = await _connect(bound.port, "127.0.0.7")
+    assert await read_line(established) == b"backend\n"
+    await proxy.reload(_config(backend, deny=["127.0.0.7/32"]))
+    await _closed_at_once(bound.port, "127.0.0.7")
+    await established.send_all(b"still here\n")  # an established connection stays
+    assert await read_line(established) == b"still here\n"
+    await established.aclose()
+    await proxy.reload(_config(backend))
+    await _served(bound.port, "127.0.0.7")
+    records = await access.wait(3)
+    assert sorted(r.outcome for r in records) == ["denied", "ok", "ok"]
