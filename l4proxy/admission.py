@@ -19,11 +19,12 @@ favour). Entries with open connections are bounded by the open connections.
 
 from __future__ import annotations
 
-import enum
 import ipaddress
 from collections import OrderedDict
 
-__all__ = ["AccessList", "ClientLimits", "Refusal", "client_key"]
+from .record import Outcome
+
+__all__ = ["AccessList", "ClientLimits", "client_key"]
 
 _MAPPED_PREFIX = 0xFFFF << 32  # ::ffff:0:0/96
 _V4_BITS, _V6_BITS = 32, 128
@@ -31,14 +32,6 @@ _V4_BITS, _V6_BITS = 32, 128
 #: its state, its places in two dicts as they grow), so the table stays under 64 MiB
 #: (tests/test_admission.py measures it).
 DEFAULT_CAPACITY = 100_000
-
-
-class Refusal(enum.StrEnum):
-    """Why a connection was refused; the values are the access log's outcomes."""
-
-    DENIED = "denied"
-    LIMIT_PER_IP = "limit_per_ip"
-    RATE_LIMITED = "rate_limited"
 
 
 def _address(text: str) -> tuple[int, int]:
@@ -113,24 +106,18 @@ class _Client:
 class ClientLimits:
     """Open connections and new connections per second, per client key.
 
-    ``admit(key, now)`` returns ``None`` and counts the connection as open, or the
-    refusal; ``release(key, now)`` when an admitted connection ends. ``now`` is any
-    monotonic clock in seconds (the caller's: trio's in the proxy, a number in tests).
+    ``admit(key, now, max_open, rate)`` returns ``None`` and counts the connection as
+    open, or the refusal; ``release(key, now, rate)`` when an admitted connection ends.
+    The limits come with each call (from the listener's current config), so a reload
+    changes them while the counts and buckets carry over. ``now`` is any monotonic
+    clock in seconds (trio's in the proxy, a number in tests).
     """
 
-    __slots__ = ("_clients", "_idle", "capacity", "max_open", "rate")
+    __slots__ = ("_clients", "_idle", "capacity")
 
-    def __init__(
-        self,
-        *,
-        max_open: int | None = None,
-        rate: float | None = None,
-        capacity: int = DEFAULT_CAPACITY,
-    ) -> None:
+    def __init__(self, *, capacity: int = DEFAULT_CAPACITY) -> None:
         if capacity < 1:
             raise ValueError("capacity must be at least 1")
-        self.max_open = max_open
-        self.rate = rate
         self.capacity = capacity
         self._clients: dict[int, _Client] = {}
         #: Clients without open connections, oldest first: dropped when their bucket
@@ -140,10 +127,14 @@ class ClientLimits:
     def __len__(self) -> int:
         return len(self._clients)
 
-    def admit(self, key: int, now: float) -> Refusal | None:
-        self._forget_refilled(now)
+    def open(self, key: int) -> int:
+        """Connections of this client open right now."""
         client = self._clients.get(key)
-        rate = self.rate
+        return 0 if client is None else client.open
+
+    def admit(self, key: int, now: float, max_open: int | None, rate: int | None) -> Outcome | None:
+        self._forget_refilled(now, rate)
+        client = self._clients.get(key)
         if client is None:
             if len(self._clients) >= self.capacity:
                 self._make_room()
@@ -152,47 +143,44 @@ class ClientLimits:
         elif rate is not None:
             client.tokens = min(rate, client.tokens + (now - client.stamp) * rate)
             client.stamp = now
-        if self.max_open is not None and client.open >= self.max_open:
-            return Refusal.LIMIT_PER_IP
+        if max_open is not None and client.open >= max_open:
+            return Outcome.LIMIT_PER_IP
         if rate is not None:
             if client.tokens < 1:
-                self._keep_if_idle(key, client)
-                return Refusal.RATE_LIMITED
+                self._keep_if_idle(key, client, rate)
+                return Outcome.RATE_LIMITED
             client.tokens -= 1
         client.open += 1
         self._idle.pop(key, None)
         return None
 
-    def release(self, key: int, now: float) -> None:
+    def release(self, key: int, now: float, rate: int | None) -> None:
         client = self._clients.get(key)
         if client is None or client.open == 0:
             return
         client.open -= 1
         if client.open == 0:
-            self._keep_if_idle(key, client)
-            self._forget_refilled(now)
+            self._keep_if_idle(key, client, rate)
+            self._forget_refilled(now, rate)
 
-    def _keep_if_idle(self, key: int, client: _Client) -> None:
+    def _keep_if_idle(self, key: int, client: _Client, rate: int | None) -> None:
         if client.open == 0:
-            if self.rate is None:  # nothing to remember
+            if rate is None:  # nothing to remember
                 del self._clients[key]
                 self._idle.pop(key, None)
             else:
                 self._idle[key] = None
                 self._idle.move_to_end(key)
 
-    def _forget_refilled(self, now: float) -> None:
+    def _forget_refilled(self, now: float, rate: int | None) -> None:
         """Drop idle clients whose bucket is full again, oldest first, a few per call."""
-        rate = self.rate
-        if rate is None:
-            return
         idle, clients = self._idle, self._clients
         for _ in range(4):
             if not idle:
                 return
             key = next(iter(idle))
             client = clients[key]
-            if client.tokens + (now - client.stamp) * rate < rate:
+            if rate is not None and client.tokens + (now - client.stamp) * rate < rate:
                 return  # stop at the first that is not: the order is when they went idle
             del idle[key]
             del clients[key]

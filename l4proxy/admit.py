@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from .admission import client_key
 from .record import ConnectionRecord, Outcome
 
 if TYPE_CHECKING:
@@ -24,11 +25,32 @@ if TYPE_CHECKING:
     from .connection import Shared
     from .runtime import ListenerRuntime
 
-__all__ = ["refuse", "report_suppressed"]
+__all__ = ["admit", "refuse", "report_suppressed"]
 
 LOGGER = logging.getLogger("l4proxy.server")
 #: How often the suppressed refusals are summarised.
 SUMMARY_SECONDS = 1.0
+
+
+def admit(runtime: ListenerRuntime, shared: Shared, host: str) -> tuple[Outcome | None, int | None]:
+    """The admit step's decision for a client at ``host``: ``(None, key)`` to let it in
+    (counted under ``key`` when per-client limits apply: release it when it ends), or
+    the refusal. Cheapest checks first; nothing is counted for a refused connection."""
+    access_list = runtime.access_list
+    if access_list is not None and not access_list.permits(host):
+        return Outcome.DENIED, None
+    config = runtime.config
+    if (shared.max_open is not None and shared.open >= shared.max_open) or (
+        config.max_connections is not None and runtime.live.value >= config.max_connections
+    ):
+        return Outcome.LIMIT_TOTAL, None
+    if config.max_connections_per_ip is None and config.rate_per_ip is None:
+        return None, None
+    key = client_key(host, config.per_ip_ipv6_prefix)
+    refusal = runtime.live.clients.admit(
+        key, trio.current_time(), config.max_connections_per_ip, config.rate_per_ip
+    )
+    return refusal, (None if refusal else key)
 
 
 def refuse(

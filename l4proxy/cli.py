@@ -158,6 +158,30 @@ class SecondsType(click.ParamType[float, str]):
     help="Close connections from CIDR at once, before any read (repeatable; wins over --allow).",
 )
 @click.option(
+    "--max-connections",
+    type=click.IntRange(1),
+    metavar="N",
+    help="Most connections open at once, whole process; past it a new one is closed at once.",
+)
+@click.option(
+    "--max-connections-per-ip",
+    type=click.IntRange(1),
+    metavar="N",
+    help="Most connections open at once from one client address (IPv6: per /64).",
+)
+@click.option(
+    "--rate-per-ip",
+    type=click.IntRange(1),
+    metavar="N",
+    help="Most new connections per second from one client address (bursts of N).",
+)
+@click.option(
+    "--per-ip-ipv6-prefix",
+    type=click.IntRange(1, 128),
+    metavar="BITS",
+    help="IPv6 clients sharing this many leading bits count as one client.  [default: 64]",
+)
+@click.option(
     "--access-log",
     metavar="PATH|-",
     help="Write one line per connection to PATH, or standard output for '-'.  [default: standard error]",

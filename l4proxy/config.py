@@ -117,6 +117,10 @@ class Config:
         default=LogLevel.INFO, converter=_log_level, metadata=key(Choice(LogLevel))
     )
     workers: int = attrs.field(default=1, metadata=key(WholeNumber(1, 256), flag="--workers"))
+    #: The whole process's most open connections (each listener may have its own too).
+    max_connections: int | None = attrs.field(
+        default=None, metadata=key(WholeNumber(1, 10**9), flag="--max-connections")
+    )
 
     def __attrs_post_init__(self) -> None:
         problems = _cross_check(self.listeners)

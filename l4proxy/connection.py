@@ -37,7 +37,15 @@ RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENO
 class Shared:
     """What every connection of one :class:`~l4proxy.Proxy` uses."""
 
-    __slots__ = ("connect", "ids", "is_draining", "rejections", "sessions")
+    __slots__ = (
+        "connect",
+        "ids",
+        "is_draining",
+        "max_open",
+        "open",
+        "rejections",
+        "sessions",
+    )
 
     def __init__(
         self, connect: Connector | None, ids: Iterator[int], is_draining: Callable[[], bool]
@@ -49,6 +57,9 @@ class Shared:
         self.sessions: SessionTable[Connection] = SessionTable()
         #: Connections the admit step refused: counts, and which get an access line.
         self.rejections = RejectionLog()
+        #: Connections open in the whole proxy, and its limit (top-level max_connections).
+        self.open = 0
+        self.max_open: int | None = None
 
 
 class Connection:
@@ -67,6 +78,7 @@ class Connection:
     __slots__ = (
         "backend",
         "client",
+        "client_key",
         "record",
         "replay",
         "runtime",
@@ -86,6 +98,7 @@ class Connection:
         self.backend: Dialed | None = None
         self.replay = b""  # passthrough: what was read of the ClientHello, for the backend
         self.session_key: bytes | None = None  # in shared.sessions while the connection lives
+        self.client_key: int | None = None  # counted in runtime.live.clients while it lives
         #: The backend's own address when the key was noted (family, (host, port)): what
         #: a cancel for this session dials, even if the configured name resolves anew.
         self.session_peer: tuple[int, tuple[str, int]] | None = None
@@ -152,6 +165,11 @@ def finish(connection: Connection) -> None:
     """Step 10, the one place an access line is written."""
     runtime, record = connection.runtime, connection.record
     runtime.live.value -= 1
+    connection.shared.open -= 1
+    if connection.client_key is not None:
+        runtime.live.clients.release(
+            connection.client_key, trio.current_time(), runtime.config.rate_per_ip
+        )
     if connection.session_key is not None:
         connection.shared.sessions.discard(connection.session_key, connection)
     if record.outcome is None:

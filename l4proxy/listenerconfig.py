@@ -28,6 +28,7 @@ from .configkinds import (
     Table,
     Tables,
     Text,
+    WholeNumber,
     server_name_problem,
 )
 from .errors import ConfigError
@@ -297,6 +298,10 @@ class ListenerConfig:
             TLS is forwarded in cleartext instead of refused.
         allow, deny: client networks (CIDRs) let in or turned away before any byte is
             read; deny wins; without ``allow`` everything not denied is let in.
+        max_connections: this listener's most open connections; more are closed at once.
+        max_connections_per_ip: one client's most open connections (IPv6 clients are
+            grouped by ``per_ip_ipv6_prefix`` bits).
+        rate_per_ip: one client's most new connections per second (burst: as many).
     """
 
     # The keys of a [[listeners]] table. With inherit=True, also top-level defaults.
@@ -358,6 +363,17 @@ class ListenerConfig:
     )
     deny: tuple[str, ...] = attrs.field(
         default=(), converter=_strings, metadata=key(Networks(), flag="--deny", inherit=True)
+    )
+    max_connections: int | None = attrs.field(default=None, metadata=key(WholeNumber(1, 10**9)))
+    max_connections_per_ip: int | None = attrs.field(
+        default=None,
+        metadata=key(WholeNumber(1, 10**9), flag="--max-connections-per-ip", inherit=True),
+    )
+    rate_per_ip: int | None = attrs.field(
+        default=None, metadata=key(WholeNumber(1, 10**9), flag="--rate-per-ip", inherit=True)
+    )
+    per_ip_ipv6_prefix: int = attrs.field(
+        default=64, metadata=key(WholeNumber(1, 128), flag="--per-ip-ipv6-prefix", inherit=True)
     )
     log_format: LogFormat = attrs.field(
         default=LogFormat.TEXT,

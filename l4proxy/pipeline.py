@@ -62,11 +62,13 @@ async def serve(
     runtime: ListenerRuntime,
     shared: Shared,
     lot: ParkingLot | None,
+    client_key: int | None = None,
 ) -> None:
     """Proxy one connection, then log it.
 
     ``client`` is an accepted socket (non-blocking use is set up here) or a stream;
-    ``lot`` is the listener's parking lot, ``None`` for ``handle_stream``.
+    ``lot`` is the listener's parking lot, ``None`` for ``handle_stream``;
+    ``client_key`` the key the admit step counted it under, if it did.
 
     Resource handling:
         Closes ``client`` and everything built on it or on the backend, on every path,
@@ -82,12 +84,14 @@ async def serve(
         next(shared.ids), runtime.config.name, peer, local, time=time.time(), started=trio.current_time()
     )  # fmt: skip
     runtime.live.value += 1
+    shared.open += 1
     connection = Connection(client, record, runtime, shared)
+    connection.client_key = client_key
     handed_over = False
     try:
         with connection:  # whatever ends it becomes its outcome
             # The set-up steps, in order; each either returns or raises Ended.
-            # 1. admit, 2. PROXY header in: issue #10.
+            # 1. admit: in the accept loop (admit.py). 2. PROXY header in: issue #10.
             route, dialogue = runtime.default_route, None
             if runtime.raw_data_phase and shared.connect is None and type(client) is socket.socket:
                 _prepare_raw(client)  # before the backend connect: measured cheaper

@@ -54,6 +54,12 @@ class Outcome(enum.StrEnum):
     BACKEND_PREAMBLE_FAILED = "backend_preamble_failed"
     #: Turned away by the admit step (issue #10), before any byte was read.
     DENIED = "denied"
+    #: Refused by the admit step: the listener (or the process) has its most connections open.
+    LIMIT_TOTAL = "limit_total"
+    #: Refused by the admit step: this client has its most connections open.
+    LIMIT_PER_IP = "limit_per_ip"
+    #: Refused by the admit step: this client opened connections faster than its rate.
+    RATE_LIMITED = "rate_limited"
     CLIENT_RESET = "error:client_reset"
     BACKEND_RESET = "error:backend_reset"
     RESET = "error:reset"

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import attrs
 
 from .accesslog import FileSink, LoggerSink
-from .admission import AccessList
+from .admission import AccessList, ClientLimits
 from .balancing import BackendPool
 from .connect import Target, target
 from .protocols.builtin import BUILTIN_PREAMBLES
@@ -34,12 +34,14 @@ Sink = LoggerSink | FileSink
 
 
 class LiveCount:
-    """Connections of one listener that are open right now (kept across reloads)."""
+    """Connections of one listener that are open right now, in all and per client (kept
+    across reloads)."""
 
-    __slots__ = ("value",)
+    __slots__ = ("clients", "value")
 
     def __init__(self) -> None:
         self.value = 0
+        self.clients = ClientLimits()
 
 
 @attrs.frozen(eq=False)
@@ -79,6 +81,19 @@ class ListenerRuntime:
     #: Whether connections move bytes on the raw sockets (splice on, no TLS either side,
     #: every backend reachable with a raw socket); with a custom connector they do not.
     raw_data_phase: bool = attrs.field(init=False)
+
+    #: Whether the admit step has anything to check (lists or limits): read per accept.
+    admits_all: bool = attrs.field(init=False)
+
+    @admits_all.default
+    def _admits_all(self) -> bool:
+        config = self.config
+        return (
+            self.access_list is None
+            and config.max_connections is None
+            and config.max_connections_per_ip is None
+            and config.rate_per_ip is None
+        )
 
     @access_list.default
     def _access_list(self) -> AccessList | None:

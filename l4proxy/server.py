@@ -30,13 +30,12 @@ import trio
 from . import splice
 from .accesslog import FileSink, LoggerSink
 from .addresses import Address, TCPAddress, UnixAddress
-from .admit import refuse, report_suppressed
+from .admit import admit, refuse, report_suppressed
 from .connection import Shared
 from .errors import ConfigError
 from .listening import Listening, bind_all
 from .parking import ParkingLot
 from .pipeline import serve
-from .record import Outcome
 from .runtime import LiveCount, build_runtimes
 
 if TYPE_CHECKING:
@@ -157,6 +156,7 @@ class Proxy:
         self._is_serving = False
         self._draining = False
         self._shared = Shared(connect, itertools.count(1), self._is_draining)
+        self._shared.max_open = config.max_connections
         self._reloading = trio.Lock()
 
     @property
@@ -237,6 +237,7 @@ class Proxy:
             runtimes = await trio.to_thread.run_sync(self._build_runtimes, config)
             self._runtimes = runtimes  # the swap: on the trio thread, between connections
             self._config = config
+            self._shared.max_open = config.max_connections
         LOGGER.info("configuration reloaded: %d listeners", len(config.listeners))
 
     async def serve(
@@ -459,14 +460,19 @@ class Proxy:
                 failures = 0
                 backoff = 0.0
             runtime = self._runtimes[name]
-            admission = runtime.access_list  # 1. admit: before any read, task or TLS work
-            if admission is not None and type(peer) is tuple and not admission.permits(peer[0]):
-                refuse(sock, _peer_address(peer), peer[0], local, runtime, shared, Outcome.DENIED)
-            else:
+            if runtime.admits_all or type(peer) is not tuple:
                 # Positional arguments and no wrapper coroutine: one frame less per connection.
                 lot.nursery.start_soon(
                     serve, sock, _peer_address(peer), local, runtime, shared, lot
                 )
+            else:  # 1. admit: before any read, task or TLS work
+                refusal, key = admit(runtime, shared, peer[0])
+                if refusal is None:
+                    lot.nursery.start_soon(
+                        serve, sock, _peer_address(peer), local, runtime, shared, lot, key
+                    )
+                else:
+                    refuse(sock, _peer_address(peer), peer[0], local, runtime, shared, refusal)
             accepted += 1
             if accepted >= ACCEPT_BATCH:
                 accepted = 0

@@ -7,7 +7,8 @@ import tracemalloc
 
 import pytest
 
-from l4proxy.admission import AccessList, ClientLimits, Refusal, client_key
+from l4proxy.admission import AccessList, ClientLimits, client_key
+from l4proxy.record import Outcome
 
 
 @pytest.mark.parametrize(
@@ -45,41 +46,42 @@ def test_ipv6_clients_are_grouped_by_prefix() -> None:
 
 
 def test_open_connections_per_client() -> None:
-    limits = ClientLimits(max_open=2)
+    limits = ClientLimits()
     a, b = client_key("192.0.2.1"), client_key("192.0.2.2")
-    assert limits.admit(a, 0) is None
-    assert limits.admit(a, 0) is None
-    assert limits.admit(a, 0) is Refusal.LIMIT_PER_IP
-    assert limits.admit(b, 0) is None  # another client is not affected
-    limits.release(a, 0)
-    assert limits.admit(a, 0) is None
+    assert limits.admit(a, 0, 2, None) is None
+    assert limits.admit(a, 0, 2, None) is None
+    assert limits.admit(a, 0, 2, None) is Outcome.LIMIT_PER_IP
+    assert limits.admit(b, 0, 2, None) is None  # another client is not affected
+    limits.release(a, 0, None)
+    assert limits.admit(a, 0, 2, None) is None
+    assert limits.open(a) == 2
     for _ in range(2):
-        limits.release(a, 0)
-    limits.release(b, 0)
+        limits.release(a, 0, None)
+    limits.release(b, 0, None)
     assert len(limits) == 0  # nothing kept once a client has no open connections
 
 
 def test_rate_is_a_token_bucket_with_burst_equal_to_the_rate() -> None:
-    limits = ClientLimits(rate=5)
+    limits = ClientLimits()
     key = client_key("192.0.2.1")
-    outcomes = [limits.admit(key, 0.0) for _ in range(7)]
-    assert outcomes == [None] * 5 + [Refusal.RATE_LIMITED] * 2
-    assert limits.admit(key, 0.1) is Refusal.RATE_LIMITED  # half a token back
-    assert limits.admit(key, 0.2) is None  # one token back
+    outcomes = [limits.admit(key, 0.0, None, 5) for _ in range(7)]
+    assert outcomes == [None] * 5 + [Outcome.RATE_LIMITED] * 2
+    assert limits.admit(key, 0.1, None, 5) is Outcome.RATE_LIMITED  # half a token back
+    assert limits.admit(key, 0.2, None, 5) is None  # one token back
     for _ in range(6):
-        limits.release(key, 0.2)
+        limits.release(key, 0.2, 5)
     assert len(limits) == 1  # its bucket is not full yet: remembered
-    limits.admit(client_key("192.0.2.2"), 1.5)  # a later call forgets the refilled one
+    limits.admit(client_key("192.0.2.2"), 1.5, None, 5)  # a later call forgets the refilled one
     assert len(limits) == 1
 
 
 def test_a_client_is_forgotten_when_its_bucket_is_full_again() -> None:
-    limits = ClientLimits(rate=10, max_open=3)
+    limits = ClientLimits()
     key = client_key("2001:db8::1")
-    assert limits.admit(key, 0) is None
-    limits.release(key, 0)
-    limits.release(key, 5)  # a release of nothing open changes nothing
-    limits.admit(client_key("2001:db8:0:1::1"), 5)
+    assert limits.admit(key, 0, 3, 10) is None
+    limits.release(key, 0, 10)
+    limits.release(key, 5, 10)  # a release of nothing open changes nothing
+    limits.admit(client_key("2001:db8:0:1::1"), 5, 3, 10)
     assert len(limits) == 1
 
 
@@ -87,15 +89,15 @@ def test_a_client_is_forgotten_when_its_bucket_is_full_again() -> None:
 def test_a_million_distinct_clients_stay_under_the_memory_cap() -> None:
     """A flood of distinct addresses (each one connection, then gone) through a limiter
     with both limits on: the table stays at its capacity and under 64 MiB."""
-    limits = ClientLimits(max_open=4, rate=1, capacity=100_000)
+    limits = ClientLimits(capacity=100_000)
     tracemalloc.start()
     try:
         now = 0.0
         for number in range(1_000_000):
             key = number
             now += 1e-5  # 100,000 new clients a second: buckets never refill in time
-            assert limits.admit(key, now) is None
-            limits.release(key, now)
+            assert limits.admit(key, now, 4, 1) is None
+            limits.release(key, now, 1)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()

@@ -10,6 +10,7 @@ import contextlib
 import logging
 from typing import TYPE_CHECKING
 
+import attrs
 import trio
 
 import l4proxy
@@ -113,3 +114,68 @@ async def test_a_reload_changes_the_lists_for_new_connections(
     await _served(bound.port, "127.0.0.7")
     records = await access.wait(3)
     assert sorted(r.outcome for r in records) == ["denied", "ok", "ok"]
+
+
+async def _open(port: int, source: str) -> trio.SocketStream:
+    """A connection the proxy admitted: the backend's greeting came through."""
+    stream = await _connect(port, source)
+    with trio.fail_after(5):
+        assert await read_line(stream) == b"backend\n"
+    return stream
+
+
+async def test_per_client_and_listener_limits(nursery: trio.Nursery, access: AccessWatcher) -> None:
+    backend = await start_backend(nursery, identify(b"backend"))
+    proxy = l4proxy.Proxy(_config(backend, max_connections_per_ip=2, max_connections=3))
+    (bound,) = await nursery.start(proxy.serve)
+    first = [await _open(bound.port, "127.0.0.21") for _ in range(2)]
+    await _closed_at_once(bound.port, "127.0.0.21")  # its third: limit_per_ip
+    third = await _open(bound.port, "127.0.0.22")  # another client: in
+    await _closed_at_once(bound.port, "127.0.0.23")  # the listener's fourth: limit_total
+    await first[0].aclose()
+    with trio.fail_after(5):
+        await access.wait(3)  # its line is written after its counts are released
+    again = await _open(bound.port, "127.0.0.21")  # a place freed: in again
+    refused = [r.outcome for r in access.records]
+    assert refused[:2] == ["limit_per_ip", "limit_total"]
+    for stream in (first[1], third, again):
+        await stream.aclose()
+
+
+async def test_rate_per_client_is_a_token_bucket(
+    nursery: trio.Nursery, access: AccessWatcher
+) -> None:
+    backend = await start_backend(nursery, identify(b"backend"))
+    proxy = l4proxy.Proxy(_config(backend, rate_per_ip=3))
+    (bound,) = await nursery.start(proxy.serve)
+    opened = [await _open(bound.port, "127.0.0.31") for _ in range(3)]  # the burst
+    await _closed_at_once(bound.port, "127.0.0.31")  # a fourth within the same second
+    opened.append(await _open(bound.port, "127.0.0.32"))  # another client has its own
+    for stream in opened:
+        await stream.aclose()
+    await trio.sleep(0.4)  # a token back (3 a second)
+    opened = [await _open(bound.port, "127.0.0.31")]
+    await opened[0].aclose()
+    assert [r.outcome for r in access.records if r.outcome != "ok"] == ["rate_limited"]
+
+
+async def test_the_process_limit_and_open_counts_carry_over_a_reload(
+    nursery: trio.Nursery, access: AccessWatcher
+) -> None:
+    backend = await start_backend(nursery, identify(b"backend"))
+    config = _config(backend, max_connections_per_ip=1)
+    proxy = l4proxy.Proxy(config)
+    (bound,) = await nursery.start(proxy.serve)
+    held = await _open(bound.port, "127.0.0.41")
+    # The same limits reloaded: the open connection still counts for its client...
+    await proxy.reload(config)
+    await _closed_at_once(bound.port, "127.0.0.41")
+    # ...and for a process-wide limit added by a reload.
+    await proxy.reload(attrs.evolve(config, max_connections=1))
+    await _closed_at_once(bound.port, "127.0.0.42")
+    await held.aclose()
+    with trio.fail_after(5):
+        await access.wait(3)  # its line is written after its counts are released
+    await (await _open(bound.port, "127.0.0.42")).aclose()
+    outcomes = [r.outcome for r in access.records]
+    assert outcomes[:2] == ["limit_per_ip", "limit_total"]

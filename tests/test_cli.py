@@ -80,6 +80,8 @@ def run_main(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, 
         (["-l", ":1", "-b", "a:1", "--log-format", "xml"], "'--log-format'"),
         (["-l", ":1", "-b", "a:1", "--deny", "10.0.0.1/8"], "--deny: bad CIDR '10.0.0.1/8'"),
         (["-l", ":1", "-b", "a:1", "--allow", "db.example"], "--allow: bad CIDR 'db.example'"),
+        (["-l", ":1", "-b", "a:1", "--rate-per-ip", "0"], "'--rate-per-ip': 0 is not in the range"),
+        (["-l", ":1", "-b", "a:1", "--per-ip-ipv6-prefix", "129"], "'--per-ip-ipv6-prefix'"),
         (["-l", ":1", "-l", ":1", "-b", "a:1"], "--listen: duplicate listen address ':1'"),
         (["-c", "x.toml", "-l", ":1"], "--listen cannot be combined with --config"),
         (

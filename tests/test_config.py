@@ -477,8 +477,13 @@ def test_listener_settings_are_top_level_defaults_from_the_table() -> None:
         "splice",
         "allow",
         "deny",
+        "max_connections_per_ip",
+        "rate_per_ip",
+        "per_ip_ipv6_prefix",
     }
-    assert set(top_level_keys()) == {"listeners", "log_level", "workers", *inherited}
+    assert set(top_level_keys()) == {
+        "listeners", "log_level", "workers", "max_connections", *inherited
+    }  # fmt: skip
     config = Config.from_mapping(
         {
             "splice": False,
