@@ -182,6 +182,11 @@ class SecondsType(click.ParamType[float, str]):
     help="IPv6 clients sharing this many leading bits count as one client.  [default: 64]",
 )
 @click.option(
+    "--source-address",
+    metavar="ADDR",
+    help="Make backend connections from this local IP address (the kernel picks the port).",
+)
+@click.option(
     "--access-log",
     metavar="PATH|-",
     help="Write one line per connection to PATH, or standard output for '-'.  [default: standard error]",

@@ -29,6 +29,7 @@ __all__ = [
     "Choice",
     "File",
     "Flag",
+    "IPAddress",
     "Networks",
     "Seconds",
     "ServerName",
@@ -190,6 +191,22 @@ class Networks(Kind):
 
     def convert(self, reader: MappingReader, value: object) -> object:
         return (value,) if isinstance(value, str) else tuple(value)  # type: ignore[arg-type]  # check() made sure
+
+
+@attrs.frozen
+class IPAddress(Kind):
+    """One IPv4 or IPv6 address (no port, no name)."""
+
+    expects = "an IP address"
+
+    def check(self, value: object) -> str | None:
+        if not isinstance(value, str):
+            return f"expected an IP address string, got {kind_name(value)}"
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            return f"expected an IP address, got {value!r}"
+        return None
 
 
 def network_problem(value: object) -> str | None:

@@ -19,6 +19,7 @@ loop needs one ``except``.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import os
@@ -76,18 +77,23 @@ def target(address: Address) -> Target:
     return Target(address) if found is None else Target(address, *found)
 
 
-async def open_connection(address: Address) -> trio.abc.Stream:
+async def open_connection(address: Address, source: str | None = None) -> trio.abc.Stream:
     """The default connector, as a stream: TCP (names resolved off the event loop) or
     a Unix socket. The proxy itself reaches IP literals and Unix sockets with raw
-    sockets (:func:`dial`) and calls this for host names."""
+    sockets (:func:`dial`) and calls this for host names. ``source``: the local
+    address TCP connections are made from."""
     if isinstance(address, UnixAddress):
         return await trio.open_unix_socket(address.path)
     assert address.host is not None  # backends always have a host (config rule)
-    return await trio.open_tcp_stream(address.host, address.port)
+    return await trio.open_tcp_stream(address.host, address.port, local_address=source)
 
 
 async def connect_with_failover(
-    pool: BackendPool[Target], connect: Connector | None, *, attempt_seconds: float
+    pool: BackendPool[Target],
+    connect: Connector | None,
+    *,
+    attempt_seconds: float,
+    source: str | None = None,
 ) -> tuple[Dialed, Target]:
     """Connect to the first backend that accepts, trying each at most once.
 
@@ -95,6 +101,8 @@ async def connect_with_failover(
         pool: gives the order of this connection's attempts.
         connect: the embedder's connector, or ``None`` for the default.
         attempt_seconds: the most one attempt may take.
+        source: the local address TCP connections are made from (``source_address``);
+            an embedder's connector chooses its own.
 
     Returns:
         The connection (a raw non-blocking socket, ``TCP_NODELAY`` set on TCP, or a
@@ -110,18 +118,22 @@ async def connect_with_failover(
     for backend in pool.order():
         try:
             if connect is None and backend.sockaddr is not None:
-                return await _dial_socket(backend, attempt_seconds), backend
-            return await dial_connector(backend, connect, attempt_seconds), backend
+                return await _dial_socket(backend, attempt_seconds, source), backend
+            return await dial_connector(backend, connect, attempt_seconds, source), backend
         except OSError as exc:
             attempts.append((str(backend.address), describe_os_error(exc)))
     raise UpstreamConnectError(tuple(attempts))
 
 
-async def dial_connector(target: Target, connect: Connector | None, seconds: float) -> Dialed:
+async def dial_connector(
+    target: Target, connect: Connector | None, seconds: float, source: str | None = None
+) -> Dialed:
     """One attempt through the connector (the default one for host names). Raises
     ``OSError`` (``TimeoutError`` after ``seconds``)."""
     with trio.move_on_after(seconds):
-        return await (connect or open_connection)(target.address)
+        if connect is not None:
+            return await connect(target.address)
+        return await open_connection(target.address, source)
     raise TimeoutError(f"timed out after {seconds:g}s")
 
 
@@ -131,7 +143,7 @@ _NONBLOCKING_STREAM = socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CL
 UNIX_RETRY_SECONDS = 0.01
 
 
-async def _dial_socket(target: Target, seconds: float) -> socket.socket:
+async def _dial_socket(target: Target, seconds: float, source: str | None) -> socket.socket:
     """One attempt with a raw non-blocking socket (``TCP_NODELAY`` on TCP). Raises
     ``OSError`` (``TimeoutError`` after ``seconds``).
 
@@ -153,6 +165,8 @@ async def _dial_socket(target: Target, seconds: float) -> socket.socket:
                     await trio.sleep(UNIX_RETRY_SECONDS)
         else:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if source is not None:
+                bind_source(sock, source)
             failure = sock.connect_ex(sockaddr)
             if failure == errno.EINPROGRESS:
                 failure = 0 if _connected(sock) else -1
@@ -169,6 +183,27 @@ async def _dial_socket(target: Target, seconds: float) -> socket.socket:
             raise TimeoutError(f"timed out after {seconds:g}s")
         raise OSError(failure, os.strerror(failure))
     return sock
+
+
+#: Linux's IP_BIND_ADDRESS_NO_PORT (not in Python 3.11's socket module): the port is
+#: chosen at connect time, per destination, so binding a source address does not use
+#: up ephemeral ports the way a bind to port 0 does.
+_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
+
+
+def bind_source(sock: socket.socket, source: str) -> None:
+    """Make ``sock``'s connections come from ``source`` (the kernel picks the port)."""
+    with contextlib.suppress(OSError):  # an older kernel: a plain bind works too
+        sock.setsockopt(socket.IPPROTO_IP, _BIND_ADDRESS_NO_PORT, 1)
+    sock.bind((source, 0))
+
+
+def check_source_address(source: str) -> None:
+    """Raise ``OSError`` if ``source`` is not an address of this machine (start-up and
+    reload check, so a typo fails once and clearly instead of every connection)."""
+    family = socket.AF_INET6 if ":" in source else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.bind((source, 0))
 
 
 def _connected(sock: socket.socket) -> bool:

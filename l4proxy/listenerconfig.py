@@ -9,6 +9,7 @@ together into the whole :class:`~l4proxy.config.Config`, and re-exports them.
 from __future__ import annotations
 
 import enum
+import ipaddress
 from typing import TYPE_CHECKING
 
 import attrs
@@ -21,6 +22,7 @@ from .configkinds import (
     Choice,
     File,
     Flag,
+    IPAddress,
     Networks,
     Seconds,
     ServerName,
@@ -302,6 +304,8 @@ class ListenerConfig:
         max_connections_per_ip: one client's most open connections (IPv6 clients are
             grouped by ``per_ip_ipv6_prefix`` bits).
         rate_per_ip: one client's most new connections per second (burst: as many).
+        source_address: the local address backend connections are made from (the port
+            is the kernel's), so backends can let in the proxy alone.
     """
 
     # The keys of a [[listeners]] table. With inherit=True, also top-level defaults.
@@ -372,6 +376,9 @@ class ListenerConfig:
     rate_per_ip: int | None = attrs.field(
         default=None, metadata=key(WholeNumber(1, 10**9), flag="--rate-per-ip", inherit=True)
     )
+    source_address: str | None = attrs.field(
+        default=None, metadata=key(IPAddress(), flag="--source-address", inherit=True)
+    )
     per_ip_ipv6_prefix: int = attrs.field(
         default=64, metadata=key(WholeNumber(1, 128), flag="--per-ip-ipv6-prefix", inherit=True)
     )
@@ -380,6 +387,25 @@ class ListenerConfig:
         converter=_log_format,
         metadata=key(Choice(LogFormat), flag="--log-format", inherit=True),
     )
+
+    def _source_address_problems(self) -> list[str]:
+        """A source address of one family cannot reach IP-literal backends of the other."""
+        if self.source_address is None:
+            return []
+        version = ipaddress.ip_address(self.source_address).version
+        pools = [self.backends, *(route.backends for route in self.routes)]
+        for address in (address for pool in pools for address in pool):
+            host = getattr(address, "host", None)
+            try:
+                other = ipaddress.ip_address(host).version if host else version
+            except ValueError:
+                continue  # a host name: resolved per connect, where its family can match
+            if other != version:
+                return [
+                    f"source_address: IPv{version} address {self.source_address} cannot "
+                    f"reach backend {address} (IPv{other})"
+                ]
+        return []
 
     def __attrs_post_init__(self) -> None:
         problems = []
@@ -392,6 +418,7 @@ class ListenerConfig:
                 "backend_tls: cannot be combined with passthrough (the client's TLS goes to the backend as is)"
             )
         problems.extend(self._preamble_problems())
+        problems.extend(self._source_address_problems())
         if self.routes and self.tls is None and not self.passthrough:
             problems.append(
                 "routes: need tls (to terminate) or passthrough = true (to read the SNI)"

@@ -137,6 +137,7 @@ async def _connect(connection: Connection, pool: BackendPool[Target]) -> None:
             pool,
             connection.shared.connect,
             attempt_seconds=connection.runtime.config.connect_timeout,
+            source=connection.runtime.config.source_address,
         )
     except UpstreamConnectError as exc:
         reasons = "; ".join(f"{address}: {reason}" for address, reason in exc.attempts)

@@ -31,8 +31,9 @@ from . import splice
 from .accesslog import FileSink, LoggerSink
 from .addresses import Address, TCPAddress, UnixAddress
 from .admit import admit, refuse, report_suppressed
+from .connect import check_source_address
 from .connection import Shared
-from .errors import ConfigError
+from .errors import ConfigError, ListenError
 from .listening import Listening, bind_all
 from .parking import ParkingLot
 from .pipeline import serve
@@ -231,6 +232,7 @@ class Proxy:
             for key in ("listen", "access_log")
             if getattr(old[listener.name], key) != getattr(listener, key)
         )
+        problems.extend(_source_address_problems(config))
         if problems:
             raise ConfigError(problems, source="reload")
         async with self._reloading:  # one at a time: the last call's config wins
@@ -258,6 +260,9 @@ class Proxy:
         self._is_serving = True
         try:
             await self._open_access_logs()
+            problems = _source_address_problems(self._config)
+            if problems:
+                raise ListenError(problems[0])
             opened = await bind_all(self._config.listeners, reuse_port=self._reuse_port)
             try:
                 async with trio.open_nursery() as reporting:
@@ -480,6 +485,23 @@ class Proxy:
 
     def _is_draining(self) -> bool:
         return self._draining
+
+
+def _source_address_problems(config: Config) -> list[str]:
+    """A ``source_address`` this machine does not have fails once, here, not on every
+    connect: at start-up as a listen failure does, on reload as a bad config."""
+    problems = []
+    for listener in config.listeners:
+        if listener.source_address is not None:
+            try:
+                check_source_address(listener.source_address)
+            except OSError as exc:
+                reason = (exc.strerror or str(exc)).lower()
+                problems.append(
+                    f"cannot make backend connections from {listener.source_address} "
+                    f"(listener {listener.name!r}, source_address): {reason}"
+                )
+    return problems
 
 
 def _peer_address(peer: object) -> Address:

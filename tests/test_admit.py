@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 from typing import TYPE_CHECKING
 
 import attrs
+import pytest
 import trio
 
 import l4proxy
@@ -18,8 +20,6 @@ import l4proxy
 from .conftest import identify, read_line, start_backend
 
 if TYPE_CHECKING:
-    import pytest
-
     from .conftest import AccessWatcher
 
 
@@ -179,3 +179,50 @@ async def test_the_process_limit_and_open_counts_carry_over_a_reload(
     await (await _open(bound.port, "127.0.0.42")).aclose()
     outcomes = [r.outcome for r in access.records]
     assert outcomes[:2] == ["limit_per_ip", "limit_total"]
+
+
+async def test_backend_connections_come_from_the_source_address(
+    nursery: trio.Nursery, access: AccessWatcher
+) -> None:
+    seen: list[str] = []
+
+    async def handler(stream: trio.SocketStream) -> None:
+        seen.append(stream.socket.getpeername()[0])
+        await identify(b"backend")(stream)
+
+    backend = await start_backend(nursery, handler)
+    by_name = "localhost:" + backend.rsplit(":", 1)[1]  # a host name: the connector's path
+    for target in (backend, by_name):
+        proxy = l4proxy.Proxy(_config(target, source_address="127.0.0.77"))
+        (bound,) = await nursery.start(proxy.serve)
+        await (await _open(bound.port, "127.0.0.1")).aclose()
+        proxy.close()
+    assert seen == ["127.0.0.77", "127.0.0.77"]
+
+
+async def test_a_source_address_not_on_this_machine_fails_at_start_and_on_reload(
+    nursery: trio.Nursery,
+) -> None:
+    config = _config("127.0.0.1:9", source_address="192.0.2.1")  # TEST-NET-1: not ours
+    with pytest.raises(
+        l4proxy.ListenError, match=r"cannot make backend connections from 192\.0\.2\.1"
+    ):
+        await l4proxy.Proxy(config).serve()
+    proxy = l4proxy.Proxy(_config("127.0.0.1:9"))
+    await nursery.start(proxy.serve)
+    with pytest.raises(l4proxy.ConfigError, match="source_address"):
+        await proxy.reload(config)
+    proxy.close()
+
+
+async def test_the_cli_exits_1_with_one_line_for_a_foreign_source_address() -> None:
+    result = await trio.run_process(
+        [sys.executable, "-m", "l4proxy", "-l", "127.0.0.1:0", "-b", "127.0.0.1:9",
+         "--source-address", "192.0.2.1"],
+        capture_stdout=True, capture_stderr=True, check=False,
+    )  # fmt: skip
+    assert result.returncode == 1
+    lines = result.stderr.decode().strip().splitlines()
+    assert len(lines) == 1, lines
+    assert "192.0.2.1" in lines[0]
+    assert "cannot assign requested address" in lines[0]

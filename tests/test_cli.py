@@ -82,6 +82,14 @@ def run_main(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, 
         (["-l", ":1", "-b", "a:1", "--allow", "db.example"], "--allow: bad CIDR 'db.example'"),
         (["-l", ":1", "-b", "a:1", "--rate-per-ip", "0"], "'--rate-per-ip': 0 is not in the range"),
         (["-l", ":1", "-b", "a:1", "--per-ip-ipv6-prefix", "129"], "'--per-ip-ipv6-prefix'"),
+        (
+            ["-l", ":1", "-b", "a:1", "--source-address", "proxy"],
+            "--source-address: expected an IP address, got 'proxy'",
+        ),
+        (
+            ["-l", ":1", "-b", "[::1]:5", "--source-address", "127.0.0.1"],
+            "cannot reach backend [::1]:5 (IPv6)",
+        ),
         (["-l", ":1", "-l", ":1", "-b", "a:1"], "--listen: duplicate listen address ':1'"),
         (["-c", "x.toml", "-l", ":1"], "--listen cannot be combined with --config"),
         (
