@@ -7,8 +7,8 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Debian packages the test suite runs for real: PostgreSQL (server, psql, pgbench), Redis,
-# the TLS clients openssl (s_client) and curl, Dovecot (IMAP and POP3 backends) and swaks
-# (an SMTP client; its --tls needs libnet-ssleay-perl).
+# the TLS clients openssl (s_client) and curl, Dovecot (IMAP and POP3 backends), swaks
+# (an SMTP client; its --tls needs libnet-ssleay-perl) and HAProxy (a real PROXY protocol parser).
 
 .PHONY: demo test lint bench bench-deps system-deps clean
 
@@ -69,6 +69,7 @@ system-deps:
 	  [ -x /usr/sbin/dovecot ] && [ -x /usr/lib/dovecot/imap ] || missing="$$missing dovecot-imapd"; \
 	  [ -x /usr/lib/dovecot/pop3 ] || missing="$$missing dovecot-pop3d"; \
 	  command -v swaks >/dev/null || missing="$$missing swaks"; \
+	  command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || missing="$$missing haproxy"; \
 	  perl -MNet::SSLeay -e1 2>/dev/null || missing="$$missing libnet-ssleay-perl"; \
 	  if [ -n "$$missing" ]; then \
 	    echo "installing Debian packages:$$missing"; \

@@ -182,6 +182,11 @@ class SecondsType(click.ParamType[float, str]):
     help="IPv6 clients sharing this many leading bits count as one client.  [default: 64]",
 )
 @click.option(
+    "--proxy-protocol",
+    type=click.Choice(["v1", "v2"]),
+    help="Start every backend connection with a PROXY protocol header of this version.",
+)
+@click.option(
     "--source-address",
     metavar="ADDR",
     help="Make backend connections from this local IP address (the kernel picks the port).",

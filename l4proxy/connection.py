@@ -20,6 +20,7 @@ from .errors import L4ProxyError
 from .record import ConnectionRecord, Ended, Outcome
 from .rejections import RejectionLog
 from .sessions import SessionTable
+from .tls.streams import TLSStream
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -176,6 +177,17 @@ def finish(connection: Connection) -> None:
         record.outcome = Outcome.DRAINED if connection.shared.is_draining() else Outcome.CANCELLED
     record.duration = trio.current_time() - record.started
     runtime.access_log.write(record, runtime.log_format)
+
+
+def underlying_socket(side: object) -> socket.socket | trio.socket.SocketType | None:
+    """The socket beneath one end (a raw socket, a trio socket stream, or our TLS stream
+    over one); ``None`` for an embedder's other streams."""
+    for _ in range(3):  # TLS over a socket stream over a socket, at the most
+        if isinstance(side, trio.SocketStream):
+            side = side.socket
+        elif isinstance(side, TLSStream):
+            side = side.transport
+    return side if isinstance(side, (socket.socket, trio.socket.SocketType)) else None
 
 
 def _socket_stream(sock: socket.socket) -> trio.SocketStream:

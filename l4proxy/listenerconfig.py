@@ -51,6 +51,13 @@ __all__ = [
 ]
 
 
+class ProxyProtocol(enum.StrEnum):
+    """The PROXY protocol version sent to backends."""
+
+    V1 = "v1"
+    V2 = "v2"
+
+
 class LogFormat(enum.StrEnum):
     """How access-log lines are written."""
 
@@ -111,6 +118,15 @@ def _listen_addresses(values: Iterable[Address | str] | Address | str) -> tuple[
 
 def _backend_addresses(values: Iterable[Address | str] | Address | str) -> tuple[Address, ...]:
     return _to_addresses(values, "backend")
+
+
+def _proxy_protocol(value: ProxyProtocol | str | None) -> ProxyProtocol | None:
+    if value is None:
+        return None
+    try:
+        return ProxyProtocol(value)
+    except ValueError:
+        raise ConfigError(f"proxy_protocol: expected 'v1' or 'v2', got {value!r}") from None
 
 
 def _log_format(value: LogFormat | str) -> LogFormat:
@@ -304,6 +320,7 @@ class ListenerConfig:
         max_connections_per_ip: one client's most open connections (IPv6 clients are
             grouped by ``per_ip_ipv6_prefix`` bits).
         rate_per_ip: one client's most new connections per second (burst: as many).
+        proxy_protocol: ``v1`` or ``v2``: a PROXY header starts every backend connection.
         source_address: the local address backend connections are made from (the port
             is the kernel's), so backends can let in the proxy alone.
     """
@@ -375,6 +392,11 @@ class ListenerConfig:
     )
     rate_per_ip: int | None = attrs.field(
         default=None, metadata=key(WholeNumber(1, 10**9), flag="--rate-per-ip", inherit=True)
+    )
+    proxy_protocol: ProxyProtocol | None = attrs.field(
+        default=None,
+        converter=_proxy_protocol,
+        metadata=key(Choice(ProxyProtocol), flag="--proxy-protocol", inherit=True),
     )
     source_address: str | None = attrs.field(
         default=None, metadata=key(IPAddress(), flag="--source-address", inherit=True)

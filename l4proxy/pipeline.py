@@ -41,6 +41,7 @@ from .connect import connect_with_failover
 from .connection import Connection, finish
 from .errors import UpstreamConnectError
 from .preamble import backend_preamble, client_preamble
+from .proxyout import send_proxy_header
 from .pump import pump
 from .record import ConnectionRecord, Ended, Outcome
 from .splice import SpliceLink
@@ -103,7 +104,9 @@ async def serve(
                 raise Ended(Outcome.NO_ROUTE, _no_default(runtime.config.name))
             record.route = route.name
             await _connect(connection, route.pool)  # 7.
-            # 8. backend preamble (with its TLS), backend PROXY header (issue #10), TLS:
+            # 8. backend PROXY header, then backend preamble (with its TLS), or TLS:
+            if runtime.config.proxy_protocol is not None:
+                await send_proxy_header(connection, runtime.config.proxy_protocol)
             if dialogue is not None:
                 await backend_preamble(connection, dialogue)
             elif runtime.backend_tls is not None:

@@ -22,6 +22,7 @@ import trio
 
 from .balancing import BackendPool
 from .connect import Target, target
+from .connection import underlying_socket
 from .errors import L4ProxyError
 from .protocols.dialogue import (
     RECEIVE_SIZE,
@@ -39,7 +40,6 @@ from .protocols.dialogue import (
 )
 from .record import Ended, Outcome
 from .routing import Route
-from .tls.streams import TLSStream
 from .tlsfront import secure_backend, tls_front
 
 if TYPE_CHECKING:
@@ -147,23 +147,16 @@ def _owner_route(connection: Connection, key: bytes) -> Route[BackendPool[Target
 
 
 def backend_peer(backend: object) -> tuple[int, tuple[str, int]] | None:
-    """The TCP address ``backend`` (a raw socket, a trio socket stream, or our TLS
-    stream over one) is connected to; ``None`` for anything else (Unix sockets, an
-    embedder's streams)."""
-    for _ in range(3):  # TLS over a socket stream over a socket, at the most
-        if isinstance(backend, trio.SocketStream):
-            backend = backend.socket
-        elif isinstance(backend, TLSStream):
-            backend = backend.transport
-    if not isinstance(backend, (socket.socket, trio.socket.SocketType)):
-        return None
-    if backend.family not in (socket.AF_INET, socket.AF_INET6):
+    """The TCP address ``backend`` is connected to (family, (host, port)); ``None`` for
+    anything else (Unix sockets, an embedder's streams)."""
+    sock = underlying_socket(backend)
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
         return None
     try:
-        peer = backend.getpeername()
+        peer = sock.getpeername()
     except OSError:
         return None
-    return backend.family, (peer[0], peer[1])
+    return sock.family, (peer[0], peer[1])
 
 
 def dialogue_name(connection: Connection) -> str:

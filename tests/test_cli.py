@@ -631,3 +631,9 @@ async def test_flag_paths_stay_relative_to_the_working_directory(
             assert await proc.wait() == 0
     assert "outcome=" in await trio.Path(tmp_path / "access.log").read_text()
     assert not await (sub / "access.log").exists()
+
+
+def test_proxy_protocol_takes_v1_or_v2() -> None:
+    result = CliRunner().invoke(main, ["-l", ":1", "-b", "a:1", "--proxy-protocol", "v3"])
+    assert result.exit_code == 2
+    assert "'--proxy-protocol'" in result.output

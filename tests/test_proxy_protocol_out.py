@@ -1,0 +1,165 @@
+"""``proxy_protocol = "v1" | "v2"`` (issue #10): every backend connection starts with a
+PROXY header naming the client and the address it connected to; read back by our own
+parser, and by HAProxy's ``accept-proxy`` as a real one."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from typing import TYPE_CHECKING
+
+import pytest
+import trio
+
+import l4proxy
+from l4proxy.protocols.proxyheader import InetEndpoint, ProxyHeader, parse_proxy_header
+
+from .conftest import read_line, start_backend
+from .realservers import free_port
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from .conftest import AccessWatcher
+    from .tlsfixtures import PKI
+
+
+class HeaderBackend:
+    """A backend that reads a PROXY header, keeps it, then echoes what follows."""
+
+    def __init__(self) -> None:
+        self.headers: list[ProxyHeader] = []
+
+    async def __call__(self, stream: trio.SocketStream) -> None:
+        data = bytearray()
+        while (header := parse_proxy_header(data)) is None:
+            chunk = await stream.receive_some()
+            if not chunk:
+                return
+            data += chunk
+        self.headers.append(header)
+        rest = bytes(data[header.size :])
+        if rest:
+            await stream.send_all(rest)
+        async for chunk in stream:
+            await stream.send_all(chunk)
+
+
+async def _proxy(nursery: trio.Nursery, backend: str, **settings: object) -> int:
+    listener = l4proxy.ListenerConfig(
+        name="pp",
+        listen=["127.0.0.1:0"],
+        backends=[backend],
+        **settings,  # type: ignore[arg-type]
+    )
+    (bound,) = await nursery.start(l4proxy.Proxy(l4proxy.Config(listeners=[listener])).serve)
+    port: int = bound.port
+    return port
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+async def test_the_backend_learns_the_client_and_the_listening_address(
+    nursery: trio.Nursery, access: AccessWatcher, version: str
+) -> None:
+    backend = HeaderBackend()
+    port = await _proxy(nursery, await start_backend(nursery, backend), proxy_protocol=version)
+    async with await trio.open_tcp_stream("127.0.0.1", port, local_address="127.0.0.5") as client:
+        await client.send_all(b"hello\n")
+        with trio.fail_after(5):
+            assert await read_line(client) == b"hello\n"
+        client_port = client.socket.getsockname()[1]
+    (header,) = backend.headers
+    assert header.version == int(version[1])
+    assert header.source == InetEndpoint("127.0.0.5", client_port)
+    assert header.destination == InetEndpoint("127.0.0.1", port)
+    (record,) = await access.wait(1)
+    assert record.outcome == "ok"
+
+
+async def test_v2_carries_what_tls_termination_learnt(
+    nursery: trio.Nursery, pki: PKI, access: AccessWatcher
+) -> None:
+    backend = HeaderBackend()
+    port = await _proxy(
+        nursery,
+        await start_backend(nursery, backend),
+        proxy_protocol="v2",
+        tls=l4proxy.TLSConfig(certs=[l4proxy.CertKey(cert=pki.a.combined)], alpn=["h2"]),
+    )
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    tls = trio.SSLStream(stream, pki.client_context(alpn=["h2"]), server_hostname="x.b.example")
+    async with tls:
+        await tls.send_all(b"inside\n")
+        with trio.fail_after(5):
+            assert await read_line(tls) == b"inside\n"
+    (header,) = backend.headers
+    assert header.authority == "x.b.example"
+    assert header.alpn == b"h2"
+    ssl = header.ssl
+    assert ssl is not None
+    assert ssl.version == "TLSv1.3"
+    assert ssl.cipher
+    assert header.unique_id == b"1"
+
+
+async def test_wildcard_listeners_send_the_address_the_client_reached(
+    nursery: trio.Nursery,
+) -> None:
+    backend = HeaderBackend()
+    listener = l4proxy.ListenerConfig(
+        name="any", listen=["0.0.0.0:0"], backends=[await start_backend(nursery, backend)],
+        proxy_protocol="v1",
+    )  # fmt: skip
+    (bound,) = await nursery.start(l4proxy.Proxy(l4proxy.Config(listeners=[listener])).serve)
+    async with await trio.open_tcp_stream("127.0.0.9", bound.port) as client:
+        await client.send_all(b"x\n")
+        with trio.fail_after(5):
+            assert await read_line(client) == b"x\n"
+    assert backend.headers[0].destination == InetEndpoint("127.0.0.9", bound.port)
+
+
+async def test_haproxy_accept_proxy_reads_our_header(nursery: trio.Nursery, tmp_path: Path) -> None:
+    """HAProxy trusts our v1 and v2 headers (``accept-proxy``) and passes the client
+    they name on in its own header (``send-proxy-v2``) to our parsing backend."""
+    haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
+    backend = HeaderBackend()
+    backend_address = await start_backend(nursery, backend)
+    for version in ("v1", "v2"):
+        front = free_port()
+        config = tmp_path / f"haproxy-{version}.cfg"
+        config.write_text(
+            "defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 10s\n"
+            "  timeout server 10s\n"
+            f"frontend f\n  bind 127.0.0.1:{front} accept-proxy\n  default_backend b\n"
+            f"backend b\n  server s {backend_address} send-proxy-v2\n"
+        )
+        process = await trio.lowlevel.open_process(
+            [haproxy, "-db", "-q", "-f", str(config)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            with trio.fail_after(10):
+                while True:  # until HAProxy listens
+                    try:
+                        await (await trio.open_tcp_stream("127.0.0.1", front)).aclose()
+                        break
+                    except OSError:
+                        assert process.poll() is None, f"haproxy exited: {config.read_text()}"
+                        await trio.sleep(0.05)
+            backend.headers.clear()  # the probe's
+            port = await _proxy(nursery, f"127.0.0.1:{front}", proxy_protocol=version)
+            async with await trio.open_tcp_stream(
+                "127.0.0.1", port, local_address="127.0.0.6"
+            ) as client:
+                await client.send_all(b"through both\n")
+                with trio.fail_after(5):
+                    assert await read_line(client) == b"through both\n"
+                client_port = client.socket.getsockname()[1]
+        finally:
+            process.terminate()
+            with trio.move_on_after(10):
+                await process.wait()
+        (header,) = [h for h in backend.headers if h.source is not None]
+        assert header.source == InetEndpoint("127.0.0.6", client_port)
+        assert header.destination == InetEndpoint("127.0.0.1", port)
