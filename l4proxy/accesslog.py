@@ -57,6 +57,9 @@ def _timestamp(epoch: float) -> str:
 def format_text(record: AccessRecord) -> str:
     """logfmt-style: ``key=value`` pairs, values quoted only when they contain spaces."""
     client, backend, outcome = record.client, record.backend, record.outcome
+    via = None
+    if record.proxied_client is not None:  # a trusted PROXY header named the client
+        client, via = record.proxied_client, client
     line = (
         f"{_timestamp(record.time)} id={record.id} listener={_logfmt(record.listener)} "
         f"client={'-' if client is None else _logfmt(str(client))} "
@@ -64,6 +67,8 @@ def format_text(record: AccessRecord) -> str:
         f"bytes_to_backend={record.to_backend} bytes_to_client={record.to_client} "
         f"duration={record.duration:.3f} outcome={'-' if outcome is None else str(outcome)}"
     )
+    if via is not None:
+        line += f" via={_logfmt(str(via))}"
     for key in _OPTIONAL_TEXT_FIELDS:
         value = getattr(record, key)
         if value is not None:
@@ -87,7 +92,8 @@ def format_json(record: AccessRecord) -> str:
             "time": _timestamp(record.time),
             "id": record.id,
             "listener": record.listener,
-            "client": _address(record.client),
+            "client": _address(record.proxied_client or record.client),
+            "via": None if record.proxied_client is None else _address(record.client),
             "backend": None if backend is None else str(backend),
             "bytes_to_backend": record.to_backend,
             "bytes_to_client": record.to_client,

@@ -182,6 +182,13 @@ class SecondsType(click.ParamType[float, str]):
     help="IPv6 clients sharing this many leading bits count as one client.  [default: 64]",
 )
 @click.option(
+    "--accept-proxy-protocol",
+    multiple=True,
+    metavar="CIDR",
+    help="Peers in CIDR (a load balancer) must open with a PROXY header (v1 or v2), whose "
+    "source then stands for the client. Repeatable.",
+)
+@click.option(
     "--proxy-protocol",
     type=click.Choice(["v1", "v2"]),
     help="Start every backend connection with a PROXY protocol header of this version.",

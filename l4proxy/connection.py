@@ -25,6 +25,7 @@ from .tls.streams import TLSStream
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
+    from .addresses import Address
     from .connect import Connector, Dialed
     from .runtime import ListenerRuntime
     from .splice import SpliceLink
@@ -80,6 +81,7 @@ class Connection:
         "backend",
         "client",
         "client_key",
+        "proxied_local",
         "record",
         "replay",
         "runtime",
@@ -100,6 +102,8 @@ class Connection:
         self.replay = b""  # passthrough: what was read of the ClientHello, for the backend
         self.session_key: bytes | None = None  # in shared.sessions while the connection lives
         self.client_key: int | None = None  # counted in runtime.live.clients while it lives
+        #: The address the client connected to, as a trusted PROXY header gave it.
+        self.proxied_local: Address | None = None
         #: The backend's own address when the key was noted (family, (host, port)): what
         #: a cancel for this session dials, even if the configured name resolves anew.
         self.session_peer: tuple[int, tuple[str, int]] | None = None

@@ -320,6 +320,8 @@ class ListenerConfig:
         max_connections_per_ip: one client's most open connections (IPv6 clients are
             grouped by ``per_ip_ipv6_prefix`` bits).
         rate_per_ip: one client's most new connections per second (burst: as many).
+        accept_proxy_protocol: peers (CIDRs) that must open with a PROXY header, whose
+            source then stands for the client everywhere.
         proxy_protocol: ``v1`` or ``v2``: a PROXY header starts every backend connection.
         source_address: the local address backend connections are made from (the port
             is the kernel's), so backends can let in the proxy alone.
@@ -392,6 +394,11 @@ class ListenerConfig:
     )
     rate_per_ip: int | None = attrs.field(
         default=None, metadata=key(WholeNumber(1, 10**9), flag="--rate-per-ip", inherit=True)
+    )
+    accept_proxy_protocol: tuple[str, ...] = attrs.field(
+        default=(),
+        converter=_strings,
+        metadata=key(Networks(), flag="--accept-proxy-protocol", inherit=True),
     )
     proxy_protocol: ProxyProtocol | None = attrs.field(
         default=None,

@@ -37,10 +37,12 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from .addresses import TCPAddress
 from .connect import connect_with_failover
 from .connection import Connection, finish
 from .errors import UpstreamConnectError
 from .preamble import backend_preamble, client_preamble
+from .proxyin import accept_proxy_header
 from .proxyout import send_proxy_header
 from .pump import pump
 from .record import ConnectionRecord, Ended, Outcome
@@ -92,8 +94,17 @@ async def serve(
     try:
         with connection:  # whatever ends it becomes its outcome
             # The set-up steps, in order; each either returns or raises Ended.
-            # 1. admit: in the accept loop (admit.py). 2. PROXY header in: issue #10.
+            # 1. admit: in the accept loop (admit.py), or after 2. for trusted peers.
             route, dialogue = runtime.default_route, None
+            trusted = runtime.trusted_proxies
+            if (
+                trusted is not None
+                and type(client) is socket.socket  # accepted here, not handed in
+                and isinstance(peer, TCPAddress)
+                and peer.host
+                and trusted.permits(peer.host)
+            ):
+                await accept_proxy_header(connection)  # 2. PROXY header in
             if runtime.raw_data_phase and shared.connect is None and type(client) is socket.socket:
                 _prepare_raw(client)  # before the backend connect: measured cheaper
             if runtime.preamble is not None:  # 3. client preamble, with 4-6 if it starts TLS

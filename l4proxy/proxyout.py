@@ -45,8 +45,12 @@ __all__ = ["proxy_header", "send_proxy_header"]
 async def send_proxy_header(connection: Connection, version: str) -> None:
     """Write the header to the freshly connected backend."""
     record = connection.record
-    local = record.local
-    if isinstance(local, TCPAddress) and (local.host is None or _unspecified(local.host)):
+    local = connection.proxied_local or record.local
+    if (
+        connection.proxied_local is None
+        and isinstance(local, TCPAddress)
+        and (local.host is None or _unspecified(local.host))
+    ):
         local = _accepted_on(connection) or local  # a wildcard listener: the real address
     header = proxy_header(record, version, local)
     backend = connection.backend

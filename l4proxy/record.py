@@ -54,6 +54,8 @@ class Outcome(enum.StrEnum):
     BACKEND_PREAMBLE_FAILED = "backend_preamble_failed"
     #: Turned away by the admit step (issue #10), before any byte was read.
     DENIED = "denied"
+    #: A trusted peer (accept_proxy_protocol) did not open with a valid PROXY header.
+    BAD_PROXY_HEADER = "bad_proxy_header"
     #: Refused by the admit step: the listener (or the process) has its most connections open.
     LIMIT_TOTAL = "limit_total"
     #: Refused by the admit step: this client has its most connections open.

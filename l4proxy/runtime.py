@@ -82,6 +82,14 @@ class ListenerRuntime:
     #: every backend reachable with a raw socket); with a custom connector they do not.
     raw_data_phase: bool = attrs.field(init=False)
 
+    #: Peers whose connections open with a PROXY header (``None``: no listener's).
+    trusted_proxies: AccessList | None = attrs.field(init=False)
+
+    @trusted_proxies.default
+    def _trusted_proxies(self) -> AccessList | None:
+        cidrs = self.config.accept_proxy_protocol
+        return AccessList(cidrs) if cidrs else None
+
     #: Whether the admit step has anything to check (lists or limits): read per accept.
     admits_all: bool = attrs.field(init=False)
 

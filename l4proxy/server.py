@@ -465,7 +465,12 @@ class Proxy:
                 failures = 0
                 backoff = 0.0
             runtime = self._runtimes[name]
-            if runtime.admits_all or type(peer) is not tuple:
+            trusted = runtime.trusted_proxies
+            if (
+                runtime.admits_all
+                or type(peer) is not tuple
+                or (trusted is not None and trusted.permits(peer[0]))  # admitted after step 2
+            ):
                 # Positional arguments and no wrapper coroutine: one frame less per connection.
                 lot.nursery.start_soon(
                     serve, sock, _peer_address(peer), local, runtime, shared, lot

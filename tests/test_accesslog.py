@@ -53,10 +53,11 @@ def test_json_lines_have_every_field() -> None:
     assert (fields["outcome"], fields["duration"]) == ("ok", 0.5)
     assert (fields["client"], fields["backend"]) == ("127.0.0.1:40000", "127.0.0.1:5432")
     assert list(fields) == [
-        "time", "id", "listener", "client", "backend", "bytes_to_backend", "bytes_to_client",
-        "duration", "outcome", "error", "route", "sni", "alpn", "tls_version", "cipher",
-        "client_subject",
+        "time", "id", "listener", "client", "via", "backend", "bytes_to_backend",
+        "bytes_to_client", "duration", "outcome", "error", "route", "sni", "alpn",
+        "tls_version", "cipher", "client_subject",
     ]  # fmt: skip
+    assert fields["via"] is None  # set when a trusted PROXY header named the client
 
 
 def test_the_route_name_is_on_the_line_when_there_is_one() -> None:

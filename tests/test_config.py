@@ -482,6 +482,7 @@ def test_listener_settings_are_top_level_defaults_from_the_table() -> None:
         "per_ip_ipv6_prefix",
         "source_address",
         "proxy_protocol",
+        "accept_proxy_protocol",
     }
     assert set(top_level_keys()) == {
         "listeners", "log_level", "workers", "max_connections", *inherited

@@ -559,6 +559,7 @@ async def test_access_log_files_in_text_and_json(tmp_path: Path) -> None:
         "id",
         "listener",
         "client",
+        "via",
         "backend",
         "bytes_to_backend",
         "bytes_to_client",
