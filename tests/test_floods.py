@@ -26,8 +26,10 @@ if TYPE_CHECKING:
 
     from .tlsfixtures import PKI
 
-#: The flooder, in a process of its own: connects from 127.0.0.2 as fast as it can,
-#: holding up to 50 connections (so it stays past its per-IP limit of 5).
+#: The flooder, in a process of its own: connects from 127.0.0.222 as fast as it can,
+#: holding up to 50 connections (so it stays past its per-IP limit of 5). An address of
+#: its own: its tens of thousands of connections leave that many ports of it in
+#: TIME_WAIT for a minute, which other tests must not trip over.
 FLOODER = """
 import socket, sys, time
 port, seconds = int(sys.argv[1]), float(sys.argv[2])
@@ -35,7 +37,7 @@ held, attempts, deadline = [], 0, time.monotonic() + seconds
 while time.monotonic() < deadline and attempts < 200_000:
     attempts += 1
     sock = socket.socket()
-    sock.bind(("127.0.0.2", 0))
+    sock.bind(("127.0.0.222", 0))
     try:
         sock.connect(("127.0.0.1", port))
     except OSError:
@@ -96,7 +98,7 @@ async def test_a_flood_from_one_address_does_not_starve_another(
         await trio.sleep(0.5)  # the flood is under way
         loud = await _requests(port, 100, "127.0.0.3", pki)  # each must succeed
     with trio.fail_after(5):
-        await proc.wait_for(r"suppressed \d+ limit_per_ip from 127\.0\.0\.2")
+        await proc.wait_for(r"suppressed \d+ limit_per_ip from 127\.0\.0\.222")
     print(f"p99 connect to first byte: {_p99(quiet) * 1e3:.1f} ms quiet, "
           f"{_p99(loud) * 1e3:.1f} ms under flood")  # fmt: skip
     assert len(loud) == 100

@@ -286,6 +286,22 @@ class _RoundRobinResolver(trio.abc.HostnameResolver):
         raise NotImplementedError
 
 
+async def _serve_on_both(nursery: trio.Nursery, handler: object, *hosts: str) -> int:
+    """Serve ``handler`` on one port of each host: a port free on all of them (another
+    test may have left the first one's port of the second host in use)."""
+    for _ in range(20):
+        with socket.socket() as probe:
+            probe.bind((hosts[0], 0))
+            port: int = probe.getsockname()[1]
+        try:
+            for host in hosts:
+                await nursery.start(partial(trio.serve_tcp, handler, port, host=host))
+        except OSError:
+            continue  # a listener already started on this port just stays unused
+        return port
+    raise AssertionError(f"no port free on all of {hosts}")
+
+
 async def test_a_cancel_dials_the_address_its_session_reached_not_a_new_lookup(
     nursery: trio.Nursery, pki: PKI, access: AccessWatcher
 ) -> None:
@@ -305,9 +321,7 @@ async def test_a_cancel_dials_the_address_its_session_reached_not_a_new_lookup(
                     cancelled[here].append(bytes(chunk))
                     arrived.set()
 
-        first = await start_backend(nursery, handler, host="127.0.0.1")
-        backend_port = int(first.rsplit(":", 1)[1])
-        await nursery.start(partial(trio.serve_tcp, handler, backend_port, host="127.0.0.2"))
+        backend_port = await _serve_on_both(nursery, handler, "127.0.0.1", "127.0.0.2")
         host, port = await _proxy(nursery, pki, [f"db.test:{backend_port}"], _KeyedPreamble())
         session = await trio.open_tcp_stream(host, port)
         await session.send_all(b"KEY k1\n")
