@@ -20,9 +20,10 @@ demo: $(STAMP)
 test: $(STAMP) system-deps lint
 	$(BIN)/pytest
 
-# make bench: l4proxy vs HAProxy, pproxy and direct, and PostgreSQL through the postgres
-# preamble vs its own TLS (benchmarks/bench.py, about 5.5 minutes; BENCH_ARGS=--quick for
-# about 2). Never part of make test. benchmarks/bulk.py is the older l4proxy-only bulk
+# make bench: l4proxy vs HAProxy, pproxy and direct, edge protection vs HAProxy, and
+# PostgreSQL through the postgres preamble vs its own TLS (benchmarks/bench.py, about
+# 6.5 minutes; BENCH_ARGS=--quick for
+# about 2.5). Never part of make test. benchmarks/bulk.py is the older l4proxy-only bulk
 # test: $(BIN)/python benchmarks/bulk.py
 BENCH_ARGS ?=
 PPROXY_VERSION := 2.7.9

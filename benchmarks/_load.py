@@ -106,8 +106,14 @@ def parse_wrk(output: str) -> WrkResult:
     )
 
 
-def wrk(url: str, *, connections: int, seconds: int, close: bool = False) -> WrkResult:
-    """One wrk run (one thread), with the latency distribution."""
+def wrk(
+    url: str, *, connections: int, seconds: int, close: bool = False, refused: bool = False
+) -> WrkResult:
+    """One wrk run (one thread), with the latency distribution.
+
+    ``refused``: the target is expected to close every connection unanswered (wrk counts
+    each as a socket error), so a run without a completed request is a result.
+    """
     argv = [
         find_binary("wrk"),
         "-t1",
@@ -121,7 +127,7 @@ def wrk(url: str, *, connections: int, seconds: int, close: bool = False) -> Wrk
         argv += ["-H", "Connection: close"]
     argv.append(url)
     result = parse_wrk(run_load(argv, timeout=seconds + 30))
-    if result.requests == 0:
+    if result.requests == 0 and not refused:
         raise BenchError(f"wrk completed no request against {url} ({result.error_text})")
     return result
 

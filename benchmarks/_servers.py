@@ -123,8 +123,12 @@ def tree_digest(tree: Path) -> str:
     return digest.hexdigest()[:10]
 
 
-def start_nginx(procs: Procs, workdir: Path) -> tuple[Proc, int]:
-    """nginx, one worker, serving a small and a large static file over plain HTTP."""
+def start_nginx(procs: Procs, workdir: Path) -> tuple[Proc, int, int]:
+    """nginx, one worker, serving a small and a large static file over plain HTTP.
+
+    Returns the process, its plain port and a second port whose connections must open with
+    a PROXY header (v1 or v2; nginx's ``listen ... proxy_protocol``), for the edge scenario.
+    """
     www = workdir / "www"
     www.mkdir(exist_ok=True)
     (www / SMALL_FILE).write_bytes(b"x" * (SMALL_SIZE - 1) + b"\n")
@@ -134,7 +138,7 @@ def start_nginx(procs: Procs, workdir: Path) -> tuple[Proc, int]:
         path.chmod(0o755)
     for path in www.iterdir():
         path.chmod(0o644)
-    port = free_port()
+    port, proxied_port = free_port(), free_port()
     temp = workdir / "nginx-temp"
     temp.mkdir(exist_ok=True)
     conf = workdir / "nginx.conf"
@@ -161,6 +165,7 @@ http {{
     scgi_temp_path {temp}/scgi;
     server {{
         listen 127.0.0.1:{port} backlog=4096;
+        listen 127.0.0.1:{proxied_port} proxy_protocol backlog=4096;
         root {www};
     }}
 }}
@@ -173,7 +178,8 @@ http {{
         core=LOAD_CORE,
     )
     proc.wait_listening(port)
-    return proc, port
+    proc.wait_listening(proxied_port)
+    return proc, port, proxied_port
 
 
 def start_iperf3_server(procs: Procs) -> tuple[Proc, int]:
@@ -197,8 +203,19 @@ def start_holder(procs: Procs) -> tuple[Proc, int]:
     return proc, port
 
 
-def _haproxy_config(path: Path, listen: int, backend: int, cert: Path | None, maxconn: int) -> None:
+def _haproxy_config(
+    path: Path,
+    listen: int,
+    backend: int,
+    cert: Path | None,
+    maxconn: int,
+    frontend: Sequence[str] = (),
+    server: str = "",
+) -> None:
+    """``frontend``: more lines for the frontend section; ``server``: options of the server."""
     ssl = f" ssl crt {cert}" if cert is not None else ""
+    more = "".join(f"    {line}\n" for line in frontend)
+    server = f" {server}" if server else ""
     # The TLS 1.3 suites in the order of Debian's packaged haproxy.cfg (Mozilla
     # "intermediate"), which is also l4proxy's: both negotiate TLS_AES_128_GCM_SHA256.
     path.write_text(
@@ -218,10 +235,10 @@ defaults
 
 frontend bench
     bind 127.0.0.1:{listen}{ssl}
-    default_backend servers
+{more}    default_backend servers
 
 backend servers
-    server s1 127.0.0.1:{backend}
+    server s1 127.0.0.1:{backend}{server}
 """
     )
 
@@ -236,10 +253,14 @@ def start_proxy(
     l4proxy_args: Sequence[str] = (),
     tag: str = "",
     baseline: Path | None = None,
+    haproxy_frontend: Sequence[str] = (),
+    haproxy_server: str = "",
 ) -> tuple[Proc, int]:
     """Start ``kind`` (l4proxy, haproxy, pproxy or BASELINE) forwarding to 127.0.0.1:``backend``.
 
-    With ``cert`` (a PEM holding the chain and the key) the proxy terminates TLS. BASELINE
+    With ``cert`` (a PEM holding the chain and the key) the proxy terminates TLS.
+    ``haproxy_frontend`` and ``haproxy_server`` are HAProxy's twins of ``l4proxy_args``
+    (frontend lines, server options). BASELINE
     is l4proxy with the same arguments, run as ``python -m l4proxy`` by the ``l4proxy``
     command's interpreter with ``baseline_env(baseline)``.
     """
@@ -261,7 +282,7 @@ def start_proxy(
         argv += list(l4proxy_args)
     elif kind == "haproxy":
         config = procs.workdir / f"{name}.cfg"
-        _haproxy_config(config, port, backend, cert, maxconn)
+        _haproxy_config(config, port, backend, cert, maxconn, haproxy_frontend, haproxy_server)
         argv = [find_binary("haproxy"), "-db", "-f", str(config)]
     elif kind == "pproxy":
         ssl = "+ssl" if cert is not None else ""

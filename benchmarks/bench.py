@@ -23,6 +23,9 @@ after round, starting one later each round; the table shows the median of the ro
   bulk (wrk fetching 1 MiB over 4 kept-alive connections), full handshakes per second
   (parallel ``openssl s_time -new``: wrk resumes its TLS session on every reconnect)
   and those resumed handshakes per second (wrk with ``Connection: close``);
+- ``edge``: new connections with allow/deny, a per-IP limit and PROXY v2 on vs off,
+  refused connections/s of a denied address, another client's p99 under a flood from one
+  address, against HAProxy's equivalents (benchmarks/_edge.py);
 - ``postgres``: pgbench -S through ``--preamble postgres`` against PostgreSQL's own TLS,
   on kept connections and with a new connection per transaction (benchmarks/_postgres.py);
 - ``memory``: RSS of the proxy with 5,000 idle connections through it, per connection.
@@ -35,7 +38,8 @@ The proxy under test runs on core 0, everything else (wrk, iperf3, nginx, the ip
 server, this script) on core 1. l4proxy is the real command with default settings
 (splice on, access log to standard error, which goes to a file here); HAProxy runs
 ``mode tcp``, ``nbthread 1``, ``option splice-auto``; pproxy is a ``tunnel://``
-forwarder. Only 127.0.0.1 is used. Every process started here is stopped on exit,
+forwarder. Only loopback addresses are used (127.0.0.1; the edge scenario's flood
+also 127.0.0.2 and 127.0.0.3). Every process started here is stopped on exit,
 also on errors and Ctrl-C.
 """
 
@@ -57,6 +61,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Generic, NoReturn, TypeVar
 
+import _edge
 import _load
 import _postgres
 import _procs
@@ -112,7 +117,7 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-SCENARIOS = ("bulk", "connrate", "keepalive", "tls", "postgres", "memory")
+SCENARIOS = ("bulk", "connrate", "keepalive", "tls", "edge", "postgres", "memory")
 
 METRICS = [
     Metric("bulk1", "bulk (iperf3)", "1 stream", "Gbit/s", True, 2),
@@ -146,6 +151,7 @@ METRICS = [
     Metric("tls_res", "TLS termination", "resumed handshakes (wrk)", "conn/s", True, 0),
     Metric("tls_res_p50", "TLS termination", "resumed: p50 latency", "ms", False, 2),
     Metric("tls_res_cpu", "TLS termination", "proxy CPU per resumed conn", "µs", False, 0, True),
+    *_edge.METRICS,
     *_postgres.METRICS,
     Metric("mem_per_conn", "idle connections", "RSS per connection", "KiB", False, 2),
     Metric("mem_base", "idle connections", "RSS before (no connections)", "MiB", False, 1),
@@ -176,6 +182,7 @@ class Context:
     cert: Path
     proxies: list[str]
     nginx_port: int = 0
+    nginx_proxied_port: int = 0  # expects a PROXY header (the edge scenario)
     tls_facts: dict[str, str] = field(default_factory=dict)
     pg_facts: dict[str, str] = field(default_factory=dict)
 
@@ -194,7 +201,7 @@ class Context:
 
     def nginx(self) -> int:
         if not self.nginx_port:
-            _, self.nginx_port = start_nginx(self.procs, self.workdir)
+            _, self.nginx_port, self.nginx_proxied_port = start_nginx(self.procs, self.workdir)
         return self.nginx_port
 
     def start_proxies(
@@ -518,6 +525,7 @@ RUNNERS: dict[str, Callable[[Context], None]] = {
     "connrate": scenario_connrate,
     "keepalive": scenario_keepalive,
     "tls": scenario_tls,
+    "edge": _edge.scenario_edge,
     "postgres": _postgres.scenario_postgres,
     "memory": scenario_memory,
 }
@@ -555,7 +563,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="1 round of 1 s per measurement (about 2 minutes in all; default: about 5.5)",
+        help="1 round of 1 s per measurement (about 2.5 minutes in all; default: about 6.5)",
     )
     parser.add_argument("--rounds", type=int, help="rounds per measurement (default 3; --quick: 1)")
     parser.add_argument(
@@ -629,8 +637,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _preflight(args: argparse.Namespace) -> list[str]:
     """Check the tools the selected scenarios need; return the proxies to compare."""
-    needed = {"wrk"} if {"connrate", "keepalive", "tls"} & set(args.only) else set()
-    if {"connrate", "keepalive", "tls"} & set(args.only):
+    needed = {"wrk"} if {"connrate", "keepalive", "tls", "edge"} & set(args.only) else set()
+    if {"connrate", "keepalive", "tls", "edge"} & set(args.only):
         needed.add("nginx")
     if "bulk" in args.only:
         needed.add("iperf3")
@@ -729,6 +737,8 @@ def _method(ctx: Context) -> list[str]:
         )
     for kind, facts in ctx.tls_facts.items():
         lines.append(f"TLS as negotiated by `openssl s_client` with {TITLES[kind]}: {facts}.")
+    if "edge" in args.only:
+        lines += _edge.method_lines(args)
     if "postgres" in args.only:
         lines += _postgres.method_lines(args, ctx.pg_facts)
     return lines

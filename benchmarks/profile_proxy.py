@@ -98,7 +98,7 @@ def main() -> None:
     connections = args.connections or (10 if args.keep_alive else 32)
     _procs.raise_nofile()
     with tempfile.TemporaryDirectory() as tmp, Procs(Path(tmp)) as procs:
-        _, backend = start_nginx(procs, Path(tmp))
+        _, backend, _ = start_nginx(procs, Path(tmp))
         proxy, port = start_proxy(procs, "l4proxy", backend, l4proxy_args=args.l4proxy_args)
         url = f"http://127.0.0.1:{port}/{SMALL_FILE}"
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from .admission import client_key
+from .admission import key_of, parse_client
 from .record import ConnectionRecord, Outcome
 
 if TYPE_CHECKING:
@@ -36,17 +36,20 @@ def admit(runtime: ListenerRuntime, shared: Shared, host: str) -> tuple[Outcome 
     """The admit step's decision for a client at ``host``: ``(None, key)`` to let it in
     (counted under ``key`` when per-client limits apply: release it when it ends), or
     the refusal. Cheapest checks first; nothing is counted for a refused connection."""
-    access_list = runtime.access_list
-    if access_list is not None and not access_list.permits(host):
-        return Outcome.DENIED, None
-    config = runtime.config
+    access_list, config = runtime.access_list, runtime.config
+    per_ip = config.max_connections_per_ip is not None or config.rate_per_ip is not None
+    parsed = None  # the address, parsed once for the list and the limits
+    if access_list is not None or per_ip:
+        parsed = parse_client(host)
+        if access_list is not None and not access_list.permits_parsed(parsed):
+            return Outcome.DENIED, None
     if (shared.max_open is not None and shared.open >= shared.max_open) or (
         config.max_connections is not None and runtime.live.value >= config.max_connections
     ):
         return Outcome.LIMIT_TOTAL, None
-    if config.max_connections_per_ip is None and config.rate_per_ip is None:
+    if parsed is None or not per_ip:
         return None, None
-    key = client_key(host, config.per_ip_ipv6_prefix)
+    key = key_of(parsed, config.per_ip_ipv6_prefix)
     refusal = runtime.live.clients.admit(
         key, trio.current_time(), config.max_connections_per_ip, config.rate_per_ip
     )

@@ -116,14 +116,20 @@ async def serve(
             record.route = route.name
             await _connect(connection, route.pool)  # 7.
             # 8. backend PROXY header, then backend preamble (with its TLS), or TLS:
+            held = False  # a PROXY header the kernel holds for the first splice
             if runtime.config.proxy_protocol is not None:
-                await send_proxy_header(connection, runtime.config.proxy_protocol)
+                splices = dialogue is None and runtime.backend_tls is None
+                held = await send_proxy_header(
+                    connection,
+                    runtime.config.proxy_protocol,
+                    splices_next=splices and _splices_raw(connection, lot),
+                )
             if dialogue is not None:
                 await backend_preamble(connection, dialogue)
             elif runtime.backend_tls is not None:
                 await secure_backend(connection, runtime.backend_tls)
             # 9. move bytes; 10. log (finish, here or in the link's last direction).
-            link = _splice_link(connection, lot)
+            link = _splice_link(connection, lot, held)
             if link is None:
                 await _pump(connection)
             else:
@@ -160,16 +166,19 @@ async def _connect(connection: Connection, pool: BackendPool[Target]) -> None:
     connection.record.backend = target.address
 
 
-def _splice_link(connection: Connection, lot: ParkingLot | None) -> SpliceLink | None:
+def _splice_link(
+    connection: Connection, lot: ParkingLot | None, held: bool = False
+) -> SpliceLink | None:
     """Step 9's choice: a link between the two raw sockets, for a listener whose
     connections all splice raw (``raw_data_phase``: the client socket was prepared for
     it before the connect) and a backend dialled as a raw socket."""
+    if not _splices_raw(connection, lot):
+        return None
     runtime = connection.runtime
     client, backend, pipes = connection.client, connection.backend, runtime.pipes
-    if lot is None or pipes is None or not runtime.raw_data_phase:
-        return None
-    if type(client) is not socket.socket or type(backend) is not socket.socket:
-        return None
+    assert type(client) is socket.socket
+    assert type(backend) is socket.socket
+    assert pipes is not None
     return SpliceLink(
         client,
         backend,
@@ -178,6 +187,19 @@ def _splice_link(connection: Connection, lot: ParkingLot | None) -> SpliceLink |
         runtime.config.idle_timeout,
         connection.link_done,
         lot,
+        held,
+    )
+
+
+def _splices_raw(connection: Connection, lot: ParkingLot | None) -> bool:
+    """Whether the data phase will be a :class:`SpliceLink` (see :func:`_splice_link`)."""
+    runtime = connection.runtime
+    return (
+        lot is not None
+        and runtime.pipes is not None
+        and runtime.raw_data_phase
+        and type(connection.client) is socket.socket
+        and type(connection.backend) is socket.socket
     )
 
 

@@ -58,6 +58,8 @@ class SpliceSocket(Protocol):
 
     def shutdown(self, how: int, /) -> None: ...
 
+    def setsockopt(self, level: int, option: int, value: int, /) -> None: ...
+
     def close(self) -> None: ...
 
 
@@ -177,6 +179,7 @@ class SpliceLink:
         "closed",
         "error",
         "finished",
+        "held",
         "idle_deadline",
         "idle_expired",
         "idle_scopes",
@@ -199,8 +202,12 @@ class SpliceLink:
         idle_seconds: float = 0.0,
         on_done: Callable[[SpliceLink], None] | None = None,
         lot: ParkingLot | None = None,
+        held: bool = False,
     ) -> None:
         self.client, self.backend = client, backend
+        #: The backend socket holds bytes sent with ``MSG_MORE`` (a PROXY header) for
+        #: the first splice to the backend to carry; pushed if that finds nothing.
+        self.held = held
         self.transfer, self.pool, self.idle_seconds = transfer, pool, idle_seconds
         self._on_done = on_done
         self.lot = lot
@@ -349,7 +356,9 @@ class SpliceLink:
             in_pipe = _splice_in(src_fd, pipe, pool, src_side)
             if in_pipe <= 0:
                 if in_pipe == 0:
-                    break  # EOF
+                    break  # EOF (its shutdown pushes held bytes out)
+                if self.held and to_backend:
+                    self._push_held()
                 wait_first = True
                 continue
             wait_first = in_pipe < pipe[2]  # short of the real capacity, not the wish
@@ -387,6 +396,15 @@ class SpliceLink:
                 dst.shutdown(socket.SHUT_WR)
             except OSError as exc:
                 raise _Broken(dst_side) from exc
+
+    def _push_held(self) -> None:
+        """Send what the backend socket holds (``MSG_MORE``): setting ``TCP_NODELAY``
+        pushes pending data out (tcp(7)), even when it is set already."""
+        self.held = False
+        try:
+            self.backend.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError as exc:
+            raise _Broken("backend") from exc
 
     def _moved(self, moved: int, to_backend: bool) -> None:
         """Count bytes that reached their destination and push the idle deadline."""

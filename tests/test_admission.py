@@ -3,11 +3,13 @@ limits, including the bound on the per-client table."""
 
 from __future__ import annotations
 
+import ipaddress
 import tracemalloc
 
 import pytest
+from hypothesis import given, strategies as st
 
-from l4proxy.admission import AccessList, ClientLimits, client_key
+from l4proxy.admission import AccessList, ClientLimits, client_key, parse_client
 from l4proxy.record import Outcome
 
 
@@ -36,6 +38,24 @@ def test_access_list(
     allow: tuple[str, ...], deny: tuple[str, ...], address: str, permitted: bool
 ) -> None:
     assert AccessList(allow, deny).permits(address) is permitted
+
+
+@given(st.one_of(st.integers(0, 2**32 - 1), st.integers(0, 2**128 - 1)), st.booleans())
+def test_parse_client_agrees_with_ipaddress(value: int, six: bool) -> None:
+    """The fast parse (``inet_pton``) gives what ``ipaddress`` would, in the text forms
+    the kernel reports: compressed IPv6, IPv4-mapped IPv6 matched as IPv4."""
+    address = (
+        ipaddress.IPv6Address(value) if six or value >= 2**32 else ipaddress.IPv4Address(value)
+    )
+    expected = (address.version == 6 and address.ipv4_mapped) or address
+    bits = 32 if expected.version == 4 else 128
+    assert parse_client(str(address)) == (bits, int(expected))
+
+
+@pytest.mark.parametrize("junk", ["", "localhost", "1.2.3", "1.2.3.256", "::g", "01.2.3.4"])
+def test_parse_client_refuses_what_is_not_an_address(junk: str) -> None:
+    with pytest.raises(ValueError, match="not an IP address"):
+        parse_client(junk)
 
 
 def test_ipv6_clients_are_grouped_by_prefix() -> None:

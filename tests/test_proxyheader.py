@@ -26,8 +26,10 @@ from l4proxy.protocols.proxyheader import (
     crc32c,
     encode_v1,
     encode_v2,
+    encode_v2_inet,
     parse_proxy_header,
     ssl_value,
+    tlv,
 )
 
 ports = st.integers(0, 0xFFFF)
@@ -209,9 +211,28 @@ def test_an_oversized_v2_length_is_refused_from_its_first_16_bytes() -> None:
     assert parse_proxy_header(at_cap) is None  # exactly at the cap: wait for the rest
 
 
+@given(st.one_of(st.tuples(inet4, inet4), st.tuples(inet6, inet6)), tlvs)
+def test_the_fast_inet_encoder_writes_what_encode_v2_writes(
+    pair: tuple[InetEndpoint, InetEndpoint], extensions: tuple[tuple[int, bytes], ...]
+) -> None:
+    source, destination = pair
+    fast = encode_v2_inet(
+        ipaddress.ip_address(source.host).packed,
+        ipaddress.ip_address(destination.host).packed,
+        source.port,
+        destination.port,
+        b"".join(tlv(kind, value) for kind, value in extensions),
+    )
+    assert fast == encode_v2(source, destination, extensions)
+
+
 def test_encoding_refuses_what_it_could_not_send() -> None:
     with pytest.raises(ValueError, match="cap"):
         encode_v2(None, None, ((PP2_TYPE_UNIQUE_ID, bytes(V2_MAX_SIZE)),))
+    with pytest.raises(ValueError, match="cap"):
+        encode_v2_inet(bytes(4), bytes(4), 1, 2, tlv(PP2_TYPE_UNIQUE_ID, bytes(V2_MAX_SIZE)))
+    with pytest.raises(ValueError, match="both 4"):
+        encode_v2_inet(bytes(4), bytes(16), 1, 2)
     with pytest.raises(ValueError, match="108"):
         encode_v2(UnixEndpoint(b"x" * 109), UnixEndpoint(b"y"))
 

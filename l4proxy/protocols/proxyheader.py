@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import struct
 
 import attrs
 
@@ -45,8 +46,10 @@ __all__ = [
     "crc32c",
     "encode_v1",
     "encode_v2",
+    "encode_v2_inet",
     "parse_proxy_header",
     "ssl_value",
+    "tlv",
 ]
 
 #: The longest version 1 header, CRLF included (the spec's worst case, TCP6).
@@ -187,9 +190,9 @@ def encode_v2(
         family, addresses = _encode_addresses(source, destination)
     body = bytearray(addresses)
     for kind, value in tlvs:
-        body += _tlv(kind, value)
+        body += tlv(kind, value)
     if checksum:
-        body += _tlv(PP2_TYPE_CRC32C, bytes(4))
+        body += tlv(PP2_TYPE_CRC32C, bytes(4))
     size = len(body)
     if 16 + size > V2_MAX_SIZE:
         raise ValueError(f"PROXY v2 header of {16 + size} bytes over the {V2_MAX_SIZE} cap")
@@ -200,6 +203,38 @@ def encode_v2(
     if checksum:
         header[-4:] = crc32c(bytes(header)).to_bytes(4, "big")
     return bytes(header)
+
+
+#: The start of a version 2 PROXY command over TCP, per family (IPv4, IPv6), before
+#: the length: signature, version and command, family and transport.
+_V2_TCP_STARTS = {
+    4: V2_SIGNATURE + bytes([0x21, _FAMILY_INET << 4 | 1]),
+    16: V2_SIGNATURE + bytes([0x21, _FAMILY_INET6 << 4 | 1]),
+}
+_PORTS = struct.Struct("!HH")
+
+
+def encode_v2_inet(
+    source_ip: bytes,
+    destination_ip: bytes,
+    source_port: int,
+    destination_port: int,
+    tlvs: bytes = b"",
+) -> bytes:
+    """The common header, quickly: a PROXY command over TCP between two packed addresses
+    of one family (4 bytes each for IPv4, 16 for IPv6), followed by already encoded
+    TLVs (:func:`tlv`). The same bytes as :func:`encode_v2` with :class:`InetEndpoint`
+    endpoints at a fraction of its cost: the backend PROXY header is built for every
+    connection, and the caller has the addresses packed already (``inet_pton``).
+    """
+    start = _V2_TCP_STARTS.get(len(source_ip))
+    if start is None or len(destination_ip) != len(source_ip):
+        raise ValueError("addresses must be both 4 (IPv4) or both 16 (IPv6) bytes long")
+    size = 2 * len(source_ip) + 4 + len(tlvs)
+    if size > V2_MAX_SIZE - 16:
+        raise ValueError(f"PROXY v2 header of {16 + size} bytes over the {V2_MAX_SIZE} cap")
+    ports = _PORTS.pack(source_port, destination_port)
+    return b"".join((start, size.to_bytes(2, "big"), source_ip, destination_ip, ports, tlvs))
 
 
 def ssl_value(
@@ -219,11 +254,12 @@ def ssl_value(
         (PP2_SUBTYPE_SSL_CN, common_name),
     ):
         if text is not None:
-            value += _tlv(kind, text.encode("utf-8"))
+            value += tlv(kind, text.encode("utf-8"))
     return bytes(value)
 
 
-def _tlv(kind: int, value: bytes) -> bytes:
+def tlv(kind: int, value: bytes) -> bytes:
+    """One encoded TLV: type, length, value."""
     if not 0 <= kind <= 0xFF or len(value) > 0xFFFF:
         raise ValueError(f"TLV type {kind} or length {len(value)} out of range")
     return bytes([kind]) + len(value).to_bytes(2, "big") + value
