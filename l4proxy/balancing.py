@@ -2,40 +2,241 @@
 
 A pool is plain synchronous state owned by the running proxy, not by the frozen config.
 Connecting (sockets, timeouts, failover) is :mod:`l4proxy.connect`'s job; this module
-only orders the candidates, so the later balancing methods (least connections,
-weights, hashing on the client address, health) are changes here and nowhere else.
+only orders the candidates: :meth:`BackendPool.order` gives one connection's attempts,
+the chosen backend first and every other one after it, each once, primaries before
+backups (a backup is tried only when no primary took the connection).
+
+The methods (``balance``, issue #11):
+
+* ``round-robin``: in turn; with weights, nginx's smooth weighted round-robin (a
+  backend of weight 3 gets 3 of every 4 connections next to one of weight 1, spread
+  out rather than in a burst).
+* ``least-conn``: the fewest open connections through this process for its weight,
+  ties broken in turn.
+* ``random``: the power of two choices: two backends drawn at random (by weight), the
+  one with fewer open connections for its weight taken.
+* ``source-hash``: rendezvous hashing of the client address: each client gets the
+  backend with its highest score (weighted), so removing a backend moves only its
+  clients, and the scores depend on the backends' names alone, so a client keeps its
+  backend across reloads and processes. A client without an address (a Unix socket)
+  goes round-robin.
+
+The caller tells the pool when a connection to a backend opens and closes
+(:meth:`BackendPool.opened`, :meth:`BackendPool.closed`) for the methods that count.
 """
 
 from __future__ import annotations
 
-from typing import Generic, TypeVar
+import enum
+import hashlib
+import math
+import random
+from typing import TYPE_CHECKING, Generic, TypeVar
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+__all__ = ["BackendPool", "Balance", "stable_seed"]
 
 T = TypeVar("T")
 
+_M64 = (1 << 64) - 1
+
+
+class Balance(enum.StrEnum):
+    """How a pool picks the backend a connection tries first."""
+
+    ROUND_ROBIN = "round-robin"
+    LEAST_CONN = "least-conn"
+    RANDOM = "random"
+    SOURCE_HASH = "source-hash"
+
+
+def stable_seed(name: str) -> int:
+    """A backend's 64-bit hashing seed from its name: the same in every process and
+    across reloads (Python's ``hash`` of a string is not)."""
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big")
+
+
+def _mix(value: int) -> int:
+    """splitmix64's finaliser: 64 well-mixed bits from 64 (the rendezvous score)."""
+    value = (value ^ (value >> 30)) * 0xBF58476D1CE4E5B9 & _M64
+    value = (value ^ (value >> 27)) * 0x94D049BB133111EB & _M64
+    return value ^ (value >> 31)
+
+
+def _fold(client: int) -> int:
+    """A client key (up to 129 bits: an IPv6 address is marked by bit 128) in 64."""
+    return (client ^ (client >> 64) ^ (client >> 128) * 0x9E3779B97F4A7C15) & _M64
+
 
 class BackendPool(Generic[T]):
-    """Round-robin over a pool's backends.
-
-    Each client connection takes :meth:`order`, the whole pool starting one further
-    than the previous connection did, so failover tries every backend at most once.
+    """A pool's backends and the state its balancing method keeps.
 
     Example:
         >>> pool = BackendPool(("a", "b", "c"))
         >>> pool.order(), pool.order()
         (('a', 'b', 'c'), ('b', 'c', 'a'))
+        >>> weighted = BackendPool(("a", "b"), weights=(3, 1))
+        >>> "".join(weighted.order()[0] for _ in range(8))
+        'aabaaaba'
     """
 
-    __slots__ = ("_cursor", "backends")
+    __slots__ = (
+        "_backups",
+        "_current",
+        "_cursor",
+        "_equal",
+        "_index",
+        "_open",
+        "_primaries",
+        "_random",
+        "_seeds",
+        "_weights",
+        "backends",
+        "balance",
+    )
 
-    def __init__(self, backends: tuple[T, ...]) -> None:
-        if not backends:
+    def __init__(
+        self,
+        backends: tuple[T, ...],
+        *,
+        weights: Sequence[int] | None = None,
+        backups: Sequence[bool] | None = None,
+        balance: Balance = Balance.ROUND_ROBIN,
+        names: Sequence[str] | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        """``weights`` (default 1 each), ``backups`` (default none) and ``names`` (the
+        hashing identity, default ``str`` of each backend) run parallel to ``backends``."""
+        count = len(backends)
+        if not count:
             raise ValueError("a backend pool needs at least one backend")
         self.backends = backends
+        self.balance = Balance(balance)
+        self._weights = tuple(weights) if weights is not None else (1,) * count
+        flags = tuple(backups) if backups is not None else (False,) * count
+        if len(self._weights) != count or len(flags) != count:
+            raise ValueError("weights and backups must run parallel to the backends")
+        if any(weight < 1 for weight in self._weights):
+            raise ValueError("weights must be at least 1")
+        self._primaries = tuple(i for i in range(count) if not flags[i])
+        self._backups = tuple(i for i in range(count) if flags[i])
+        self._equal = len(set(self._weights)) == 1 and not self._backups
+        self._index = {backend: i for i, backend in enumerate(backends)}
+        self._open = [0] * count
+        self._current = [0] * count  # smooth weighted round-robin's running scores
         self._cursor = 0
+        self._random = rng or random.Random()
+        labels = names if names is not None else [str(backend) for backend in backends]
+        self._seeds = tuple(stable_seed(label) for label in labels)
 
-    def order(self) -> tuple[T, ...]:
-        """The backends in the order this connection should try them."""
-        start = self._cursor
+    # ------------------------------------------------------------------ choosing
+
+    def order(self, client: int | None = None) -> tuple[T, ...]:
+        """The backends in the order this connection should try them. ``client``: the
+        client's key (:func:`l4proxy.admission.key_of` with a full-length prefix), for
+        ``source-hash``."""
+        balance = self.balance
+        if balance is Balance.ROUND_ROBIN and self._equal:  # the common case, cheaply
+            start = self._cursor
+            backends = self.backends
+            self._cursor = (start + 1) % len(backends)
+            return backends if start == 0 else backends[start:] + backends[:start]
+        indexes = self._ranked(self._primaries, client)
+        if self._backups:
+            indexes += self._ranked(self._backups, client)
         backends = self.backends
-        self._cursor = (start + 1) % len(backends)
-        return backends if start == 0 else backends[start:] + backends[:start]
+        return tuple(backends[i] for i in indexes)
+
+    def _ranked(self, group: tuple[int, ...], client: int | None) -> list[int]:
+        """``group``'s indexes: the chosen one first, then the rest to fail over to."""
+        if not group:
+            return []
+        balance = self.balance
+        if balance is Balance.SOURCE_HASH and client is not None:
+            return self._by_score(group, client)
+        if len(group) == 1:
+            return [group[0]]
+        if balance is Balance.LEAST_CONN:
+            first = self._least_loaded(group)
+        elif balance is Balance.RANDOM:
+            first = self._two_choices(group)
+        else:
+            first = self._smooth_weighted(group)
+        at = group.index(first)
+        return [*group[at:], *group[:at]]
+
+    def _smooth_weighted(self, group: tuple[int, ...]) -> int:
+        """nginx's smooth weighted round-robin: add each weight to its score, take the
+        highest score, take the group's total weight off the one taken."""
+        current, weights = self._current, self._weights
+        best, total = group[0], 0
+        for i in group:
+            current[i] += weights[i]
+            total += weights[i]
+            if current[i] > current[best]:
+                best = i
+        current[best] -= total
+        return best
+
+    def _load(self, i: int) -> float:
+        return self._open[i] / self._weights[i]
+
+    def _least_loaded(self, group: tuple[int, ...]) -> int:
+        """The fewest open connections for its weight; ties in turn."""
+        size = len(group)
+        start = self._cursor % size
+        self._cursor = start + 1
+        best = group[start]
+        best_load = self._load(best)
+        for step in range(1, size):
+            i = group[(start + step) % size]
+            load = self._load(i)
+            if load < best_load:
+                best, best_load = i, load
+        return best
+
+    def _two_choices(self, group: tuple[int, ...]) -> int:
+        """Two distinct backends drawn by weight; the less loaded of the two."""
+        weights = [self._weights[i] for i in group]
+        first = self._random.choices(range(len(group)), weights)[0]
+        rest = [j for j in range(len(group)) if j != first]
+        second = self._random.choices(rest, [weights[j] for j in rest])[0]
+        a, b = group[first], group[second]
+        return b if self._load(b) < self._load(a) else a
+
+    def _by_score(self, group: tuple[int, ...], client: int) -> list[int]:
+        """Rendezvous (highest random weight) hashing, weighted: every backend's score
+        for this client, highest first. With equal weights the 64-bit hash is the
+        score; otherwise ``-weight / ln(u)`` with ``u`` the hash in (0, 1), which gives
+        each backend its weight's share of clients."""
+        key = _fold(client)
+        seeds, weights = self._seeds, self._weights
+        if len({weights[i] for i in group}) == 1:
+            return sorted(group, key=lambda i: _mix(key ^ seeds[i]), reverse=True)
+
+        def score(i: int) -> float:
+            unit = ((_mix(key ^ seeds[i]) >> 11) + 0.5) / 2.0**53
+            return -weights[i] / math.log(unit)
+
+        return sorted(group, key=score, reverse=True)
+
+    # ------------------------------------------------------------------ counting
+
+    def opened(self, backend: T) -> None:
+        """A connection to ``backend`` opened (after its connect succeeded)."""
+        i = self._index.get(backend)
+        if i is not None:
+            self._open[i] += 1
+
+    def closed(self, backend: T) -> None:
+        """A connection :meth:`opened` to ``backend`` ended."""
+        i = self._index.get(backend)
+        if i is not None and self._open[i]:
+            self._open[i] -= 1
+
+    def open_connections(self, backend: T) -> int:
+        """Connections open to ``backend`` through this pool right now."""
+        i = self._index.get(backend)
+        return 0 if i is None else self._open[i]

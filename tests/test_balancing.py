@@ -1,0 +1,170 @@
+"""The balancing methods without I/O (issue #11): every order a permutation with the
+primaries first, weights honoured, least-conn and the two choices on open
+connections, rendezvous hashing stable and minimal in what it moves."""
+
+from __future__ import annotations
+
+import doctest
+import os
+import random
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+from hypothesis import given, strategies as st
+
+import l4proxy.balancing
+from l4proxy.admission import client_key
+from l4proxy.balancing import BackendPool, Balance
+
+NAMES = tuple(f"10.0.0.{i}:5432" for i in range(1, 9))
+
+pools = st.integers(1, 8).flatmap(
+    lambda n: st.tuples(
+        st.just(NAMES[:n]),
+        st.lists(st.integers(1, 5), min_size=n, max_size=n),
+        st.lists(st.booleans(), min_size=n, max_size=n),
+        st.sampled_from(list(Balance)),
+        st.lists(st.integers(0, 2**129 - 1), min_size=1, max_size=20),
+    )
+)
+
+
+def test_the_docstring_examples() -> None:
+    assert doctest.testmod(l4proxy.balancing).failed == 0
+
+
+@given(pools)
+def test_every_order_tries_each_backend_once_primaries_first(
+    case: tuple[tuple[str, ...], list[int], list[bool], Balance, list[int]],
+) -> None:
+    backends, weights, backups, balance, clients = case
+    pool = BackendPool(
+        backends, weights=weights, backups=backups, balance=balance, rng=random.Random(7)
+    )
+    for client in clients:
+        order = pool.order(client)
+        assert sorted(order) == sorted(backends)
+        kinds = [backups[backends.index(b)] for b in order]
+        assert kinds == sorted(kinds)  # no primary after a backup
+        pool.opened(order[0])
+
+
+def _firsts(pool: BackendPool[str], count: int, client: int | None = None) -> Counter[str]:
+    return Counter(pool.order(client)[0] for _ in range(count))
+
+
+def test_round_robin_in_turn_and_weighted_smoothly() -> None:
+    plain = BackendPool(("a", "b", "c"))
+    assert "".join(plain.order()[0] for _ in range(6)) == "abcabc"
+    pool = BackendPool(("a", "b", "c"), weights=(5, 1, 1))
+    picks = "".join(pool.order()[0] for _ in range(7))
+    assert picks == "aabacaa"  # nginx's example: spread, not aaaaabc
+    assert _firsts(pool, 700) == {"a": 500, "b": 100, "c": 100}
+
+
+def test_backups_only_after_every_primary() -> None:
+    pool = BackendPool(("p1", "p2", "b1", "b2"), backups=(False, False, True, True))
+    for _ in range(10):
+        assert set(pool.order()[:2]) == {"p1", "p2"}
+    assert {pool.order()[2] for _ in range(4)} == {"b1", "b2"}  # balanced among themselves
+
+
+def test_least_conn_takes_the_fewest_open_for_its_weight_and_ties_in_turn() -> None:
+    pool = BackendPool(("a", "b", "c"), balance=Balance.LEAST_CONN)
+    assert {pool.order()[0] for _ in range(3)} == {"a", "b", "c"}  # all 0: in turn
+    for _ in range(3):
+        pool.opened("a")
+    pool.opened("b")
+    assert pool.order()[0] == "c"
+    pool.opened("c")
+    assert {pool.order()[0] for _ in range(4)} == {"b", "c"}
+    for _ in range(3):
+        pool.closed("a")
+    assert pool.order()[0] == "a"
+    assert pool.open_connections("a") == 0
+    weighted = BackendPool(("a", "b"), weights=(4, 1), balance=Balance.LEAST_CONN)
+    for _ in range(3):
+        weighted.opened("a")  # 3/4 < 1/1
+    weighted.opened("b")
+    assert weighted.order()[0] == "a"
+
+
+def test_two_choices_never_pick_the_loaded_one_of_the_pair() -> None:
+    pool = BackendPool(("a", "b", "c"), balance=Balance.RANDOM, rng=random.Random(1))
+    for _ in range(50):
+        pool.opened("a")
+    counts = _firsts(pool, 3000)
+    assert counts["a"] == 0  # any pair that holds a has a less loaded other
+    assert counts["b"] > 1000
+    assert counts["c"] > 1000
+
+
+def _clients(count: int) -> list[int]:
+    return [client_key(f"198.51.{i // 250}.{i % 250}", 128) for i in range(count)]
+
+
+def test_source_hash_keeps_a_client_and_moves_only_a_removed_backends_clients() -> None:
+    clients = _clients(3000)
+    whole = BackendPool(NAMES[:5], balance=Balance.SOURCE_HASH)
+    before = {client: whole.order(client)[0] for client in clients}
+    assert all(whole.order(client)[0] == before[client] for client in clients[:200])
+    shares = Counter(before.values())
+    assert min(shares.values()) > 450  # about 600 each
+    gone = NAMES[2]
+    smaller = BackendPool(tuple(n for n in NAMES[:5] if n != gone), balance=Balance.SOURCE_HASH)
+    for client in clients:
+        after = smaller.order(client)[0]
+        if before[client] != gone:
+            assert after == before[client]
+        else:
+            assert after == whole.order(client)[1]  # its next choice, as failover had it
+
+
+def test_source_hash_is_the_same_in_every_process() -> None:
+    """Seeds come from the backends' names (blake2b), not Python's per-process hash:
+    other processes with other hash seeds order every client the same way."""
+    script = (
+        "from l4proxy.balancing import BackendPool, Balance\n"
+        "from l4proxy.admission import client_key\n"
+        f"pool = BackendPool({NAMES[:4]!r}, balance=Balance.SOURCE_HASH)\n"
+        "print([pool.order(client_key(f'203.0.113.{i}', 128)) for i in range(50)])\n"
+    )
+    pool = BackendPool(NAMES[:4], balance=Balance.SOURCE_HASH)
+    here = repr([pool.order(client_key(f"203.0.113.{i}", 128)) for i in range(50)])
+    for seed in ("1", "2"):
+        done = subprocess.run(
+            [sys.executable, "-c", script],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "PYTHONHASHSEED": seed},
+        )
+        assert done.stdout.strip() == here
+
+
+def test_source_hash_weights_share_clients() -> None:
+    pool = BackendPool(("a", "b"), weights=(3, 1), balance=Balance.SOURCE_HASH)
+    shares = Counter(pool.order(client)[0] for client in _clients(4000))
+    assert 2700 < shares["a"] < 3300
+
+
+def test_a_client_without_an_address_goes_round_robin() -> None:
+    pool = BackendPool(("a", "b"), balance=Balance.SOURCE_HASH)
+    assert [pool.order(None)[0] for _ in range(4)] == ["a", "b", "a", "b"]
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"weights": (1,)}, "parallel"),
+        ({"weights": (0, 1)}, "at least 1"),
+        ({"backups": (True,)}, "parallel"),
+    ],
+)
+def test_bad_pools_are_refused(settings: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        BackendPool(("a", "b"), **settings)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="at least one backend"):
+        BackendPool(())
