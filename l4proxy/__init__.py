@@ -5,6 +5,8 @@ The public API is what this module exports; everything else is internal.
 
 from ._version import __version__
 from .addresses import Address, TCPAddress, UnixAddress, parse_address
+from .backends import Backend
+from .balancing import Balance
 from .config import (
     CertKey,
     Config,
@@ -33,6 +35,8 @@ from .server import BoundAddress, ListenerStats, PipeStats, Proxy
 __all__ = [
     "AccessRecord",
     "Address",
+    "Backend",
+    "Balance",
     "BoundAddress",
     "CertKey",
     "ClientHelloError",

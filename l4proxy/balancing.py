@@ -95,6 +95,7 @@ class BackendPool(Generic[T]):
         "_weights",
         "backends",
         "balance",
+        "counts_open",
     )
 
     def __init__(
@@ -114,6 +115,8 @@ class BackendPool(Generic[T]):
             raise ValueError("a backend pool needs at least one backend")
         self.backends = backends
         self.balance = Balance(balance)
+        #: Whether the caller should report connections opened and closed.
+        self.counts_open = self.balance in (Balance.LEAST_CONN, Balance.RANDOM)
         self._weights = tuple(weights) if weights is not None else (1,) * count
         flags = tuple(backups) if backups is not None else (False,) * count
         if len(self._weights) != count or len(flags) != count:

@@ -194,6 +194,12 @@ class SecondsType(click.ParamType[float, str]):
     help="Start every backend connection with a PROXY protocol header of this version.",
 )
 @click.option(
+    "--balance",
+    type=click.Choice(["round-robin", "least-conn", "random", "source-hash"]),
+    help="How a backend is picked: in turn, the fewest open connections, the less loaded "
+    "of two at random, or by the client's address.  [default: round-robin]",
+)
+@click.option(
     "--source-address",
     metavar="ADDR",
     help="Make backend connections from this local IP address (the kernel picks the port).",

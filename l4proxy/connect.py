@@ -94,11 +94,13 @@ async def connect_with_failover(
     *,
     attempt_seconds: float,
     source: str | None = None,
+    client: int | None = None,
 ) -> tuple[Dialed, Target]:
     """Connect to the first backend that accepts, trying each at most once.
 
     Args:
         pool: gives the order of this connection's attempts.
+        client: the client's key, for pools balanced by ``source-hash``.
         connect: the embedder's connector, or ``None`` for the default.
         attempt_seconds: the most one attempt may take.
         source: the local address TCP connections are made from (``source_address``);
@@ -115,7 +117,7 @@ async def connect_with_failover(
         each and why.
     """
     attempts: list[tuple[str, str]] = []
-    for backend in pool.order():
+    for backend in pool.order(client):
         try:
             if connect is None and backend.sockaddr is not None:
                 return await _dial_socket(backend, attempt_seconds, source), backend

@@ -26,7 +26,8 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
     from .addresses import Address
-    from .connect import Connector, Dialed
+    from .balancing import BackendPool
+    from .connect import Connector, Dialed, Target
     from .runtime import ListenerRuntime
     from .splice import SpliceLink
 
@@ -81,6 +82,7 @@ class Connection:
         "backend",
         "client",
         "client_key",
+        "counted",
         "proxied_local",
         "record",
         "replay",
@@ -102,6 +104,8 @@ class Connection:
         self.replay = b""  # passthrough: what was read of the ClientHello, for the backend
         self.session_key: bytes | None = None  # in shared.sessions while the connection lives
         self.client_key: int | None = None  # counted in runtime.live.clients while it lives
+        #: The pool and backend this connection is counted open at (least-conn, random).
+        self.counted: tuple[BackendPool[Target], Target] | None = None
         #: The address the client connected to, as a trusted PROXY header gave it.
         self.proxied_local: Address | None = None
         #: The backend's own address when the key was noted (family, (host, port)): what
@@ -175,6 +179,9 @@ def finish(connection: Connection) -> None:
         runtime.live.clients.release(
             connection.client_key, trio.current_time(), runtime.config.rate_per_ip
         )
+    if connection.counted is not None:
+        pool, target = connection.counted
+        pool.closed(target)
     if connection.session_key is not None:
         connection.shared.sessions.discard(connection.session_key, connection)
     if record.outcome is None:

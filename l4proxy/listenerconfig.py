@@ -16,6 +16,8 @@ import attrs
 from cryptography import x509
 
 from .addresses import Address, Role, TCPAddress, UnixAddress, parse_address
+from .backends import Backend, Backends, to_backends
+from .balancing import Balance
 from .configkeys import check_kinds, key
 from .configkinds import (
     Addresses,
@@ -116,10 +118,6 @@ def _listen_addresses(values: Iterable[Address | str] | Address | str) -> tuple[
     return _to_addresses(values, "listen")
 
 
-def _backend_addresses(values: Iterable[Address | str] | Address | str) -> tuple[Address, ...]:
-    return _to_addresses(values, "backend")
-
-
 def _proxy_protocol(value: ProxyProtocol | str | None) -> ProxyProtocol | None:
     if value is None:
         return None
@@ -127,6 +125,14 @@ def _proxy_protocol(value: ProxyProtocol | str | None) -> ProxyProtocol | None:
         return ProxyProtocol(value)
     except ValueError:
         raise ConfigError(f"proxy_protocol: expected 'v1' or 'v2', got {value!r}") from None
+
+
+def _balance(value: Balance | str) -> Balance:
+    try:
+        return Balance(value)
+    except ValueError:
+        choices = ", ".join(repr(str(member)) for member in Balance)
+        raise ConfigError(f"balance: expected one of {choices}, got {value!r}") from None
 
 
 def _log_format(value: LogFormat | str) -> LogFormat:
@@ -273,12 +279,13 @@ class RouteConfig:
     sni: tuple[str, ...] = attrs.field(
         converter=_server_names, metadata=key(Strings(), required=True)
     )
-    backends: tuple[Address, ...] = attrs.field(
-        converter=_backend_addresses,
-        validator=_non_empty,
-        metadata=key(Addresses("backend"), required=True),
+    backends: tuple[Backend, ...] = attrs.field(
+        converter=to_backends, validator=_non_empty, metadata=key(Backends(), required=True)
     )
     alpn: tuple[str, ...] = attrs.field(default=(), converter=_strings, metadata=key(Strings()))
+    balance: Balance | None = attrs.field(
+        default=None, converter=attrs.converters.optional(_balance), metadata=key(Choice(Balance))
+    )
 
 
 def _routes(values: Iterable[RouteConfig]) -> tuple[RouteConfig, ...]:
@@ -292,7 +299,10 @@ class ListenerConfig:
     Attributes:
         name: appears in the access log; defaults to the first listen address.
         listen: addresses to accept on; ``:PORT`` binds every interface (IPv4 and IPv6).
-        backends: the pool, tried round-robin; each at most once per client connection.
+        backends: the pool, each tried at most once per client connection, the first
+            as ``balance`` picks it.
+        balance: ``round-robin``, ``least-conn``, ``random`` (two choices) or
+            ``source-hash`` (:mod:`l4proxy.balancing`); a route may set its own.
         connect_timeout: seconds allowed per backend connect attempt.
         idle_timeout: seconds without a byte in either direction before both sides are
             closed; ``0`` turns it off.
@@ -333,10 +343,10 @@ class ListenerConfig:
         validator=_non_empty,
         metadata=key(Addresses("listen"), flag="--listen", required=True),
     )
-    backends: tuple[Address, ...] = attrs.field(
+    backends: tuple[Backend, ...] = attrs.field(
         default=(),
-        converter=_backend_addresses,
-        metadata=key(Addresses("backend"), flag="--backend", required=True, unless="routes"),
+        converter=to_backends,
+        metadata=key(Backends(), flag="--backend", required=True, unless="routes"),
     )
     name: str = attrs.field(metadata=key(Text()))
     tls: TLSConfig | None = attrs.field(default=None, metadata=key(Table(TLSConfig)))
@@ -405,6 +415,11 @@ class ListenerConfig:
         converter=_proxy_protocol,
         metadata=key(Choice(ProxyProtocol), flag="--proxy-protocol", inherit=True),
     )
+    balance: Balance = attrs.field(
+        default=Balance.ROUND_ROBIN,
+        converter=_balance,
+        metadata=key(Choice(Balance), flag="--balance", inherit=True),
+    )
     source_address: str | None = attrs.field(
         default=None, metadata=key(IPAddress(), flag="--source-address", inherit=True)
     )
@@ -423,7 +438,7 @@ class ListenerConfig:
             return []
         version = ipaddress.ip_address(self.source_address).version
         pools = [self.backends, *(route.backends for route in self.routes)]
-        for address in (address for pool in pools for address in pool):
+        for address in (backend.address for pool in pools for backend in pool):
             host = getattr(address, "host", None)
             try:
                 other = ipaddress.ip_address(host).version if host else version

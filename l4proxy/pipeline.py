@@ -38,6 +38,8 @@ from typing import TYPE_CHECKING
 import trio
 
 from .addresses import TCPAddress
+from .admission import key_of, parse_client
+from .balancing import Balance
 from .connect import connect_with_failover
 from .connection import Connection, finish
 from .errors import UpstreamConnectError
@@ -151,19 +153,38 @@ def _no_default(listener: str) -> str:
 
 
 async def _connect(connection: Connection, pool: BackendPool[Target]) -> None:
-    """Step 7: the first backend of the pool that accepts, each tried at most once."""
+    """Step 7: the first backend of the pool that accepts, each tried at most once, in
+    the order the pool's balancing gives; counted open for the methods that count."""
+    client = _hash_key(connection) if pool.balance is Balance.SOURCE_HASH else None
     try:
         backend, target = await connect_with_failover(
             pool,
             connection.shared.connect,
             attempt_seconds=connection.runtime.config.connect_timeout,
             source=connection.runtime.config.source_address,
+            client=client,
         )
     except UpstreamConnectError as exc:
         reasons = "; ".join(f"{address}: {reason}" for address, reason in exc.attempts)
         raise Ended(Outcome.CONNECT_FAILED, reasons) from None
     connection.backend = backend
     connection.record.backend = target.address
+    if pool.counts_open:
+        pool.opened(target)
+        connection.counted = (pool, target)
+
+
+def _hash_key(connection: Connection) -> int | None:
+    """The key ``source-hash`` hashes: the client's whole address (the one a trusted
+    PROXY header named, if any); ``None`` for a client without one (a Unix socket)."""
+    record = connection.record
+    client = record.proxied_client or record.client
+    if not isinstance(client, TCPAddress) or not client.host:
+        return None
+    try:
+        return key_of(parse_client(client.host), 128)
+    except ValueError:
+        return None
 
 
 def _splice_link(

@@ -15,7 +15,7 @@ import attrs
 
 from .accesslog import FileSink, LoggerSink
 from .admission import AccessList, ClientLimits
-from .balancing import BackendPool
+from .balancing import BackendPool, Balance
 from .connect import Target, target
 from .protocols.builtin import BUILTIN_PREAMBLES
 from .protocols.dialogue import DialogueSettings, Preamble
@@ -25,7 +25,7 @@ from .tls import BackendTLS, build_server_tls
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-    from .addresses import Address
+    from .backends import Backend
     from .config import Config, ListenerConfig, LogFormat
     from .splice import PipePool
     from .tls import ServerTLS
@@ -194,15 +194,23 @@ def build_runtimes(
     return runtimes
 
 
-def _pool(addresses: tuple[Address, ...]) -> BackendPool[Target]:
-    return BackendPool(tuple(target(address) for address in addresses))
+def _pool(backends: tuple[Backend, ...], balance: Balance) -> BackendPool[Target]:
+    return BackendPool(
+        tuple(target(backend.address) for backend in backends),
+        weights=[backend.weight for backend in backends],
+        backups=[backend.backup for backend in backends],
+        balance=balance,
+        names=[str(backend.address) for backend in backends],
+    )
 
 
 def _router(listener: ListenerConfig) -> Router[BackendPool[Target]]:
-    return Router(
-        [(route.sni, route.alpn, _pool(route.backends)) for route in listener.routes],
-        default=_pool(listener.backends) if listener.backends else None,
-    )
+    routes = [
+        (route.sni, route.alpn, _pool(route.backends, route.balance or listener.balance))
+        for route in listener.routes
+    ]
+    default = _pool(listener.backends, listener.balance) if listener.backends else None
+    return Router(routes, default=default)
 
 
 def _sink(listener: ListenerConfig, default: Sink, files: dict[str, FileSink]) -> Sink:

@@ -6,6 +6,7 @@ import attrs
 import pytest
 
 from l4proxy import (
+    Backend,
     CertKey,
     Config,
     ConfigError,
@@ -36,7 +37,7 @@ def test_minimal_listener_gets_documented_defaults() -> None:
     config = Config.from_mapping(listeners({"listen": [":5432"], "backends": ["10.0.0.5:5432"]}))
     (listener,) = config.listeners
     assert listener.listen == (TCPAddress(None, 5432),)
-    assert listener.backends == (TCPAddress("10.0.0.5", 5432),)
+    assert listener.backends == (Backend(TCPAddress("10.0.0.5", 5432)),)
     assert listener.name == ":5432"
     assert (listener.connect_timeout, listener.idle_timeout, listener.drain_timeout) == (
         5.0,
@@ -69,7 +70,7 @@ def test_top_level_settings_are_defaults_and_listeners_override_them() -> None:
     assert pg.connect_timeout == redis.connect_timeout == 2.0
     assert (pg.idle_timeout, redis.idle_timeout) == (60.0, 5.5)
     assert pg.log_format is redis.log_format is LogFormat.JSON
-    assert pg.backends == (UnixAddress("/run/pg.sock"),)
+    assert pg.backends == (Backend(UnixAddress("/run/pg.sock")),)
     assert pg.listen == (TCPAddress("127.0.0.1", 5432),)
 
 
@@ -116,7 +117,7 @@ def test_every_problem_is_reported_at_once_with_its_path() -> None:
         ),
         (
             listeners({"listen": [":1"], "backends": [5432]}),
-            "listeners[0].backends[0]: expected an address string, got an integer",
+            "listeners[0].backends[0]: expected an address string or a table, got an integer",
         ),
         (
             listeners({"listen": [":1"], "backends": ["a:1"], "connect_timeout": 0}),
@@ -483,6 +484,7 @@ def test_listener_settings_are_top_level_defaults_from_the_table() -> None:
         "source_address",
         "proxy_protocol",
         "accept_proxy_protocol",
+        "balance",
     }
     assert set(top_level_keys()) == {
         "listeners", "log_level", "workers", "max_connections", *inherited

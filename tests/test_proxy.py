@@ -447,7 +447,7 @@ async def test_reload_changes_backends_for_new_connections_only(nursery: trio.Nu
                 ]
             )
         )
-    assert proxy.config.listeners[0].backends == (l4proxy.parse_address(new, role="backend"),)
+    assert proxy.config.listeners[0].backends == (l4proxy.Backend(new),)
 
 
 async def test_handle_stream_serves_a_connection_the_host_app_accepted(
