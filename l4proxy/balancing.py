@@ -23,6 +23,15 @@ The methods (``balance``, issue #11):
 
 The caller tells the pool when a connection to a backend opens and closes
 (:meth:`BackendPool.opened`, :meth:`BackendPool.closed`) for the methods that count.
+
+Passive health: the caller also reports each connect attempt
+(:meth:`BackendPool.failed`, :meth:`BackendPool.succeeded`). A failed connect marks
+the backend down for a back-off, 1 s at first and doubling each time the try after
+its back-off fails too, up to 30 s (nginx's ``max_fails = 1``: a backend that drops SYNs
+would otherwise cost each new client a whole connect timeout); a down backend is left
+out of :meth:`~BackendPool.order` until its back-off has passed, then tried again by
+the next connection; a successful connect marks it up and resets the back-off. When
+every backend is down, ``order`` is empty: the connection fails at once.
 """
 
 from __future__ import annotations
@@ -36,7 +45,11 @@ from typing import TYPE_CHECKING, Generic, TypeVar
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-__all__ = ["BackendPool", "Balance", "stable_seed"]
+__all__ = ["BACKOFF_MAX", "BACKOFF_MIN", "BackendPool", "Balance", "stable_seed"]
+
+#: A failed backend's first back-off, and the most it doubles to.
+BACKOFF_MIN = 1.0
+BACKOFF_MAX = 30.0
 
 T = TypeVar("T")
 
@@ -83,9 +96,11 @@ class BackendPool(Generic[T]):
     """
 
     __slots__ = (
+        "_backoff",
         "_backups",
         "_current",
         "_cursor",
+        "_down_until",
         "_equal",
         "_index",
         "_open",
@@ -96,6 +111,8 @@ class BackendPool(Generic[T]):
         "backends",
         "balance",
         "counts_open",
+        "down",
+        "empty_reported",
     )
 
     def __init__(
@@ -130,25 +147,37 @@ class BackendPool(Generic[T]):
         self._open = [0] * count
         self._current = [0] * count  # smooth weighted round-robin's running scores
         self._cursor = 0
+        #: How many backends are marked down (their back-off may have passed).
+        self.down = 0
+        #: When a connection last found every backend down and it was logged.
+        self.empty_reported = -math.inf
+        self._down_until = [0.0] * count  # 0: up
+        self._backoff = [0.0] * count  # the next back-off; 0: none yet
         self._random = rng or random.Random()
         labels = names if names is not None else [str(backend) for backend in backends]
         self._seeds = tuple(stable_seed(label) for label in labels)
 
     # ------------------------------------------------------------------ choosing
 
-    def order(self, client: int | None = None) -> tuple[T, ...]:
-        """The backends in the order this connection should try them. ``client``: the
-        client's key (:func:`l4proxy.admission.key_of` with a full-length prefix), for
-        ``source-hash``."""
+    def order(self, client: int | None = None, now: float = 0.0) -> tuple[T, ...]:
+        """The backends in the order this connection should try them, down ones left
+        out (empty when all are down). ``client``: the client's key
+        (:func:`l4proxy.admission.key_of` with a full-length prefix), for
+        ``source-hash``; ``now``: the clock :meth:`failed` was given."""
         balance = self.balance
-        if balance is Balance.ROUND_ROBIN and self._equal:  # the common case, cheaply
+        if balance is Balance.ROUND_ROBIN and self._equal and not self.down:  # cheaply
             start = self._cursor
             backends = self.backends
             self._cursor = (start + 1) % len(backends)
             return backends if start == 0 else backends[start:] + backends[:start]
-        indexes = self._ranked(self._primaries, client)
-        if self._backups:
-            indexes += self._ranked(self._backups, client)
+        primaries, backups = self._primaries, self._backups
+        if self.down:
+            until = self._down_until
+            primaries = tuple(i for i in primaries if until[i] <= now)
+            backups = tuple(i for i in backups if until[i] <= now)
+        indexes = self._ranked(primaries, client)
+        if backups:
+            indexes += self._ranked(backups, client)
         backends = self.backends
         return tuple(backends[i] for i in indexes)
 
@@ -224,6 +253,41 @@ class BackendPool(Generic[T]):
             return -weights[i] / math.log(unit)
 
         return sorted(group, key=score, reverse=True)
+
+    # ------------------------------------------------------------------ health
+
+    def failed(self, backend: T, now: float) -> float | None:
+        """A connect to ``backend`` failed at ``now``: down for its back-off (doubled if
+        this was the try after a back-off). Returns the back-off if this marked it down
+        (it was up), else ``None``."""
+        i = self._index.get(backend)
+        if i is None or self._down_until[i] > now:
+            return None  # down already: an attempt that started before it was marked
+        was_up = self._down_until[i] == 0.0
+        backoff = self._backoff[i] = min(BACKOFF_MAX, max(BACKOFF_MIN, 2 * self._backoff[i]))
+        self._down_until[i] = now + backoff
+        if was_up:
+            self.down += 1
+            return backoff
+        return None
+
+    def succeeded(self, backend: T) -> bool:
+        """A connect to ``backend`` succeeded: up, its back-off reset. ``True`` if this
+        marked it up (it was down)."""
+        i = self._index.get(backend)
+        if i is None:
+            return False
+        self._backoff[i] = 0.0
+        if self._down_until[i] == 0.0:
+            return False
+        self._down_until[i] = 0.0
+        self.down -= 1
+        return True
+
+    def is_up(self, backend: T) -> bool:
+        """Whether ``backend`` is up (not marked down by a failed connect)."""
+        i = self._index.get(backend)
+        return i is None or self._down_until[i] == 0.0
 
     # ------------------------------------------------------------------ counting
 

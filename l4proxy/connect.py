@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import ipaddress
+import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable
@@ -35,6 +36,15 @@ from .errors import UpstreamConnectError
 
 if TYPE_CHECKING:
     from .balancing import BackendPool
+
+#: Backends going down and up (passive health), one line per change.
+HEALTH = logging.getLogger("l4proxy.health")
+
+#: Connect failures that are this machine's, not the backend's: out of descriptors,
+#: memory, buffers or local ports. They do not mark a backend down.
+LOCAL_ERRNOS = frozenset(
+    {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL}
+)
 
 #: How the proxy dials a backend; injectable, after Go tcpproxy's ``DialContext``.
 Connector = Callable[[Address], Awaitable[trio.abc.Stream]]
@@ -112,18 +122,33 @@ async def connect_with_failover(
 
     Error handling:
         A refusal, a resolution failure, a socket that cannot be made (``EMFILE``) or
-        an attempt running out of time moves on to the next backend. When every
-        backend failed, raises :class:`~l4proxy.errors.UpstreamConnectError` listing
-        each and why.
+        an attempt running out of time moves on to the next backend, and marks the
+        one that failed down for its back-off (passive health, logged once per change
+        on ``l4proxy.health``). When every backend failed, raises
+        :class:`~l4proxy.errors.UpstreamConnectError` listing each and why; with no
+        attempt at all when every backend was down already.
     """
     attempts: list[tuple[str, str]] = []
-    for backend in pool.order(client):
+    for backend in pool.order(client, trio.current_time()):
         try:
             if connect is None and backend.sockaddr is not None:
-                return await _dial_socket(backend, attempt_seconds, source), backend
-            return await dial_connector(backend, connect, attempt_seconds, source), backend
+                dialed: Dialed = await _dial_socket(backend, attempt_seconds, source)
+            else:
+                dialed = await dial_connector(backend, connect, attempt_seconds, source)
         except OSError as exc:
-            attempts.append((str(backend.address), describe_os_error(exc)))
+            reason = describe_os_error(exc)
+            attempts.append((str(backend.address), reason))
+            if exc.errno in LOCAL_ERRNOS:
+                continue  # this machine's shortage, not the backend's fault
+            backoff = pool.failed(backend, trio.current_time())
+            if backoff is not None:
+                HEALTH.warning(
+                    "backend %s down: %s (left out for %gs)", backend.address, reason, backoff
+                )
+            continue
+        if pool.down and pool.succeeded(backend):
+            HEALTH.warning("backend %s up: connected", backend.address)
+        return dialed, backend
     raise UpstreamConnectError(tuple(attempts))
 
 

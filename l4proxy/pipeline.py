@@ -40,7 +40,7 @@ import trio
 from .addresses import TCPAddress
 from .admission import key_of, parse_client
 from .balancing import Balance
-from .connect import connect_with_failover
+from .connect import HEALTH, connect_with_failover
 from .connection import Connection, finish
 from .errors import UpstreamConnectError
 from .preamble import backend_preamble, client_preamble
@@ -165,6 +165,9 @@ async def _connect(connection: Connection, pool: BackendPool[Target]) -> None:
             client=client,
         )
     except UpstreamConnectError as exc:
+        if not exc.attempts:  # every backend down: fail fast, say so now and then
+            _report_all_down(connection, pool)
+            raise Ended(Outcome.NO_BACKEND, "every backend of the pool is down") from None
         reasons = "; ".join(f"{address}: {reason}" for address, reason in exc.attempts)
         raise Ended(Outcome.CONNECT_FAILED, reasons) from None
     connection.backend = backend
@@ -172,6 +175,24 @@ async def _connect(connection: Connection, pool: BackendPool[Target]) -> None:
     if pool.counts_open:
         pool.opened(target)
         connection.counted = (pool, target)
+
+
+#: The least time between two "every backend down" lines of one pool.
+ALL_DOWN_REPORT_SECONDS = 10.0
+
+
+def _report_all_down(connection: Connection, pool: BackendPool[Target]) -> None:
+    now = trio.current_time()
+    if now - pool.empty_reported >= ALL_DOWN_REPORT_SECONDS:
+        pool.empty_reported = now
+        HEALTH.error(
+            "listener %r route %s: every backend is down (%s); connections fail at once "
+            "until one is back (said at most every %gs)",
+            connection.runtime.config.name,
+            connection.record.route or "default",
+            ", ".join(str(target.address) for target in pool.backends),
+            ALL_DOWN_REPORT_SECONDS,
+        )
 
 
 def _hash_key(connection: Connection) -> int | None:

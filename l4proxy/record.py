@@ -35,6 +35,7 @@ class Outcome(enum.StrEnum):
     CONNECT_FAILED = "connect_failed"
     BAD_CLIENT_HELLO = "bad_client_hello"
     NO_ROUTE = "no_route"
+    NO_BACKEND = "no_backend"
     HANDSHAKE_TIMEOUT = "handshake_timeout"
     TLS_HANDSHAKE_FAILED = "tls_handshake_failed"
     CLIENT_CERT_REJECTED = "client_cert_rejected"

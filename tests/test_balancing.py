@@ -168,3 +168,39 @@ def test_bad_pools_are_refused(settings: dict[str, object], message: str) -> Non
         BackendPool(("a", "b"), **settings)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="at least one backend"):
         BackendPool(())
+
+
+def test_a_failed_backend_is_left_out_for_a_doubling_back_off() -> None:
+    pool = BackendPool(("a", "b", "c"))
+    assert pool.failed("b", 100.0) == 1.0  # marked down: the back-off
+    assert pool.failed("b", 100.2) is None  # an attempt that started before: no change
+    assert not pool.is_up("b")
+    for _ in range(6):
+        assert "b" not in pool.order(now=100.5)
+    assert "b" in pool.order(now=101.0)  # the back-off passed: tried again
+    assert pool.failed("b", 101.0) is None  # failed again: down for longer
+    assert "b" not in pool.order(now=102.5)
+    assert "b" in pool.order(now=103.0)
+    backoffs = []
+    now = 103.0
+    for _ in range(6):
+        pool.failed("b", now)
+        backoff = next(
+            t for t in (0.5 * k for k in range(1, 200)) if "b" in pool.order(now=now + t)
+        )
+        backoffs.append(backoff)
+        now += backoff
+    assert backoffs == [4.0, 8.0, 16.0, 30.0, 30.0, 30.0]
+    assert pool.succeeded("b") is True  # up, the back-off reset
+    assert pool.succeeded("b") is False
+    assert pool.failed("b", now) == 1.0
+
+
+def test_all_down_is_an_empty_order_and_backups_stand_in() -> None:
+    pool = BackendPool(("p", "s"), backups=(False, True), balance=Balance.LEAST_CONN)
+    pool.failed("p", 10.0)
+    assert pool.order(now=10.1) == ("s",)
+    pool.failed("s", 10.1)
+    assert pool.order(now=10.2) == ()
+    pool.succeeded("p")
+    assert pool.order(now=10.3) == ("p",)
