@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Generic, TypeVar
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-__all__ = ["BACKOFF_MAX", "BACKOFF_MIN", "BackendPool", "Balance", "stable_seed"]
+__all__ = ["BACKOFF_MAX", "BACKOFF_MIN", "BackendPool", "Balance", "HealthBoard", "stable_seed"]
 
 #: A failed backend's first back-off, and the most it doubles to.
 BACKOFF_MIN = 1.0
@@ -83,6 +83,33 @@ def _fold(client: int) -> int:
     return (client ^ (client >> 64) ^ (client >> 128) * 0x9E3779B97F4A7C15) & _M64
 
 
+class HealthBoard:
+    """How many backends are marked down, over every pool built on it: one per proxy.
+
+    Pools built by a reload share their predecessors' per-backend state, and a backend
+    goes down or up once whichever pool saw it, so one count stays true for all of
+    them; while it is 0 no pool filters its order (the fast path).
+    """
+
+    __slots__ = ("down",)
+
+    def __init__(self) -> None:
+        self.down = 0
+
+
+class _Cell:
+    """One backend's state in a pool, shared with the pools that succeed it."""
+
+    __slots__ = ("backoff", "current", "down_until", "open", "retired")
+
+    def __init__(self) -> None:
+        self.open = 0  # connections open to it through the pool
+        self.current = 0  # smooth weighted round-robin's running score
+        self.down_until = 0.0  # 0: up
+        self.backoff = 0.0  # the last back-off; 0: none yet
+        self.retired = False  # gone from the configuration: its health no longer counts
+
+
 class BackendPool(Generic[T]):
     """A pool's backends and the state its balancing method keeps.
 
@@ -96,22 +123,20 @@ class BackendPool(Generic[T]):
     """
 
     __slots__ = (
-        "_backoff",
         "_backups",
-        "_current",
+        "_cells",
         "_cursor",
-        "_down_until",
         "_equal",
         "_index",
-        "_open",
+        "_names",
         "_primaries",
         "_random",
         "_seeds",
         "_weights",
         "backends",
         "balance",
+        "board",
         "counts_open",
-        "down",
         "empty_reported",
     )
 
@@ -124,6 +149,7 @@ class BackendPool(Generic[T]):
         balance: Balance = Balance.ROUND_ROBIN,
         names: Sequence[str] | None = None,
         rng: random.Random | None = None,
+        board: HealthBoard | None = None,
     ) -> None:
         """``weights`` (default 1 each), ``backups`` (default none) and ``names`` (the
         hashing identity, default ``str`` of each backend) run parallel to ``backends``."""
@@ -144,18 +170,15 @@ class BackendPool(Generic[T]):
         self._backups = tuple(i for i in range(count) if flags[i])
         self._equal = len(set(self._weights)) == 1 and not self._backups
         self._index = {backend: i for i, backend in enumerate(backends)}
-        self._open = [0] * count
-        self._current = [0] * count  # smooth weighted round-robin's running scores
+        self._cells = [_Cell() for _ in range(count)]
         self._cursor = 0
-        #: How many backends are marked down (their back-off may have passed).
-        self.down = 0
+        #: Counts the backends marked down, of every pool sharing it (the proxy's).
+        self.board = board if board is not None else HealthBoard()
         #: When a connection last found every backend down and it was logged.
         self.empty_reported = -math.inf
-        self._down_until = [0.0] * count  # 0: up
-        self._backoff = [0.0] * count  # the next back-off; 0: none yet
         self._random = rng or random.Random()
-        labels = names if names is not None else [str(backend) for backend in backends]
-        self._seeds = tuple(stable_seed(label) for label in labels)
+        self._names = tuple(names if names is not None else [str(b) for b in backends])
+        self._seeds = tuple(stable_seed(label) for label in self._names)
 
     # ------------------------------------------------------------------ choosing
 
@@ -165,16 +188,16 @@ class BackendPool(Generic[T]):
         (:func:`l4proxy.admission.key_of` with a full-length prefix), for
         ``source-hash``; ``now``: the clock :meth:`failed` was given."""
         balance = self.balance
-        if balance is Balance.ROUND_ROBIN and self._equal and not self.down:  # cheaply
+        if balance is Balance.ROUND_ROBIN and self._equal and not self.board.down:  # cheaply
             start = self._cursor
             backends = self.backends
             self._cursor = (start + 1) % len(backends)
             return backends if start == 0 else backends[start:] + backends[:start]
         primaries, backups = self._primaries, self._backups
-        if self.down:
-            until = self._down_until
-            primaries = tuple(i for i in primaries if until[i] <= now)
-            backups = tuple(i for i in backups if until[i] <= now)
+        if self.board.down:
+            cells = self._cells
+            primaries = tuple(i for i in primaries if cells[i].down_until <= now)
+            backups = tuple(i for i in backups if cells[i].down_until <= now)
         indexes = self._ranked(primaries, client)
         if backups:
             indexes += self._ranked(backups, client)
@@ -202,18 +225,18 @@ class BackendPool(Generic[T]):
     def _smooth_weighted(self, group: tuple[int, ...]) -> int:
         """nginx's smooth weighted round-robin: add each weight to its score, take the
         highest score, take the group's total weight off the one taken."""
-        current, weights = self._current, self._weights
+        cells, weights = self._cells, self._weights
         best, total = group[0], 0
         for i in group:
-            current[i] += weights[i]
+            cells[i].current += weights[i]
             total += weights[i]
-            if current[i] > current[best]:
+            if cells[i].current > cells[best].current:
                 best = i
-        current[best] -= total
+        cells[best].current -= total
         return best
 
     def _load(self, i: int) -> float:
-        return self._open[i] / self._weights[i]
+        return self._cells[i].open / self._weights[i]
 
     def _least_loaded(self, group: tuple[int, ...]) -> int:
         """The fewest open connections for its weight; ties in turn."""
@@ -261,14 +284,17 @@ class BackendPool(Generic[T]):
         this was the try after a back-off). Returns the back-off if this marked it down
         (it was up), else ``None``."""
         i = self._index.get(backend)
-        if i is None or self._down_until[i] > now:
+        if i is None:
+            return None
+        cell = self._cells[i]
+        if cell.retired or cell.down_until > now:
             return None  # down already: an attempt that started before it was marked
-        was_up = self._down_until[i] == 0.0
-        backoff = self._backoff[i] = min(BACKOFF_MAX, max(BACKOFF_MIN, 2 * self._backoff[i]))
-        self._down_until[i] = now + backoff
+        was_up = cell.down_until == 0.0
+        cell.backoff = min(BACKOFF_MAX, max(BACKOFF_MIN, 2 * cell.backoff))
+        cell.down_until = now + cell.backoff
         if was_up:
-            self.down += 1
-            return backoff
+            self.board.down += 1
+            return cell.backoff
         return None
 
     def succeeded(self, backend: T) -> bool:
@@ -277,17 +303,46 @@ class BackendPool(Generic[T]):
         i = self._index.get(backend)
         if i is None:
             return False
-        self._backoff[i] = 0.0
-        if self._down_until[i] == 0.0:
+        cell = self._cells[i]
+        cell.backoff = 0.0
+        if cell.down_until == 0.0 or cell.retired:
             return False
-        self._down_until[i] = 0.0
-        self.down -= 1
+        cell.down_until = 0.0
+        self.board.down -= 1
         return True
 
     def is_up(self, backend: T) -> bool:
         """Whether ``backend`` is up (not marked down by a failed connect)."""
         i = self._index.get(backend)
-        return i is None or self._down_until[i] == 0.0
+        return i is None or self._cells[i].down_until == 0.0
+
+    @property
+    def down(self) -> int:
+        """How many backends are marked down, of every pool sharing this one's board
+        (0: none of this pool's either)."""
+        return self.board.down
+
+    def carry_over(self, old: BackendPool[T]) -> None:
+        """After a reload: take ``old``'s state for the backends both have (by name):
+        open connections (connections opened on ``old`` release them on the same
+        state), health and back-off, the weighted round-robin's scores; and its
+        rotation. The state of backends that are gone is retired (no longer down)."""
+        if old.board is not self.board:
+            raise ValueError("pools carry state over only on one health board")
+        found = {name: j for j, name in reversed(list(enumerate(old._names)))}
+        kept = set()
+        for i, name in enumerate(self._names):
+            j = found.get(name)
+            if j is not None and j not in kept:
+                kept.add(j)
+                self._cells[i] = old._cells[j]
+        for j, cell in enumerate(old._cells):
+            if j not in kept:
+                if cell.down_until and not cell.retired:
+                    self.board.down -= 1
+                cell.down_until, cell.retired = 0.0, True
+        self._cursor = old._cursor % len(self.backends)
+        self.empty_reported = old.empty_reported
 
     # ------------------------------------------------------------------ counting
 
@@ -295,15 +350,15 @@ class BackendPool(Generic[T]):
         """A connection to ``backend`` opened (after its connect succeeded)."""
         i = self._index.get(backend)
         if i is not None:
-            self._open[i] += 1
+            self._cells[i].open += 1
 
     def closed(self, backend: T) -> None:
         """A connection :meth:`opened` to ``backend`` ended."""
         i = self._index.get(backend)
-        if i is not None and self._open[i]:
-            self._open[i] -= 1
+        if i is not None and self._cells[i].open:
+            self._cells[i].open -= 1
 
     def open_connections(self, backend: T) -> int:
         """Connections open to ``backend`` through this pool right now."""
         i = self._index.get(backend)
-        return 0 if i is None else self._open[i]
+        return 0 if i is None else self._cells[i].open

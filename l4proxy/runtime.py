@@ -15,7 +15,7 @@ import attrs
 
 from .accesslog import FileSink, LoggerSink
 from .admission import AccessList, ClientLimits
-from .balancing import BackendPool, Balance
+from .balancing import BackendPool, Balance, HealthBoard
 from .connect import Target, target
 from .protocols.builtin import BUILTIN_PREAMBLES
 from .protocols.dialogue import DialogueSettings, Preamble
@@ -70,6 +70,8 @@ class ListenerRuntime:
     pipes: PipePool | None = None
     live: LiveCount = attrs.field(factory=LiveCount)
     server_name: str = "l4proxy"  # the name mail greetings give: the host's, by default
+    #: The pools behind the router, keyed as :func:`_pools` does (for reloads).
+    pools: Mapping[str, BackendPool[Target]] = attrs.field(factory=dict)
     preamble: Preamble | None = attrs.field(init=False)
     dialogue_settings: DialogueSettings = attrs.field(init=False)
     default_route: Route[BackendPool[Target]] | None = attrs.field(init=False)
@@ -155,6 +157,7 @@ def build_runtimes(
     file_sinks: Mapping[str, FileSink],
     live: Mapping[str, LiveCount],
     pipes: PipePool | None,
+    board: HealthBoard,
 ) -> dict[str, ListenerRuntime]:
     """A runtime per listener, by name.
 
@@ -169,9 +172,10 @@ def build_runtimes(
     server_name = socket.gethostname() or "l4proxy"
     sinks = dict(file_sinks)  # listeners naming one file share one sink (and its thread)
     for index, listener in enumerate(config.listeners):
+        pools = _pools(listener, board)
         runtimes[listener.name] = ListenerRuntime(
             listener,
-            _router(listener),
+            _router(listener, pools),
             _sink(listener, default_sink, sinks),
             server_tls=None
             if listener.tls is None
@@ -190,27 +194,46 @@ def build_runtimes(
             pipes=pipes if listener.splice else None,
             live=live.get(listener.name) or LiveCount(),
             server_name=server_name,
+            pools=pools,
         )
     return runtimes
 
 
-def _pool(backends: tuple[Backend, ...], balance: Balance) -> BackendPool[Target]:
+def _pool(
+    backends: tuple[Backend, ...], balance: Balance, board: HealthBoard
+) -> BackendPool[Target]:
     return BackendPool(
         tuple(target(backend.address) for backend in backends),
         weights=[backend.weight for backend in backends],
         backups=[backend.backup for backend in backends],
         balance=balance,
         names=[str(backend.address) for backend in backends],
+        board=board,
     )
 
 
-def _router(listener: ListenerConfig) -> Router[BackendPool[Target]]:
+def _pools(listener: ListenerConfig, board: HealthBoard) -> dict[str, BackendPool[Target]]:
+    """The listener's pools, keyed by what identifies a pool across reloads: ``default``
+    and each route's names and ALPN list."""
+    pools = {
+        f"sni={','.join(route.sni)} alpn={','.join(route.alpn)}": _pool(
+            route.backends, route.balance or listener.balance, board
+        )
+        for route in listener.routes
+    }
+    if listener.backends:
+        pools["default"] = _pool(listener.backends, listener.balance, board)
+    return pools
+
+
+def _router(
+    listener: ListenerConfig, pools: Mapping[str, BackendPool[Target]]
+) -> Router[BackendPool[Target]]:
     routes = [
-        (route.sni, route.alpn, _pool(route.backends, route.balance or listener.balance))
+        (route.sni, route.alpn, pools[f"sni={','.join(route.sni)} alpn={','.join(route.alpn)}"])
         for route in listener.routes
     ]
-    default = _pool(listener.backends, listener.balance) if listener.backends else None
-    return Router(routes, default=default)
+    return Router(routes, default=pools.get("default"))
 
 
 def _sink(listener: ListenerConfig, default: Sink, files: dict[str, FileSink]) -> Sink:
@@ -221,3 +244,12 @@ def _sink(listener: ListenerConfig, default: Sink, files: dict[str, FileSink]) -
     if sink is None:
         sink = files[path] = FileSink(path)
     return sink
+
+
+def carry_over(new: ListenerRuntime, old: ListenerRuntime) -> None:
+    """A reload's new runtime takes the old one's pool state (open counts, health,
+    rotation) for the pools and backends both have. On the trio thread, at the swap."""
+    for name, pool in new.pools.items():
+        previous = old.pools.get(name)
+        if previous is not None:
+            pool.carry_over(previous)

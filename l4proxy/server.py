@@ -31,13 +31,14 @@ from . import splice
 from .accesslog import FileSink, LoggerSink
 from .addresses import Address, TCPAddress, UnixAddress
 from .admit import admit, refuse, report_suppressed
+from .balancing import HealthBoard
 from .connect import check_source_address
 from .connection import Shared
 from .errors import ConfigError, ListenError
 from .listening import Listening, bind_all
 from .parking import ParkingLot
 from .pipeline import serve
-from .runtime import LiveCount, build_runtimes
+from .runtime import LiveCount, build_runtimes, carry_over
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -151,6 +152,7 @@ class Proxy:
             else FileSink(getattr(access_stream, "name", "<stream>"), stream=access_stream)
         )
         self._live: dict[str, LiveCount] = {}
+        self._board = HealthBoard()  # backends down, over every pool of this proxy
         self._runtimes = self._build_runtimes(config)
         self._adopt(self._runtimes)
         self._serving: list[_Serving] = []
@@ -193,6 +195,7 @@ class Proxy:
             file_sinks=self._file_sinks,
             live=self._live,
             pipes=self._pipes if splice.AVAILABLE else None,
+            board=self._board,
         )
 
     def _adopt(self, runtimes: Mapping[str, ListenerRuntime]) -> None:
@@ -237,6 +240,9 @@ class Proxy:
             raise ConfigError(problems, source="reload")
         async with self._reloading:  # one at a time: the last call's config wins
             runtimes = await trio.to_thread.run_sync(self._build_runtimes, config)
+            for name, runtime in runtimes.items():  # balancing and health carry over
+                if name in self._runtimes:
+                    carry_over(runtime, self._runtimes[name])
             self._runtimes = runtimes  # the swap: on the trio thread, between connections
             self._config = config
             self._shared.max_open = config.max_connections

@@ -8,6 +8,7 @@ import ssl
 from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING
 
+import attrs
 import pytest
 import trio
 
@@ -190,3 +191,15 @@ def test_backends_in_code() -> None:
         l4proxy.ListenerConfig(listen=[":1"], backends=[{"address": "nope"}])  # type: ignore[list-item]
     listener = l4proxy.ListenerConfig(listen=[":1"], backends="a:1")  # type: ignore[arg-type]
     assert listener.backends == (l4proxy.Backend("a:1"),)
+
+
+async def test_least_conn_counts_carry_over_a_reload(nursery: trio.Nursery) -> None:
+    a, b, c = await _backends(nursery, b"a", b"b", b"c")
+    proxy, (bound,) = await start_proxy(nursery, [a, b], balance="least-conn")
+    async with AsyncExitStack() as held:
+        assert await _open(bound.port, held) == b"a"
+        listener = proxy.config.listeners[0]
+        await proxy.reload(l4proxy.Config(listeners=[attrs.evolve(listener, backends=[a, b, c])]))
+        # a still has its connection: the next two go to b and c (reset counts and
+        # rotation would start at a)
+        assert {await _open(bound.port, held) for _ in range(2)} == {b"b", b"c"}

@@ -16,7 +16,7 @@ from hypothesis import given, strategies as st
 
 import l4proxy.balancing
 from l4proxy.admission import client_key
-from l4proxy.balancing import BackendPool, Balance
+from l4proxy.balancing import BackendPool, Balance, HealthBoard
 
 NAMES = tuple(f"10.0.0.{i}:5432" for i in range(1, 9))
 
@@ -204,3 +204,29 @@ def test_all_down_is_an_empty_order_and_backups_stand_in() -> None:
     assert pool.order(now=10.2) == ()
     pool.succeeded("p")
     assert pool.order(now=10.3) == ("p",)
+
+
+def test_a_reloaded_pool_carries_over_counts_health_and_rotation() -> None:
+    board = HealthBoard()
+    old = BackendPool(("a", "b", "c"), balance=Balance.LEAST_CONN, board=board)
+    old.opened("a")
+    old.opened("a")
+    old.failed("c", 50.0)
+    assert board.down == 1
+    new = BackendPool(("b", "a", "d"), balance=Balance.LEAST_CONN, board=board)
+    new.carry_over(old)
+    assert new.open_connections("a") == 2
+    old.closed("a")  # a connection opened before the reload ends on the old pool
+    assert new.open_connections("a") == 1
+    assert board.down == 0  # c is gone: its health no longer counts
+    assert old.failed("c", 60.0) is None  # an attempt in flight on the old pool
+    assert board.down == 0
+    new.failed("b", 70.0)
+    third = BackendPool(("b", "a"), board=board)
+    third.carry_over(new)
+    assert not third.is_up("b")  # still down after another reload
+    assert third.order(now=70.5) == ("a",)
+    assert third.succeeded("b") is True
+    assert board.down == 0
+    with pytest.raises(ValueError, match="one health board"):
+        BackendPool(("a",)).carry_over(third)
