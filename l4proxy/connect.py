@@ -105,12 +105,14 @@ async def connect_with_failover(
     attempt_seconds: float,
     source: str | None = None,
     client: int | None = None,
+    skip: frozenset[Target] = frozenset(),
 ) -> tuple[Dialed, Target]:
     """Connect to the first backend that accepts, trying each at most once.
 
     Args:
         pool: gives the order of this connection's attempts.
         client: the client's key, for pools balanced by ``source-hash``.
+        skip: backends not to try (this connection tried them already).
         connect: the embedder's connector, or ``None`` for the default.
         attempt_seconds: the most one attempt may take.
         source: the local address TCP connections are made from (``source_address``);
@@ -130,6 +132,8 @@ async def connect_with_failover(
     """
     attempts: list[tuple[str, str]] = []
     for backend in pool.order(client, trio.current_time()):
+        if backend in skip:
+            continue
         try:
             if connect is None and backend.sockaddr is not None:
                 dialed: Dialed = await _dial_socket(backend, attempt_seconds, source)

@@ -90,6 +90,7 @@ class Connection:
         "session_key",
         "session_peer",
         "shared",
+        "target",
     )
 
     def __init__(
@@ -101,6 +102,7 @@ class Connection:
     ) -> None:
         self.client: Dialed = client
         self.backend: Dialed | None = None
+        self.target: Target | None = None  # the backend of the pool it connected to
         self.replay = b""  # passthrough: what was read of the ClientHello, for the backend
         self.session_key: bytes | None = None  # in shared.sessions while the connection lives
         self.client_key: int | None = None  # counted in runtime.live.clients while it lives

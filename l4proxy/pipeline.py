@@ -58,6 +58,7 @@ if TYPE_CHECKING:
     from .connection import Shared
     from .parking import ParkingLot
     from .runtime import ListenerRuntime
+    from .tls import BackendTLS
 
 
 async def serve(
@@ -116,20 +117,20 @@ async def serve(
             if route is None:  # a cleartext preamble session on a listener with routes only
                 raise Ended(Outcome.NO_ROUTE, _no_default(runtime.config.name))
             record.route = route.name
-            await _connect(connection, route.pool)  # 7.
-            # 8. backend PROXY header, then backend preamble (with its TLS), or TLS:
             held = False  # a PROXY header the kernel holds for the first splice
-            if runtime.config.proxy_protocol is not None:
-                splices = dialogue is None and runtime.backend_tls is None
-                held = await send_proxy_header(
-                    connection,
-                    runtime.config.proxy_protocol,
-                    splices_next=splices and _splices_raw(connection, lot),
-                )
-            if dialogue is not None:
-                await backend_preamble(connection, dialogue)
-            elif runtime.backend_tls is not None:
-                await secure_backend(connection, runtime.backend_tls)
+            if dialogue is None and runtime.backend_tls is not None:
+                await _connect_secured(connection, route.pool, runtime.backend_tls)  # 7-8
+            else:
+                await _connect(connection, route.pool)  # 7.
+                # 8. backend PROXY header, then the backend preamble (with its TLS):
+                if runtime.config.proxy_protocol is not None:
+                    held = await send_proxy_header(
+                        connection,
+                        runtime.config.proxy_protocol,
+                        splices_next=dialogue is None and _splices_raw(connection, lot),
+                    )
+                if dialogue is not None:
+                    await backend_preamble(connection, dialogue)
             # 9. move bytes; 10. log (finish, here or in the link's last direction).
             link = _splice_link(connection, lot, held)
             if link is None:
@@ -152,7 +153,9 @@ def _no_default(listener: str) -> str:
     return f"a cleartext session has no SNI to route on and listener {listener!r} has no default backends"
 
 
-async def _connect(connection: Connection, pool: BackendPool[Target]) -> None:
+async def _connect(
+    connection: Connection, pool: BackendPool[Target], skip: frozenset[Target] = frozenset()
+) -> None:
     """Step 7: the first backend of the pool that accepts, each tried at most once, in
     the order the pool's balancing gives; counted open for the methods that count."""
     client = _hash_key(connection) if pool.balance is Balance.SOURCE_HASH else None
@@ -163,18 +166,63 @@ async def _connect(connection: Connection, pool: BackendPool[Target]) -> None:
             attempt_seconds=connection.runtime.config.connect_timeout,
             source=connection.runtime.config.source_address,
             client=client,
+            skip=skip,
         )
     except UpstreamConnectError as exc:
-        if not exc.attempts:  # every backend down: fail fast, say so now and then
+        if not exc.attempts and not skip:  # every backend down: fail fast, say so
             _report_all_down(connection, pool)
             raise Ended(Outcome.NO_BACKEND, "every backend of the pool is down") from None
         reasons = "; ".join(f"{address}: {reason}" for address, reason in exc.attempts)
         raise Ended(Outcome.CONNECT_FAILED, reasons) from None
     connection.backend = backend
+    connection.target = target
     connection.record.backend = target.address
     if pool.counts_open:
         pool.opened(target)
         connection.counted = (pool, target)
+
+
+async def _connect_secured(
+    connection: Connection, pool: BackendPool[Target], backend_tls: BackendTLS
+) -> None:
+    """Steps 7 and 8 for backend TLS: a backend whose TLS handshake fails (or does not
+    verify) counts as one that did not connect: it is marked down as a refused connect
+    would be, and the next backend is tried; each backend at most once."""
+    failed: list[str] = []
+    skip: frozenset[Target] = frozenset()
+    while True:
+        try:
+            await _connect(connection, pool, skip)
+        except Ended as ended:
+            if not failed:
+                raise
+            reasons = "; ".join([*failed, *([ended.error] if ended.error else [])])
+            raise Ended(Outcome.BACKEND_TLS_FAILED, reasons) from None
+        target = connection.target
+        assert target is not None
+        if connection.runtime.config.proxy_protocol is not None:
+            await send_proxy_header(
+                connection, connection.runtime.config.proxy_protocol, splices_next=False
+            )
+        try:
+            await secure_backend(connection, backend_tls)
+            return
+        except Ended as ended:
+            failed.append(f"{target.address}: {ended.error}")
+            await trio.aclose_forcefully(connection.backend_stream())
+            connection.backend = None  # the record keeps naming it until the next connects
+            if connection.counted is not None:
+                connection.counted[0].closed(target)
+                connection.counted = None
+            backoff = pool.failed(target, trio.current_time())
+            if backoff is not None:
+                HEALTH.warning(
+                    "backend %s down: TLS handshake failed: %s (left out for %gs)",
+                    target.address,
+                    ended.error,
+                    backoff,
+                )
+            skip |= {target}
 
 
 #: The least time between two "every backend down" lines of one pool.

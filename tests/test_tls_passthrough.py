@@ -743,6 +743,39 @@ async def test_backend_tls_stalled_or_plain_backend_is_backend_tls_failed(
         assert expected[str(record.backend)] in record.error  # type: ignore[index]
 
 
+async def test_a_backend_failing_its_tls_handshake_fails_over_to_the_next(
+    nursery: trio.Nursery, pki: PKI, access: AccessWatcher, front: str
+) -> None:
+    """A TLS handshake that fails counts as a failed connect (issue #11): the next
+    backend is tried, the failed one is marked down, and nothing reaches it."""
+    received: list[bytes] = []
+    plain = await start_backend(nursery, identify(b"plaintext"))
+    wrong_name = await start_backend(nursery, tls_identify(server_context(pki.c), b"c", received))
+    good = await start_backend(nursery, tls_identify(server_context(pki.a), b"secured"))
+    tls = TLSConfig(certs=[CertKey(cert=pki.a.cert, key=pki.a.key)]) if front != "plain" else None
+    _, (bound,) = await start_proxy(
+        nursery, [plain, wrong_name, good], tls=tls, backend_tls=True,
+        backend_ca=pki.ca_file, backend_sni="a.example",
+    )  # fmt: skip
+    with trio.fail_after(WAIT):
+        for _ in range(2):  # the second finds both failed ones down: straight to good
+            client = await open_front(bound, pki, front)
+            assert await receive_exactly(client, 8) == b"secured\n"
+            await client.aclose()
+        records = await access.wait(2)
+    assert [(r.outcome, str(r.backend)) for r in records] == [("ok", good), ("ok", good)]
+    assert received == []
+    all_bad = await start_backend_tls_proxy(nursery, pki, front, plain, backend_ca=pki.ca_file)
+    with trio.fail_after(WAIT):
+        client = await open_front(all_bad, pki, front)
+        assert await receive_all(client) == b""
+        await client.aclose()
+        records = await access.wait(3)
+    assert records[2].outcome == "backend_tls_failed"
+    assert records[2].error is not None
+    assert records[2].error.startswith(f"{plain}: ")
+
+
 async def test_backend_tls_default_sni_is_the_backend_host_name(
     nursery: trio.Nursery,
     pki: PKI,
