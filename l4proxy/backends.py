@@ -17,7 +17,7 @@ import attrs
 
 from .addresses import Address, TCPAddress, UnixAddress, parse_address
 from .configkeys import Kind, MappingReader, check_kinds, key, kind_name
-from .configkinds import Flag, WholeNumber
+from .configkinds import Flag, WholeNumber, address_list
 from .errors import ConfigError
 
 __all__ = ["MAX_WEIGHT", "Backend", "Backends", "to_backends"]
@@ -105,13 +105,8 @@ class Backends(Kind):
     expects = "a list of addresses"
 
     def read(self, reader: MappingReader, value: object, path: str) -> object:
-        if isinstance(value, str | dict):
-            value = [value]
-        if not isinstance(value, list):
-            reader.problem(path, f"expected a list of addresses, got {kind_name(value)}")
-            return None
-        if not value:
-            reader.problem(path, "needs at least one address")
+        value = address_list(reader, value, path, tables=True)
+        if value is None:
             return None
         result: list[Backend] = []
         for index, item in enumerate(value):

@@ -38,6 +38,7 @@ __all__ = [
     "Tables",
     "Text",
     "WholeNumber",
+    "address_list",
     "duration_problem",
     "network_problem",
     "server_name_problem",
@@ -229,13 +230,8 @@ class Addresses(Kind):
     expects = "a list of addresses"
 
     def read(self, reader: MappingReader, value: object, path: str) -> object:
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, list):
-            reader.problem(path, f"expected a list of addresses, got {kind_name(value)}")
-            return None
-        if not value:
-            reader.problem(path, "needs at least one address")
+        value = address_list(reader, value, path)
+        if value is None:
             return None
         result: list[Address] = []
         for index, item in enumerate(value):
@@ -246,6 +242,22 @@ class Addresses(Kind):
             except ValueError as exc:
                 reader.problem(f"{path}[{index}]", str(exc))
         return tuple(result)
+
+
+def address_list(
+    reader: MappingReader, value: object, path: str, *, tables: bool = False
+) -> list[object] | None:
+    """A list of addresses as the file gives it: one string (or, with ``tables``, one
+    table) is a one-element list; anything else but a non-empty list is a problem."""
+    if isinstance(value, str) or (tables and isinstance(value, dict)):
+        value = [value]
+    if not isinstance(value, list):
+        reader.problem(path, f"expected a list of addresses, got {kind_name(value)}")
+        return None
+    if not value:
+        reader.problem(path, "needs at least one address")
+        return None
+    return value
 
 
 @attrs.frozen

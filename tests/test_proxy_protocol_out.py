@@ -30,15 +30,21 @@ class HeaderBackend:
     def __init__(self) -> None:
         self.headers: list[ProxyHeader] = []
 
-    async def __call__(self, stream: trio.SocketStream) -> None:
+    async def read_header(self, stream: trio.SocketStream) -> bytes | None:
+        """Read and keep the header; what came after it, or ``None`` at EOF first."""
         data = bytearray()
         while (header := parse_proxy_header(data)) is None:
             chunk = await stream.receive_some()
             if not chunk:
-                return
+                return None
             data += chunk
         self.headers.append(header)
-        rest = bytes(data[header.size :])
+        return bytes(data[header.size :])
+
+    async def __call__(self, stream: trio.SocketStream) -> None:
+        rest = await self.read_header(stream)
+        if rest is None:
+            return
         if rest:
             await stream.send_all(rest)
         async for chunk in stream:
@@ -80,13 +86,8 @@ class GreetingBackend(HeaderBackend):
     """A backend that speaks first (SMTP, MySQL): after the header it greets, unasked."""
 
     async def __call__(self, stream: trio.SocketStream) -> None:
-        data = bytearray()
-        while (header := parse_proxy_header(data)) is None:
-            chunk = await stream.receive_some()
-            if not chunk:
-                return
-            data += chunk
-        self.headers.append(header)
+        if await self.read_header(stream) is None:
+            return
         await stream.send_all(b"220 ready\n")
         async for chunk in stream:
             await stream.send_all(chunk)
