@@ -41,7 +41,7 @@ from .pipeline import serve
 from .runtime import LiveCount, build_runtimes, carry_over
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Iterator, Mapping
     from typing import IO
 
     from .config import Config
@@ -91,6 +91,7 @@ class ListenerStats:
 
     open: int  # accepted and not yet logged
     parked: int  # of those, idle both ways and held without tasks
+    worker: int | None = None  # with --workers, the worker these are counted in
 
 
 @attrs.frozen
@@ -132,6 +133,10 @@ class Proxy:
         access_stream: where listeners without ``access_log`` write access lines (the
             command passes standard error), through the same writer thread as files;
             by default they go to the ``l4proxy.access`` logger.
+        worker: which worker of several this proxy is (``--workers``), for
+            :meth:`stats`; ``None`` for a proxy on its own.
+        ids: the connection ids to number connections with (default 1, 2, 3 ...);
+            proxies writing to one log pass disjoint ones (the workers do).
     """
 
     def __init__(
@@ -141,8 +146,11 @@ class Proxy:
         connect: Connector | None = None,
         reuse_port: bool = False,
         access_stream: IO[str] | None = None,
+        worker: int | None = None,
+        ids: Iterator[int] | None = None,
     ) -> None:
         self._config = config
+        self.worker = worker
         self._reuse_port = reuse_port
         self._file_sinks: dict[str, FileSink] = {}
         self._pipes = splice.PipePool()
@@ -158,7 +166,7 @@ class Proxy:
         self._serving: list[_Serving] = []
         self._is_serving = False
         self._draining = False
-        self._shared = Shared(connect, itertools.count(1), self._is_draining)
+        self._shared = Shared(connect, ids or itertools.count(1), self._is_draining)
         self._shared.max_open = config.max_connections
         self._reloading = trio.Lock()
 
@@ -178,7 +186,7 @@ class Proxy:
             serving.name: serving.lot.parked_links for serving in self._serving if serving.lot
         }
         return {
-            name: ListenerStats(live.value, parked.get(name, 0))
+            name: ListenerStats(live.value, parked.get(name, 0), self.worker)
             for name, live in self._live.items()
         }
 

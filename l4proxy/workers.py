@@ -31,6 +31,7 @@ them), so ``--workers`` refuses them, as it refuses ``:0`` (a port per address f
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import pickle
@@ -52,7 +53,7 @@ from .runner import configure_logging, failure_reason, run_proxy
 from .server import Proxy
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Mapping
+    from collections.abc import AsyncIterator, Iterator, Mapping
 
 LOGGER = logging.getLogger("l4proxy.workers")
 
@@ -96,6 +97,16 @@ class WorkerSpec:
     config: Config
     source: ConfigSource
     log_level: int
+    spawn: int = 1  # 1 for the worker's first start, 2 for its first restart, ...
+
+    def connection_ids(self) -> Iterator[int]:
+        """This worker's connection ids, unique across the workers and across its own
+        restarts: with N workers, worker w's k-th connection is ``k * N + w`` (workers
+        1 and 2 of 2 count 1, 3, 5 ... and 2, 4, 6 ...); a restarted worker goes on
+        from ``(spawn - 1) * 2**32 * N``, far past anything the previous one used."""
+        workers = max(self.config.workers, self.index)
+        first = ((self.spawn - 1) << 32) * workers + self.index
+        return itertools.count(first, workers)
 
 
 def pin(config: Config, ports: Mapping[tuple[int, int], int]) -> Config:
@@ -186,6 +197,7 @@ class _Supervisor:
         self.source = source
         self.log_level = log_level
         self.workers: dict[int, _Worker] = {}
+        self.spawns: dict[int, int] = {}  # starts of each worker so far
         self.stopping = trio.Event()  # set by SIGTERM/SIGINT, or when the supervisor ends
         self.reloading = trio.Lock()
 
@@ -243,7 +255,8 @@ class _Supervisor:
         assert process.stdin is not None
         config = self.applied.config
         worker = self.workers[index] = _Worker(process, process.stdin)
-        spec = pickle.dumps(WorkerSpec(index + 1, config, self.source, self.log_level))
+        self.spawns[index] = spawn = self.spawns.get(index, 0) + 1
+        spec = pickle.dumps(WorkerSpec(index + 1, config, self.source, self.log_level, spawn))
         # If it died already, the readiness pipe says so below. Standard input stays
         # open: it is the worker's lifeline (see _worker_main).
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
@@ -388,7 +401,13 @@ def _worker_main(argv: list[str]) -> None:
     spec = _read_spec(sys.stdin.fileno())
     configure_logging(spec.log_level, prefix=f"[worker {spec.index}] ")
     try:
-        proxy = Proxy(spec.config, reuse_port=True, access_stream=sys.stderr)
+        proxy = Proxy(
+            spec.config,
+            reuse_port=True,
+            access_stream=sys.stderr,
+            worker=spec.index,
+            ids=spec.connection_ids(),
+        )
     except ConfigError as exc:
         print(f"l4proxy: error: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -14,7 +14,7 @@ import pytest
 import trio
 
 from l4proxy.config import Config
-from l4proxy.workers import ConfigSource, supervise
+from l4proxy.workers import ConfigSource, WorkerSpec, supervise
 
 from .conftest import echo, identify, receive_exactly, start_backend
 from .proxyprocess import ProxyProcess
@@ -37,6 +37,10 @@ def _worker_pids(proc: ProxyProcess) -> dict[int, int]:
     return pids
 
 
+def _connection_ids(proc: ProxyProcess) -> list[int]:
+    return [int(m.group(1)) for line in proc.stderr if (m := re.search(r" id=(\d+) ", line))]
+
+
 async def test_two_workers_share_the_port_and_drain_on_sigterm(nursery: trio.Nursery) -> None:
     backend = await start_backend(nursery, echo)
     with trio.fail_after(30):
@@ -49,8 +53,12 @@ async def test_two_workers_share_the_port_and_drain_on_sigterm(nursery: trio.Nur
             host, port = addresses[0]
             await _round_trips(host, port, 40)
             await proc.wait_for("outcome=ok", count=40)
-            # Each worker numbers its own connections: two "id=1" lines mean both served.
-            assert len([line for line in proc.stderr if " id=1 " in line]) == 2
+            # Worker 1 of 2 numbers its connections 1, 3, 5 ..., worker 2 2, 4, 6 ...:
+            # unique in the shared log, and both parities mean both workers served.
+            ids = _connection_ids(proc)
+            assert len(ids) == 40
+            assert len(set(ids)) == 40
+            assert {i % 2 for i in ids} == {0, 1}
             proc.signal(signal.SIGTERM)
             assert await proc.wait() == 0
             await proc.wait_for(r"\[worker 1\] l4proxy.cli: shut down cleanly")
@@ -71,6 +79,10 @@ async def test_a_dead_worker_is_restarted(nursery: trio.Nursery) -> None:
             await proc.wait_for("worker 1 started", count=2)
             assert _worker_pids(proc)[1] != victim
             await _round_trips(host, port, 20)
+            await proc.wait_for("outcome=ok", count=20)
+            ids = _connection_ids(proc)
+            assert len(set(ids)) == len(ids)  # the restarted worker starts past 2**32
+            assert any(i > 2**32 for i in ids) or all(i % 2 == 0 for i in ids)
             proc.signal(signal.SIGTERM)
             assert await proc.wait() == 0
 
@@ -322,3 +334,20 @@ async def test_workers_drain_and_exit_when_the_supervisor_is_killed(
         for pid in pids.values():
             if _is_running(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_connection_ids_are_disjoint_across_workers_and_restarts() -> None:
+    config = Config.from_mapping(
+        {"workers": 3, "listeners": [{"listen": ["127.0.0.1:0"], "backends": ["a:1"]}]}
+    )
+    source = ConfigSource(None, {})
+
+    def first(index: int, spawn: int, count: int = 1000) -> list[int]:
+        ids = WorkerSpec(index, config, source, 0, spawn).connection_ids()
+        return [next(ids) for _ in range(count)]
+
+    assert first(1, 1, 3) == [1, 4, 7]
+    assert first(3, 1, 3) == [3, 6, 9]
+    runs = [first(index, spawn) for index in (1, 2, 3) for spawn in (1, 2, 3)]
+    every = [i for run in runs for i in run]
+    assert len(set(every)) == len(every)
