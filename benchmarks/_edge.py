@@ -195,6 +195,17 @@ def _turns(
             time.sleep(0.5)
 
 
+def _new_connections(ctx: Context, target: Target, *, refused: bool = False) -> _load.WrkResult:
+    """wrk with ``Connection: close``: one new connection per request."""
+    return _load.wrk(
+        f"http://127.0.0.1:{target.port}/{SMALL_FILE}",
+        connections=ctx.args.concurrency,
+        seconds=ctx.seconds,
+        close=True,
+        refused=refused,
+    )
+
+
 def _on_off(ctx: Context) -> None:
     plain, proxied = ctx.nginx(), ctx.nginx_proxied_port
     targets = _start(ctx, "off", plain, (), ())
@@ -203,12 +214,7 @@ def _on_off(ctx: Context) -> None:
     rates: dict[tuple[str, str], list[float]] = {}
 
     def measure(target: Target) -> tuple[float, str]:
-        result = _load.wrk(
-            f"http://127.0.0.1:{target.port}/{SMALL_FILE}",
-            connections=ctx.args.concurrency,
-            seconds=ctx.seconds,
-            close=True,
-        )
+        result = _new_connections(ctx, target)
         if result.errors:
             raise BenchError(f"wrk reported {result.error_text}")
         return result.requests_per_s, f"{result.requests_per_s:9.0f} conn/s"
@@ -242,13 +248,7 @@ def _refusals(ctx: Context) -> None:
     targets = _start(ctx, "deny", ctx.nginx(), L4PROXY_DENY, HAPROXY_DENY)
 
     def measure(target: Target) -> tuple[float, str]:
-        result = _load.wrk(
-            f"http://127.0.0.1:{target.port}/{SMALL_FILE}",
-            connections=ctx.args.concurrency,
-            seconds=ctx.seconds,
-            close=True,
-            refused=True,
-        )
+        result = _new_connections(ctx, target, refused=True)
         if result.requests:
             raise BenchError(f"{result.requests} requests were answered: nothing was refused")
         rate = result.errors / ctx.seconds
