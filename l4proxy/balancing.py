@@ -43,7 +43,7 @@ import random
 from typing import TYPE_CHECKING, Generic, TypeVar
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Container, Sequence
 
 __all__ = ["BACKOFF_MAX", "BACKOFF_MIN", "BackendPool", "Balance", "HealthBoard", "stable_seed"]
 
@@ -336,13 +336,18 @@ class BackendPool(Generic[T]):
             if j is not None and j not in kept:
                 kept.add(j)
                 self._cells[i] = old._cells[j]
-        for j, cell in enumerate(old._cells):
-            if j not in kept:
+        old.retire(keep=kept)
+        self._cursor = old._cursor % len(self.backends)
+        self.empty_reported = old.empty_reported
+
+    def retire(self, keep: Container[int] = ()) -> None:
+        """A reload dropped this pool (or, with ``keep``, the backends at indexes not in
+        it): their health no longer counts on the board."""
+        for j, cell in enumerate(self._cells):
+            if j not in keep:
                 if cell.down_until and not cell.retired:
                     self.board.down -= 1
                 cell.down_until, cell.retired = 0.0, True
-        self._cursor = old._cursor % len(self.backends)
-        self.empty_reported = old.empty_reported
 
     # ------------------------------------------------------------------ counting
 

@@ -253,3 +253,6 @@ def carry_over(new: ListenerRuntime, old: ListenerRuntime) -> None:
         previous = old.pools.get(name)
         if previous is not None:
             pool.carry_over(previous)
+    for name, previous in old.pools.items():
+        if name not in new.pools:  # a route the reload removed
+            previous.retire()

@@ -230,3 +230,14 @@ def test_a_reloaded_pool_carries_over_counts_health_and_rotation() -> None:
     assert board.down == 0
     with pytest.raises(ValueError, match="one health board"):
         BackendPool(("a",)).carry_over(third)
+
+
+def test_a_pool_a_reload_dropped_stops_counting_as_down() -> None:
+    board = HealthBoard()
+    gone = BackendPool(("a", "b"), board=board)
+    gone.failed("a", 1.0)
+    assert board.down == 1
+    gone.retire()
+    assert board.down == 0
+    assert gone.failed("b", 2.0) is None  # an attempt in flight changes nothing now
+    assert board.down == 0
