@@ -169,8 +169,13 @@ class BackendPool(Generic[T]):
         self._primaries = tuple(i for i in range(count) if not flags[i])
         self._backups = tuple(i for i in range(count) if flags[i])
         self._equal = len(set(self._weights)) == 1 and not self._backups
-        self._index = {backend: i for i, backend in enumerate(backends)}
+        # A backend listed twice is two entries of the order sharing one state.
+        self._index: dict[T, int] = {}
+        for i, backend in enumerate(backends):
+            self._index.setdefault(backend, i)
         self._cells = [_Cell() for _ in range(count)]
+        for i, backend in enumerate(backends):
+            self._cells[i] = self._cells[self._index[backend]]
         self._cursor = 0
         #: Counts the backends marked down, of every pool sharing it (the proxy's).
         self.board = board if board is not None else HealthBoard()
@@ -333,9 +338,11 @@ class BackendPool(Generic[T]):
         kept = set()
         for i, name in enumerate(self._names):
             j = found.get(name)
-            if j is not None and j not in kept:
+            if j is not None:  # every copy of a backend listed twice: its one state
                 kept.add(j)
                 self._cells[i] = old._cells[j]
+        carried = {id(old._cells[j]) for j in kept}  # and their other copies in ``old``
+        kept = {j for j, cell in enumerate(old._cells) if id(cell) in carried}
         old.retire(keep=kept)
         self._cursor = old._cursor % len(self.backends)
         self.empty_reported = old.empty_reported

@@ -106,6 +106,7 @@ async def connect_with_failover(
     source: str | None = None,
     client: int | None = None,
     skip: frozenset[Target] = frozenset(),
+    report_success: bool = True,
 ) -> tuple[Dialed, Target]:
     """Connect to the first backend that accepts, trying each at most once.
 
@@ -113,6 +114,8 @@ async def connect_with_failover(
         pool: gives the order of this connection's attempts.
         client: the client's key, for pools balanced by ``source-hash``.
         skip: backends not to try (this connection tried them already).
+        report_success: mark the backend that connected up; ``False`` when the caller
+            does so only after a later step (backend TLS) worked too.
         connect: the embedder's connector, or ``None`` for the default.
         attempt_seconds: the most one attempt may take.
         source: the local address TCP connections are made from (``source_address``);
@@ -150,7 +153,7 @@ async def connect_with_failover(
                     "backend %s down: %s (left out for %gs)", backend.address, reason, backoff
                 )
             continue
-        if pool.down and pool.succeeded(backend):
+        if report_success and pool.down and pool.succeeded(backend):
             HEALTH.warning("backend %s up: connected", backend.address)
         return dialed, backend
     raise UpstreamConnectError(tuple(attempts))

@@ -127,7 +127,9 @@ async def serve(
                     held = await send_proxy_header(
                         connection,
                         runtime.config.proxy_protocol,
-                        splices_next=dialogue is None and _splices_raw(connection, lot),
+                        splices_next=dialogue is None
+                        and _splices_raw(connection, lot)
+                        and _is_tcp(connection.backend),
                     )
                 if dialogue is not None:
                     await backend_preamble(connection, dialogue)
@@ -154,7 +156,11 @@ def _no_default(listener: str) -> str:
 
 
 async def _connect(
-    connection: Connection, pool: BackendPool[Target], skip: frozenset[Target] = frozenset()
+    connection: Connection,
+    pool: BackendPool[Target],
+    skip: frozenset[Target] = frozenset(),
+    *,
+    report_success: bool = True,
 ) -> None:
     """Step 7: the first backend of the pool that accepts, each tried at most once, in
     the order the pool's balancing gives; counted open for the methods that count."""
@@ -167,6 +173,7 @@ async def _connect(
             source=connection.runtime.config.source_address,
             client=client,
             skip=skip,
+            report_success=report_success,
         )
     except UpstreamConnectError as exc:
         if not exc.attempts and not skip:  # every backend down: fail fast, say so
@@ -192,7 +199,7 @@ async def _connect_secured(
     skip: frozenset[Target] = frozenset()
     while True:
         try:
-            await _connect(connection, pool, skip)
+            await _connect(connection, pool, skip, report_success=False)
         except Ended as ended:
             if not failed:
                 raise
@@ -206,7 +213,6 @@ async def _connect_secured(
             )
         try:
             await secure_backend(connection, backend_tls)
-            return
         except Ended as ended:
             failed.append(f"{target.address}: {ended.error}")
             await trio.aclose_forcefully(connection.backend_stream())
@@ -223,6 +229,10 @@ async def _connect_secured(
                     backoff,
                 )
             skip |= {target}
+            continue
+        if pool.down and pool.succeeded(target):  # up only once its TLS works too
+            HEALTH.warning("backend %s up: connected, TLS verified", target.address)
+        return
 
 
 #: The least time between two "every backend down" lines of one pool.
@@ -279,6 +289,11 @@ def _splice_link(
         lot,
         held,
     )
+
+
+def _is_tcp(backend: object) -> bool:
+    """A TCP socket: where ``MSG_MORE`` holds bytes and ``TCP_NODELAY`` pushes them."""
+    return isinstance(backend, socket.socket) and backend.family != socket.AF_UNIX
 
 
 def _splices_raw(connection: Connection, lot: ParkingLot | None) -> bool:

@@ -98,13 +98,14 @@ class WorkerSpec:
     source: ConfigSource
     log_level: int
     spawn: int = 1  # 1 for the worker's first start, 2 for its first restart, ...
+    stride: int = 0  # the worker count at the supervisor's start (0: the config's)
 
     def connection_ids(self) -> Iterator[int]:
         """This worker's connection ids, unique across the workers and across its own
         restarts: with N workers, worker w's k-th connection is ``k * N + w`` (workers
         1 and 2 of 2 count 1, 3, 5 ... and 2, 4, 6 ...); a restarted worker goes on
         from ``(spawn - 1) * 2**32 * N``, far past anything the previous one used."""
-        workers = max(self.config.workers, self.index)
+        workers = max(self.stride or self.config.workers, self.index)
         first = ((self.spawn - 1) << 32) * workers + self.index
         return itertools.count(first, workers)
 
@@ -198,6 +199,9 @@ class _Supervisor:
         self.log_level = log_level
         self.workers: dict[int, _Worker] = {}
         self.spawns: dict[int, int] = {}  # starts of each worker so far
+        #: The id stride, fixed at start: a reload changing ``workers`` must not make a
+        #: restarted worker's ids interleave with those of workers still running.
+        self.stride = applied.config.workers
         self.stopping = trio.Event()  # set by SIGTERM/SIGINT, or when the supervisor ends
         self.reloading = trio.Lock()
 
@@ -256,7 +260,9 @@ class _Supervisor:
         config = self.applied.config
         worker = self.workers[index] = _Worker(process, process.stdin)
         self.spawns[index] = spawn = self.spawns.get(index, 0) + 1
-        spec = pickle.dumps(WorkerSpec(index + 1, config, self.source, self.log_level, spawn))
+        spec = pickle.dumps(
+            WorkerSpec(index + 1, config, self.source, self.log_level, spawn, self.stride)
+        )
         # If it died already, the readiness pipe says so below. Standard input stays
         # open: it is the worker's lifeline (see _worker_main).
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):

@@ -241,3 +241,20 @@ def test_a_pool_a_reload_dropped_stops_counting_as_down() -> None:
     assert board.down == 0
     assert gone.failed("b", 2.0) is None  # an attempt in flight changes nothing now
     assert board.down == 0
+
+
+def test_a_backend_listed_twice_has_one_state() -> None:
+    """Two entries of the order (as before weights existed), one health and one count."""
+    board = HealthBoard()
+    pool = BackendPool(("a", "a", "b"), balance=Balance.LEAST_CONN, board=board)
+    pool.failed("a", 1.0)
+    assert pool.order(now=1.5) == ("b",)
+    pool.succeeded("a")
+    pool.opened("a")
+    assert [pool.order()[0] for _ in range(2)] == ["b", "b"]  # both copies count a's 1
+    reloaded = BackendPool(("b", "a", "a"), balance=Balance.LEAST_CONN, board=board)
+    reloaded.carry_over(pool)
+    assert reloaded.open_connections("a") == 1
+    reloaded.failed("a", 5.0)
+    assert reloaded.order(now=5.5) == ("b",)
+    assert board.down == 1

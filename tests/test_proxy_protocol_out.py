@@ -5,6 +5,7 @@ parser, and by HAProxy's ``accept-proxy`` as a real one."""
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 from typing import TYPE_CHECKING
 
@@ -117,6 +118,26 @@ async def test_a_backend_that_speaks_first_gets_the_header_before_the_client_say
                 assert await read_line(client) == b"EHLO x\n"
     assert min(waits) < 0.15, f"the header waited for client bytes: {waits}"
     assert all(header.source is not None for header in backend.headers)
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+async def test_a_unix_socket_backend_that_speaks_first_gets_the_header(
+    nursery: trio.Nursery, tmp_path: Path, version: str
+) -> None:
+    """No MSG_MORE on a Unix socket (nothing would push the header out there)."""
+    backend = GreetingBackend()
+    path = str(tmp_path / "backend.sock")
+    sock = trio.socket.socket(socket.AF_UNIX)
+    await sock.bind(path)
+    sock.listen()
+    nursery.start_soon(trio.serve_listeners, backend, [trio.SocketListener(sock)])
+    port = await _proxy(nursery, f"unix:{path}", proxy_protocol=version)
+    async with await trio.open_tcp_stream("127.0.0.1", port) as client:
+        with trio.fail_after(5):
+            assert await read_line(client) == b"220 ready\n"
+            await client.send_all(b"EHLO x\n")
+            assert await read_line(client) == b"EHLO x\n"
+    assert backend.headers[0].source is not None
 
 
 async def test_an_ipv6_client_is_named_in_an_ipv6_header(nursery: trio.Nursery) -> None:
