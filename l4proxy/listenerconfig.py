@@ -473,6 +473,15 @@ class ListenerConfig:
                 for key in ("backend_ca", "backend_sni")
                 if getattr(self, key)
             )
+        if self.backend_tls and self.backend_sni is None:
+            pools = [self.backends, *(route.backends for route in self.routes)]
+            unix = next(
+                (b for pool in pools for b in pool if isinstance(b.address, UnixAddress)), None
+            )
+            if unix is not None:
+                problems.append(
+                    f"backend_sni: needed with backend_tls for {unix} (no host name to verify)"
+                )
         if self.backend_sni is not None:
             problem = server_name_problem(self.backend_sni)
             if problem or self.backend_sni.startswith("*"):

@@ -334,6 +334,11 @@ backends = ["10.0.0.6:443"]
             "listeners[0].backend_ca: needs backend_tls = true",
         ),
         (
+            {"listen": [":1"], "backends": ["a:1", "unix:/run/b.sock"], "backend_tls": True},
+            "listeners[0].backend_sni: needed with backend_tls for unix:/run/b.sock "
+            "(no host name to verify)",
+        ),
+        (
             {
                 "listen": [":1"],
                 "passthrough": True,
