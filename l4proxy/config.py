@@ -40,7 +40,7 @@ import attrs
 
 from .addresses import Address, TCPAddress
 from .configkeys import Key, MappingReader, check_kinds, flag_along, key, keys_of, read_toml
-from .configkinds import Choice, Tables, WholeNumber, server_name_problem
+from .configkinds import Choice, Tables, WholeNumber, enum_value, server_name_problem
 from .errors import ConfigError
 from .listenerconfig import (
     CertKey,
@@ -83,11 +83,7 @@ def _listener_tuple(values: Iterable[ListenerConfig]) -> tuple[ListenerConfig, .
 
 
 def _log_level(value: LogLevel | str) -> LogLevel:
-    try:
-        return LogLevel(value)
-    except ValueError:
-        choices = ", ".join(repr(str(level)) for level in LogLevel)
-        raise ConfigError(f"log_level: expected one of {choices}, got {value!r}") from None
+    return enum_value("log_level", LogLevel, value)
 
 
 @attrs.frozen(kw_only=True, field_transformer=check_kinds)

@@ -12,12 +12,13 @@ from __future__ import annotations
 import ipaddress
 import math
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import attrs
 
 from .addresses import HOSTNAME_LABEL, Address, Role, parse_address
 from .configkeys import Kind, kind_name
+from .errors import ConfigError
 
 if TYPE_CHECKING:
     import enum
@@ -40,9 +41,13 @@ __all__ = [
     "WholeNumber",
     "address_list",
     "duration_problem",
+    "enum_value",
     "network_problem",
     "server_name_problem",
 ]
+
+
+E = TypeVar("E", bound="enum.StrEnum")
 
 
 @attrs.frozen
@@ -155,6 +160,17 @@ class Choice(Kind):
         except (TypeError, ValueError):
             reader.problem(path, f"expected {self.expects}, got {value!r}")
             return None
+
+
+def enum_value(key: str, choices: type[E], value: E | str, expects: str | None = None) -> E:
+    """An enumeration key's value given in code, as its member; else a ``ConfigError``
+    such as ``balance: expected one of 'a', 'b', got 'c'`` (``expects`` replaces
+    ``one of ...``). The named converters of the config classes call this."""
+    try:
+        return choices(value)
+    except ValueError:
+        wanted = expects or Choice(choices).expects
+        raise ConfigError(f"{key}: expected {wanted}, got {value!r}") from None
 
 
 @attrs.frozen

@@ -134,7 +134,8 @@ async def connect_with_failover(
         attempt at all when every backend was down already.
     """
     attempts: list[tuple[str, str]] = []
-    for backend in pool.order(client, trio.current_time()):
+    now = trio.current_time() if pool.down else 0.0  # the clock only matters then
+    for backend in pool.order(client, now):
         if backend in skip:
             continue
         try:

@@ -33,6 +33,7 @@ from .configkinds import (
     Tables,
     Text,
     WholeNumber,
+    enum_value,
     server_name_problem,
 )
 from .errors import ConfigError
@@ -119,27 +120,19 @@ def _listen_addresses(values: Iterable[Address | str] | Address | str) -> tuple[
 
 
 def _proxy_protocol(value: ProxyProtocol | str | None) -> ProxyProtocol | None:
-    if value is None:
-        return None
-    try:
-        return ProxyProtocol(value)
-    except ValueError:
-        raise ConfigError(f"proxy_protocol: expected 'v1' or 'v2', got {value!r}") from None
+    return (
+        None
+        if value is None
+        else enum_value("proxy_protocol", ProxyProtocol, value, "'v1' or 'v2'")
+    )
 
 
 def _balance(value: Balance | str) -> Balance:
-    try:
-        return Balance(value)
-    except ValueError:
-        choices = ", ".join(repr(str(member)) for member in Balance)
-        raise ConfigError(f"balance: expected one of {choices}, got {value!r}") from None
+    return enum_value("balance", Balance, value)
 
 
 def _log_format(value: LogFormat | str) -> LogFormat:
-    try:
-        return LogFormat(value)
-    except ValueError:
-        raise ConfigError(f"log_format: expected 'text' or 'json', got {value!r}") from None
+    return enum_value("log_format", LogFormat, value, "'text' or 'json'")
 
 
 def _non_empty(

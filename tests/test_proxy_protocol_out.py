@@ -52,10 +52,12 @@ class HeaderBackend:
             await stream.send_all(chunk)
 
 
-async def _proxy(nursery: trio.Nursery, backend: str, **settings: object) -> int:
+async def _proxy(
+    nursery: trio.Nursery, backend: str, listen: str = "127.0.0.1:0", **settings: object
+) -> int:
     listener = l4proxy.ListenerConfig(
         name="pp",
-        listen=["127.0.0.1:0"],
+        listen=[listen],
         backends=[backend],
         **settings,  # type: ignore[arg-type]
     )
@@ -142,19 +144,16 @@ async def test_a_unix_socket_backend_that_speaks_first_gets_the_header(
 
 async def test_an_ipv6_client_is_named_in_an_ipv6_header(nursery: trio.Nursery) -> None:
     backend = HeaderBackend()
-    listener = l4proxy.ListenerConfig(
-        name="v6", listen=["[::1]:0"], backends=[await start_backend(nursery, backend)],
-        proxy_protocol="v2",
-    )  # fmt: skip
-    (bound,) = await nursery.start(l4proxy.Proxy(l4proxy.Config(listeners=[listener])).serve)
-    async with await trio.open_tcp_stream("::1", bound.port) as client:
+    address = await start_backend(nursery, backend)
+    port = await _proxy(nursery, address, listen="[::1]:0", proxy_protocol="v2")
+    async with await trio.open_tcp_stream("::1", port) as client:
         await client.send_all(b"x\n")
         with trio.fail_after(5):
             assert await read_line(client) == b"x\n"
         client_port = client.socket.getsockname()[1]
     (header,) = backend.headers
     assert header.source == InetEndpoint("::1", client_port)
-    assert header.destination == InetEndpoint("::1", bound.port)
+    assert header.destination == InetEndpoint("::1", port)
 
 
 async def test_v2_carries_what_tls_termination_learnt(
@@ -187,16 +186,13 @@ async def test_wildcard_listeners_send_the_address_the_client_reached(
     nursery: trio.Nursery,
 ) -> None:
     backend = HeaderBackend()
-    listener = l4proxy.ListenerConfig(
-        name="any", listen=["0.0.0.0:0"], backends=[await start_backend(nursery, backend)],
-        proxy_protocol="v1",
-    )  # fmt: skip
-    (bound,) = await nursery.start(l4proxy.Proxy(l4proxy.Config(listeners=[listener])).serve)
-    async with await trio.open_tcp_stream("127.0.0.9", bound.port) as client:
+    address = await start_backend(nursery, backend)
+    port = await _proxy(nursery, address, listen="0.0.0.0:0", proxy_protocol="v1")
+    async with await trio.open_tcp_stream("127.0.0.9", port) as client:
         await client.send_all(b"x\n")
         with trio.fail_after(5):
             assert await read_line(client) == b"x\n"
-    assert backend.headers[0].destination == InetEndpoint("127.0.0.9", bound.port)
+    assert backend.headers[0].destination == InetEndpoint("127.0.0.9", port)
 
 
 async def test_haproxy_accept_proxy_reads_our_header(nursery: trio.Nursery, tmp_path: Path) -> None:
