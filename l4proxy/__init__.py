@@ -30,7 +30,8 @@ from .errors import (
 )
 from .protocols.dialogue import Dialogue, DialogueSettings, Preamble
 from .record import AccessRecord, ConnectionRecord, Outcome
-from .server import BoundAddress, ListenerStats, PipeStats, Proxy
+from .server import Proxy
+from .stats import BoundAddress, ListenerStats, PipeStats
 
 __all__ = [
     "AccessRecord",

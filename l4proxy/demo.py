@@ -20,7 +20,7 @@ from .runner import configure_logging, run_proxy
 from .server import Proxy
 
 if TYPE_CHECKING:
-    from .server import BoundAddress
+    from .stats import BoundAddress
 
 
 async def _line_service(

@@ -20,7 +20,8 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
 
     from .config import Config
-    from .server import BoundAddress, Proxy
+    from .server import Proxy
+    from .stats import BoundAddress
 
 LOGGER = logging.getLogger("l4proxy.cli")
 

@@ -39,6 +39,7 @@ from .listening import Listening, bind_all
 from .parking import ParkingLot
 from .pipeline import serve
 from .runtime import LiveCount, build_runtimes, carry_over
+from .stats import BoundAddress, ListenerStats, PipeStats
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Mapping
@@ -64,42 +65,6 @@ ACCEPT_SKIP_ERRNOS = frozenset(
 )  # fmt: skip
 #: Connections taken per wake-up of an accept loop before letting other tasks run.
 ACCEPT_BATCH = 32
-
-
-@attrs.frozen
-class BoundAddress:
-    """A listening socket as bound: port 0 is resolved to the real port."""
-
-    listener: str
-    address: Address
-
-    @property
-    def host(self) -> str | None:
-        return self.address.host if isinstance(self.address, TCPAddress) else None
-
-    @property
-    def port(self) -> int | None:
-        return self.address.port if isinstance(self.address, TCPAddress) else None
-
-    def __str__(self) -> str:
-        return str(self.address)
-
-
-@attrs.frozen
-class ListenerStats:
-    """One listener's connections at one moment (see :meth:`Proxy.stats`)."""
-
-    open: int  # accepted and not yet logged
-    parked: int  # of those, idle both ways and held without tasks
-    worker: int | None = None  # with --workers, the worker these are counted in
-
-
-@attrs.frozen
-class PipeStats:
-    """The proxy's splice pipes at one moment (see :meth:`Proxy.pipe_stats`)."""
-
-    in_use: int  # lent to connections moving bytes right now (idle ones hold none)
-    created: int  # made since the proxy started (the pool keeps up to 64 for reuse)
 
 
 @attrs.define(eq=False)
