@@ -51,7 +51,7 @@ class Shared:
     )
 
     def __init__(
-        self, connect: Connector | None, ids: Iterator[int], is_draining: Callable[[], bool]
+        self, connect: Connector | None, ids: Iterator[int], is_draining: Callable[[str], bool]
     ) -> None:
         self.connect = connect  # None: the default (raw sockets where they can be used)
         self.ids = ids
@@ -187,7 +187,11 @@ def finish(connection: Connection) -> None:
     if connection.session_key is not None:
         connection.shared.sessions.discard(connection.session_key, connection)
     if record.outcome is None:
-        record.outcome = Outcome.DRAINED if connection.shared.is_draining() else Outcome.CANCELLED
+        record.outcome = (
+            Outcome.DRAINED
+            if connection.shared.is_draining(runtime.config.name)
+            else Outcome.CANCELLED
+        )
     record.duration = trio.current_time() - record.started
     runtime.access_log.write(record, runtime.log_format)
 

@@ -34,17 +34,25 @@ class Listening:
     Attributes:
         sock: the non-blocking listening socket.
         address: the bound address (port 0 resolved to the real port).
+        configured: the ``listen`` address it was bound for (a reload that keeps that
+            address keeps this socket).
         unix_file: ``(path, st_dev, st_ino)`` of the socket file created by this bind,
             so that closing removes that file and never one another process has bound
             at the same path since.
     """
 
-    __slots__ = ("address", "sock", "unix_file")
+    __slots__ = ("address", "configured", "sock", "unix_file")
 
-    def __init__(self, sock: socket.socket, unix_file: tuple[str, int, int] | None = None) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        unix_file: tuple[str, int, int] | None = None,
+        configured: Address | None = None,
+    ) -> None:
         self.sock = sock
         self.unix_file = unix_file
         self.address = _bound_address(sock)
+        self.configured = configured if configured is not None else self.address
 
     def close(self) -> None:
         """Close now, synchronously: it runs in ``finally`` blocks while cancelled, where
@@ -92,13 +100,7 @@ async def bind_all(
             bound: list[Listening] = []
             opened.append((config.name, bound))
             for address in config.listen:
-                try:
-                    bound.extend(await _bind(address, reuse_port=reuse_port))
-                except OSError as exc:
-                    reason = exc.strerror or str(exc)
-                    raise ListenError(
-                        f"cannot listen on {address} (listener {config.name!r}): {reason.lower()}"
-                    ) from exc
+                bound.extend(await bind_address(address, config.name, reuse_port=reuse_port))
     except BaseException:
         for _, bound in opened:
             for listening in bound:
@@ -107,10 +109,24 @@ async def bind_all(
     return opened
 
 
-async def _bind(address: Address, *, reuse_port: bool = False) -> list[Listening]:
-    if isinstance(address, TCPAddress):
-        return [Listening(sock) for sock in await _bind_tcp(address, reuse_port=reuse_port)]
-    return [await _bind_unix(address.path)]
+async def bind_address(
+    address: Address, listener: str, *, reuse_port: bool = False
+) -> list[Listening]:
+    """The listening sockets for one ``listen`` address (a host name may give several).
+
+    Error handling:
+        Raises :class:`~l4proxy.errors.ListenError` naming the address and listener.
+    """
+    try:
+        if isinstance(address, TCPAddress):
+            socks = await _bind_tcp(address, reuse_port=reuse_port)
+            return [Listening(sock, configured=address) for sock in socks]
+        return [await _bind_unix(address)]
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise ListenError(
+            f"cannot listen on {address} (listener {listener!r}): {reason.lower()}"
+        ) from exc
 
 
 async def _bind_tcp(address: TCPAddress, *, reuse_port: bool) -> list[socket.socket]:
@@ -153,8 +169,9 @@ async def _bind_tcp(address: TCPAddress, *, reuse_port: bool) -> list[socket.soc
     return listeners
 
 
-async def _bind_unix(path: str) -> Listening:
+async def _bind_unix(address: UnixAddress) -> Listening:
     """Bind a Unix socket, replacing a stale socket file nobody listens on."""
+    path = address.path
     try:
         mode = os.lstat(path).st_mode
     except FileNotFoundError:
@@ -173,7 +190,7 @@ async def _bind_unix(path: str) -> Listening:
     except BaseException:
         sock.close()
         raise
-    return Listening(sock, (path, created.st_dev, created.st_ino))
+    return Listening(sock, (path, created.st_dev, created.st_ino), configured=address)
 
 
 async def _unix_socket_in_use(path: str) -> bool:

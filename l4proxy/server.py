@@ -1,42 +1,29 @@
-"""The :class:`Proxy`: listeners, accept loops, graceful drain and reload.
+"""The :class:`Proxy`: the embedding API over a config's listeners, reloads and drain.
 
-Task tree while serving (every connection lives in a nursery)::
-
-    serve
-    └── one task per listener config        (drain scope: its deadline is the drain timeout)
-        └── handler nursery                 one task per connection (fast path: one per
-            │                               direction; none while parked)
-            ├── parking lot                 idle fast-path connections (parking.py)
-            └── accept scope                cancelled by close(): stop accepting at once
-                └── acceptor nursery        one accept loop per bound socket
-
-``close()`` cancels the accept scopes, which closes the listening sockets (new
-connections are refused), and gives each listener's handler nursery a deadline of now +
-its drain timeout. ``serve`` returns when every handler has finished or been cut.
+The live listeners and their accept loops are :mod:`l4proxy.listenerset`'s (its
+docstring draws the task tree); one connection's steps are :mod:`l4proxy.pipeline`'s.
+``close()`` stops every accept loop, which closes the listening sockets (new
+connections are refused), and gives each listener's connections a deadline of now +
+its drain timeout. ``serve`` returns when every connection has finished or been cut.
 """
 
 from __future__ import annotations
 
-import errno
 import itertools
 import logging
-import math
-import os
 from typing import TYPE_CHECKING
 
-import attrs
 import trio
 
 from . import splice
 from .accesslog import FileSink, LoggerSink
-from .addresses import Address, TCPAddress, UnixAddress
-from .admit import admit, refuse, report_suppressed
+from .admit import report_suppressed
 from .balancing import HealthBoard
 from .connect import check_source_address
 from .connection import Shared
 from .errors import ConfigError, ListenError
-from .listening import Listening, bind_all
-from .parking import ParkingLot
+from .listenerset import ListenerSet
+from .listening import bind_all
 from .pipeline import serve
 from .runtime import LiveCount, build_runtimes, carry_over
 from .stats import BoundAddress, ListenerStats, PipeStats
@@ -45,37 +32,12 @@ if TYPE_CHECKING:
     from collections.abc import Iterator, Mapping
     from typing import IO
 
+    from .addresses import Address
     from .config import Config
     from .connect import Connector
     from .runtime import ListenerRuntime
 
 LOGGER = logging.getLogger("l4proxy.server")
-
-#: accept() errors that mean "out of a resource right now": back off, never die.
-ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
-ACCEPT_BACKOFF_MIN = 0.005
-ACCEPT_BACKOFF_MAX = 0.25
-ACCEPT_RECOVERY_QUIET = 1.0
-#: accept() errors that concern only the connection being accepted: take the next one.
-ACCEPT_SKIP_ERRNOS = frozenset(
-    getattr(errno, name)
-    for name in ("ECONNABORTED", "EPROTO", "EPERM", "ENETDOWN", "ENOPROTOOPT", "EHOSTDOWN",
-                 "ENONET", "EHOSTUNREACH", "EOPNOTSUPP", "ENETUNREACH", "ETIMEDOUT", "ECONNRESET")
-    if hasattr(errno, name)
-)  # fmt: skip
-#: Connections taken per wake-up of an accept loop before letting other tasks run.
-ACCEPT_BATCH = 32
-
-
-@attrs.define(eq=False)
-class _Serving:
-    """The cancel scopes of one listener config while ``serve`` runs."""
-
-    name: str
-    accept_scope: trio.CancelScope
-    drain_scope: trio.CancelScope
-    listeners: list[Listening]
-    lot: ParkingLot | None = None
 
 
 class Proxy:
@@ -128,10 +90,10 @@ class Proxy:
         self._board = HealthBoard()  # backends down, over every pool of this proxy
         self._runtimes = self._build_runtimes(config)
         self._adopt(self._runtimes)
-        self._serving: list[_Serving] = []
         self._is_serving = False
         self._draining = False
         self._shared = Shared(connect, ids or itertools.count(1), self._is_draining)
+        self._listeners = ListenerSet(self._shared, self._live, reuse_port=reuse_port)
         self._shared.max_open = config.max_connections
         self._reloading = trio.Lock()
 
@@ -145,11 +107,15 @@ class Proxy:
         """True once :meth:`close` was called."""
         return self._draining
 
+    @property
+    def addresses(self) -> list[BoundAddress]:
+        """The sockets accepting right now (what ``serve`` started with, as changed by
+        reloads since); empty once :meth:`close` was called or before ``serve``."""
+        return self._listeners.addresses()
+
     def stats(self) -> dict[str, ListenerStats]:
         """Open and parked connections per listener name, right now."""
-        parked = {
-            serving.name: serving.lot.parked_links for serving in self._serving if serving.lot
-        }
+        parked = self._listeners.parked()
         return {
             name: ListenerStats(live.value, parked.get(name, 0), self.worker)
             for name, live in self._live.items()
@@ -179,47 +145,73 @@ class Proxy:
                 self._file_sinks.setdefault(runtime.config.access_log, runtime.access_log)
 
     async def reload(self, config: Config) -> None:
-        """Use ``config`` for every connection accepted from now on.
+        """Use ``config`` from now on: every setting, listeners included.
 
         Certificates, keys and CA files are read and the TLS contexts built in a worker
         thread; the switch happens on the trio thread, at once, so no connection sees
-        half of it. Established connections keep the settings they started with.
-        Listen addresses and access-log destinations are bound at start and cannot
-        change here.
+        half of it. Established connections keep the settings, route and backend they
+        started with; balancing state and backend health carry over for the backends
+        that remain.
+
+        While serving: an address the new config still listens on keeps its socket
+        (even when its listener is renamed, or the address moves to another listener),
+        so no connection is refused during a reload; new addresses are bound; listeners
+        that are gone stop accepting and drain (their ``drain_timeout``). A new
+        ``access_log`` file is opened before the switch.
 
         Error handling:
-            Raises :class:`~l4proxy.errors.ConfigError` (and changes nothing) if the new
-            config adds, removes or renames listeners, or changes their ``listen`` or
-            ``access_log``, or if a file cannot be used. Any other exception while
-            building (a certificate the ``cryptography`` package cannot parse, say)
-            propagates, and also changes nothing.
+            Raises :class:`~l4proxy.errors.ConfigError` (and changes nothing) if a file
+            cannot be used (a certificate, an access log) or a ``source_address`` is not
+            this machine's. Any other exception while building (a certificate the
+            ``cryptography`` package cannot parse, say) propagates and also changes
+            nothing. An address that cannot be bound (in use) is logged as an ERROR and
+            the rest of the configuration applies.
         """
-        old = {listener.name: listener for listener in self._config.listeners}
-        new = {listener.name: listener for listener in config.listeners}
-        problems = []
-        if old.keys() != new.keys():
-            problems.append(
-                f"listeners: names changed from {sorted(old)} to {sorted(new)}; restart to change listeners"
-            )
-        problems.extend(
-            f"listeners[{index}].{key}: cannot change on reload; restart instead"
-            for index, listener in enumerate(config.listeners)
-            if listener.name in old
-            for key in ("listen", "access_log")
-            if getattr(old[listener.name], key) != getattr(listener, key)
-        )
-        problems.extend(_source_address_problems(config))
+        problems = _source_address_problems(config)
         if problems:
             raise ConfigError(problems, source="reload")
         async with self._reloading:  # one at a time: the last call's config wins
             runtimes = await trio.to_thread.run_sync(self._build_runtimes, config)
+            opened = await self._open_new_sinks(runtimes)
+            plan = await self._listeners.prepare(runtimes)
+            # The swap: on the trio thread, no checkpoint from here to the end.
             for name, runtime in runtimes.items():  # balancing and health carry over
                 if name in self._runtimes:
                     carry_over(runtime, self._runtimes[name])
-            self._runtimes = runtimes  # the swap: on the trio thread, between connections
+            for name, old in self._runtimes.items():
+                if name not in runtimes:
+                    for pool in old.pools.values():
+                        pool.retire()
+            self._runtimes = runtimes
             self._config = config
             self._shared.max_open = config.max_connections
+            for sink in opened:
+                self._file_sinks.setdefault(sink.path, sink)
+            for name, runtime in runtimes.items():
+                self._live.setdefault(name, runtime.live)
+            self._listeners.commit(plan, runtimes)
         LOGGER.info("configuration reloaded: %d listeners", len(config.listeners))
+
+    async def _open_new_sinks(self, runtimes: Mapping[str, ListenerRuntime]) -> list[FileSink]:
+        """Open the access-log files a reload adds (before its switch); on a failure,
+        close those again and raise ``ConfigError``."""
+        opened: list[FileSink] = []
+        if not self._is_serving:
+            return opened  # serve opens them
+        for runtime in runtimes.values():
+            sink = runtime.access_log
+            if isinstance(sink, FileSink) and not sink.is_open and sink not in opened:
+                try:
+                    await sink.open()
+                except OSError as exc:
+                    for done in opened:
+                        await done.aclose()
+                    raise ConfigError(
+                        f"access_log: cannot open {sink.path!r}: {exc.strerror or exc}",
+                        source="reload",
+                    ) from exc
+                opened.append(sink)
+        return opened
 
     async def serve(
         self, *, task_status: trio.TaskStatus[list[BoundAddress]] = trio.TASK_STATUS_IGNORED
@@ -246,41 +238,19 @@ class Proxy:
             try:
                 async with trio.open_nursery() as reporting:
                     reporting.start_soon(report_suppressed, self._shared)
-                    await self._serve_listeners(opened, task_status)
+                    await self._listeners.run(opened, self._runtimes, task_status)
                     reporting.cancel_scope.cancel()
             finally:
                 for _, listeners in opened:
                     for listening in listeners:
                         listening.close()
         finally:
-            self._serving.clear()
             self._is_serving = False
             self._pipes.close()
             with trio.move_on_after(5) as cleanup:
                 cleanup.shield = True
                 for sink in self._all_file_sinks():
                     await sink.aclose()
-
-    async def _serve_listeners(
-        self,
-        opened: list[tuple[str, list[Listening]]],
-        task_status: trio.TaskStatus[list[BoundAddress]],
-    ) -> None:
-        """Run every listener's accept loops and connections until they have all ended."""
-        async with trio.open_nursery() as nursery:
-            bound: list[BoundAddress] = []
-            for name, listeners in opened:
-                serving = _Serving(name, trio.CancelScope(), trio.CancelScope(), listeners)
-                self._serving.append(serving)
-                bound.extend(BoundAddress(name, listening.address) for listening in listeners)
-                nursery.start_soon(
-                    self._run_listener, serving, listeners, name=f"l4proxy listener {name}"
-                )
-            for address in bound:
-                LOGGER.info("listener %r: accepting on %s", address.listener, address)
-            task_status.started(bound)
-            if self._draining:
-                self.close()
 
     def close(self, *, drain_timeout: float | None = None) -> None:
         """Stop accepting now and let established connections finish.
@@ -291,17 +261,7 @@ class Proxy:
         deadline. Must be called from the trio thread.
         """
         self._draining = True
-        now = trio.current_time()
-        for serving in self._serving:
-            serving.accept_scope.cancel()
-            for listening in serving.listeners:  # refuse new connections from now on
-                listening.close()
-            seconds = (
-                drain_timeout
-                if drain_timeout is not None
-                else self._runtimes[serving.name].config.drain_timeout
-            )
-            serving.drain_scope.deadline = min(serving.drain_scope.deadline, now + seconds)
+        self._listeners.close(drain_timeout)
 
     async def handle_stream(
         self,
@@ -361,114 +321,10 @@ class Proxy:
                     f"access_log: cannot open {sink.path!r}: {exc.strerror or exc}"
                 ) from exc
 
-    async def _run_listener(self, serving: _Serving, listeners: list[Listening]) -> None:
-        with serving.drain_scope:
-            async with trio.open_nursery() as handlers:
-                lot = serving.lot = ParkingLot(handlers)  # idle connections, held without tasks
-                handlers.start_soon(lot.run, name=f"l4proxy parking lot {serving.name}")
-                with serving.accept_scope:
-                    async with trio.open_nursery() as acceptors:
-                        for listening in listeners:
-                            acceptors.start_soon(self._accept_loop, listening, serving.name, lot)
-                for listening in listeners:
-                    listening.close()
-                lot.stop_parking()
-                live = self._live[serving.name].value
-                if live:
-                    LOGGER.info("listener %r: draining %d connections", serving.name, live)
-
-    async def _accept_loop(self, listening: Listening, name: str, lot: ParkingLot) -> None:
-        """Accept forever; out-of-descriptor errors back off instead of spinning or dying.
-
-        Accepts in batches: after a wake-up, every waiting connection is taken before
-        waiting again (with a checkpoint every :data:`ACCEPT_BATCH`, so a flood cannot
-        starve the connections already running).
-
-        An "episode" of capacity errors is logged once when it starts and once when it
-        ends, i.e. when an accept succeeds after ACCEPT_RECOVERY_QUIET seconds without
-        a failure, so a proxy flapping at its descriptor limit does not flood the log.
-        """
-        backoff = 0.0
-        failures = 0
-        last_failure = -math.inf
-        accepted = 0
-        listener, local = listening.sock, listening.address
-        accept = listener.accept
-        shared = self._shared
-        while True:
-            # The waits stay outside the except blocks (no exception kept alive).
-            delay = 0.0
-            skipped = False
-            try:
-                sock, peer = accept()
-            except BlockingIOError:
-                sock = None
-            except OSError as exc:
-                if listener.fileno() == -1:
-                    return  # close() closed the socket
-                if exc.errno in ACCEPT_SKIP_ERRNOS:  # it died in the backlog
-                    sock, skipped = None, True
-                elif exc.errno not in ACCEPT_CAPACITY_ERRNOS:
-                    raise
-                else:
-                    if not failures:
-                        LOGGER.error(
-                            "listener %r: accept failed on %s: %s; backing off until it works again",
-                            name, local, os.strerror(exc.errno or 0).lower(),
-                        )  # fmt: skip
-                    failures += 1
-                    last_failure = trio.current_time()
-                    backoff = min(max(backoff * 2, ACCEPT_BACKOFF_MIN), ACCEPT_BACKOFF_MAX)
-                    sock, delay = None, backoff
-            if skipped:  # take the next; still a turn of the batch, so a flood yields too
-                accepted += 1
-                if accepted >= ACCEPT_BATCH:
-                    accepted = 0
-                    await trio.lowlevel.checkpoint()
-                continue
-            if sock is None:
-                accepted = 0
-                if delay:
-                    await trio.sleep(delay)
-                    continue
-                try:
-                    await trio.lowlevel.wait_readable(listener)
-                except trio.ClosedResourceError:
-                    return  # close() closed the socket
-                continue
-            if failures and trio.current_time() - last_failure >= ACCEPT_RECOVERY_QUIET:
-                LOGGER.warning(
-                    "listener %r: accepting again on %s after %d failed accepts",
-                    name, local, failures,
-                )  # fmt: skip
-                failures = 0
-                backoff = 0.0
-            runtime = self._runtimes[name]
-            trusted = runtime.trusted_proxies
-            if (
-                runtime.admits_all
-                or type(peer) is not tuple
-                or (trusted is not None and trusted.permits(peer[0]))  # admitted after step 2
-            ):
-                # Positional arguments and no wrapper coroutine: one frame less per connection.
-                lot.nursery.start_soon(
-                    serve, sock, _peer_address(peer), local, runtime, shared, lot
-                )
-            else:  # 1. admit: before any read, task or TLS work
-                refusal, key = admit(runtime, shared, peer[0])
-                if refusal is None:
-                    lot.nursery.start_soon(
-                        serve, sock, _peer_address(peer), local, runtime, shared, lot, key
-                    )
-                else:
-                    refuse(sock, _peer_address(peer), peer[0], local, runtime, shared, refusal)
-            accepted += 1
-            if accepted >= ACCEPT_BATCH:
-                accepted = 0
-                await trio.lowlevel.checkpoint()
-
-    def _is_draining(self) -> bool:
-        return self._draining
+    def _is_draining(self, listener: str) -> bool:
+        """Whether a connection of ``listener`` cancelled now was cut by a drain: the
+        proxy's (``close()``) or its listener's (a reload removed it)."""
+        return self._draining or listener not in self._runtimes
 
 
 def _source_address_problems(config: Config) -> list[str]:
@@ -486,12 +342,3 @@ def _source_address_problems(config: Config) -> list[str]:
                     f"(listener {listener.name!r}, source_address): {reason}"
                 )
     return problems
-
-
-def _peer_address(peer: object) -> Address:
-    """The client's address, from what ``accept`` returned."""
-    if isinstance(peer, tuple):
-        return TCPAddress(peer[0], peer[1])
-    if isinstance(peer, bytes):
-        peer = os.fsdecode(peer)
-    return UnixAddress(peer if isinstance(peer, str) else "")

@@ -75,7 +75,9 @@ class ConfigSource:
 
     path: str | None
     mapping: Mapping[str, object]
-    pinned_ports: Mapping[tuple[int, int], int] = attrs.field(factory=dict)
+    #: The ports the supervisor reserved for ``HOST:0`` (``None``: one process, or not
+    #: reserved yet: addresses stay as written).
+    pinned_ports: Mapping[tuple[str, str], int] | None = None
 
     def load(self) -> Config:
         if self.path is not None:
@@ -86,7 +88,7 @@ class ConfigSource:
             )
         else:
             config = Config.from_mapping(self.mapping, source="command line")
-        return pin(config, self.pinned_ports)
+        return config if self.pinned_ports is None else pin(config, self.pinned_ports)
 
 
 @attrs.frozen
@@ -110,30 +112,41 @@ class WorkerSpec:
         return itertools.count(first, workers)
 
 
-def pin(config: Config, ports: Mapping[tuple[int, int], int]) -> Config:
-    """``config`` with the reserved ports in place of ``HOST:0``. Only port 0 is
-    replaced: a reloaded file that names a real port there is a change of address."""
-    if not ports:
-        return config
+def pin(config: Config, ports: Mapping[tuple[str, str], int]) -> Config:
+    """``config`` with the reserved ports in place of ``HOST:0``, by listener name and
+    host. Only port 0 is replaced: a reloaded file that names a real port there is a
+    change of address.
+
+    Error handling:
+        Raises ``ConfigError`` for a ``HOST:0`` address no port was reserved for (a
+        reload added it, or renamed its listener): each worker would bind a port of
+        its own.
+    """
     listeners = []
     for i, listener in enumerate(config.listeners):
-        listen = tuple(
-            TCPAddress(address.host, ports[(i, j)])
-            if (i, j) in ports and isinstance(address, TCPAddress) and address.port == 0
-            else address
-            for j, address in enumerate(listener.listen)
-        )
-        listeners.append(attrs.evolve(listener, listen=listen))
+        listen = []
+        for j, address in enumerate(listener.listen):
+            if isinstance(address, TCPAddress) and address.port == 0:
+                port = ports.get((listener.name, address.host or ""))
+                if port is None:
+                    raise ConfigError(
+                        f"listeners[{i}].listen[{j}]: {address} is new since the workers "
+                        "started, and workers cannot share a port 0 reserved after start; "
+                        "name a port (or restart)"
+                    )
+                address = TCPAddress(address.host, port)
+            listen.append(address)
+        listeners.append(attrs.evolve(listener, listen=tuple(listen)))
     return attrs.evolve(config, listeners=listeners)
 
 
-def reserve_ports(config: Config) -> tuple[dict[tuple[int, int], int], list[socket.socket]]:
+def reserve_ports(config: Config) -> tuple[dict[tuple[str, str], int], list[socket.socket]]:
     """Pick the port every worker will share for each ``HOST:0`` address.
 
     Raises ``ConfigError`` for what workers cannot share: ``:0`` (it would be a
     different port per address family) and Unix sockets.
     """
-    ports: dict[tuple[int, int], int] = {}
+    ports: dict[tuple[str, str], int] = {}
     holders: list[socket.socket] = []
     try:
         for i, listener in enumerate(config.listeners):
@@ -155,7 +168,7 @@ def reserve_ports(config: Config) -> tuple[dict[tuple[int, int], int], list[sock
                 holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
                 holder.bind((address.host, 0))
-                ports[(i, j)] = holder.getsockname()[1]
+                ports[(listener.name, address.host)] = holder.getsockname()[1]
     except BaseException:
         for holder in holders:
             holder.close()

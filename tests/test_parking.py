@@ -239,11 +239,10 @@ async def _lot(proxy: l4proxy.Proxy) -> ParkingLot:
     fault injection into the lot's epoll (a kernel refusing or failing), which cannot be
     caused from outside. They come here, and only they.
     """
-    while not proxy._serving or proxy._serving[0].lot is None:
+    while not proxy._listeners.servings:
         await trio.lowlevel.checkpoint()
-    lot = proxy._serving[0].lot
-    assert lot is not None
-    return lot
+    (serving,) = proxy._listeners.servings.values()
+    return serving.lot
 
 
 async def test_idle_deadlines_do_not_pile_up_with_each_park(

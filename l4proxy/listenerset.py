@@ -1,0 +1,286 @@
+"""The listeners of a serving proxy, and how a reload changes them without a gap.
+
+Task tree while serving (every connection lives in a nursery)::
+
+    ListenerSet.run                         (one nursery)
+    ├── one task per listener name          drain scope: its deadline is the drain timeout
+    │   └── handler nursery                 one task per connection (fast path: one per
+    │       │                               direction; none while parked)
+    │       └── parking lot                 idle fast-path connections (parking.py)
+    └── one accept loop per bound socket    its own cancel scope (accepting.py)
+
+A reload (:meth:`ListenerSet.prepare`, then :meth:`ListenerSet.commit` with no
+checkpoint in between, at the same moment the proxy swaps its runtimes):
+
+* an address the new config still listens on keeps its socket and accept loop: the
+  loop is pointed at the listener that names the address now, so renaming a listener
+  or moving an address to another one refuses no connection;
+* an address no listener names any more: its loop stops and its socket closes;
+* a new address is bound in ``prepare`` (a failure is logged and the rest applies);
+* a new listener name gets its handler task in ``prepare``; a name that is gone stops
+  accepting and drains its connections for its ``drain_timeout``, as on ``close()``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import attrs
+import trio
+
+from .accepting import Acceptor, ServingListener, accept_loop
+from .addresses import Address, TCPAddress
+from .errors import ListenError
+from .listening import bind_address
+from .parking import ParkingLot
+from .stats import BoundAddress
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping, MutableMapping
+
+    from .connection import Shared
+    from .listening import Listening
+    from .runtime import ListenerRuntime, LiveCount
+
+LOGGER = logging.getLogger("l4proxy.server")
+
+#: What makes a listening socket the same across a reload: its ``listen`` address, or
+#: for port 0 (a port the kernel picked) the address and the listener's name.
+_Identity = Address | tuple[str, Address]
+
+
+def _identity(name: str, address: Address) -> _Identity:
+    if isinstance(address, TCPAddress) and address.port == 0:
+        return (name, address)
+    return address
+
+
+def _keys(name: str, listening: Listening) -> tuple[_Identity, ...]:
+    """The identities a held socket answers to: the address it was configured with,
+    and the address it is bound to (a config that now names the port the kernel
+    picked for ``HOST:0`` keeps the socket)."""
+    configured = _identity(name, listening.configured)
+    if listening.address == configured or not isinstance(listening.address, TCPAddress):
+        return (configured,)
+    return (configured, listening.address)
+
+
+@attrs.define
+class Plan:
+    """What :meth:`ListenerSet.prepare` made ready for a reload's commit."""
+
+    bound: dict[_Identity, list[Listening]] = attrs.field(factory=dict)  # newly bound
+    started: dict[str, ServingListener] = attrs.field(factory=dict)  # new listener names
+
+    def abandon(self) -> None:
+        """Undo: close what was bound, end the handler tasks that were started."""
+        for listenings in self.bound.values():
+            for listening in listenings:
+                listening.close()
+        for serving in self.started.values():
+            serving.stopped.set()
+
+
+class ListenerSet:
+    """Every listener name while the proxy serves, by name, and the accept loops."""
+
+    def __init__(
+        self, shared: Shared, live: MutableMapping[str, LiveCount], *, reuse_port: bool
+    ) -> None:
+        self._shared = shared
+        self._live = live  # the proxy's; a name drops out of it once fully drained
+        self._reuse_port = reuse_port
+        #: Accepting now, by name.
+        self.servings: dict[str, ServingListener] = {}
+        #: Removed by a reload or stopped by ``close()``, connections still draining.
+        self.retiring: list[ServingListener] = []
+        self._nursery: trio.Nursery | None = None
+        self.closed = False
+
+    # ------------------------------------------------------------------ reporting
+
+    def addresses(self) -> list[BoundAddress]:
+        """The sockets accepting right now, by listener."""
+        return [
+            BoundAddress(serving.name, acceptor.listening.address)
+            for serving in self.servings.values()
+            for acceptor in serving.acceptors
+        ]
+
+    def parked(self) -> dict[str, int]:
+        """Parked connections per listener name (draining ones included)."""
+        counts: dict[str, int] = {}
+        for serving in [*self.retiring, *self.servings.values()]:
+            if hasattr(serving, "lot"):
+                counts[serving.name] = counts.get(serving.name, 0) + serving.lot.parked_links
+        return counts
+
+    # ------------------------------------------------------------------ serving
+
+    async def run(
+        self,
+        opened: list[tuple[str, list[Listening]]],
+        runtimes: Mapping[str, ListenerRuntime],
+        task_status: trio.TaskStatus[list[BoundAddress]],
+    ) -> None:
+        """Serve ``opened`` (bound by ``bind_all``) until every listener has stopped
+        accepting and drained. Reports the bound addresses once accept loops run."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                for name, listenings in opened:
+                    serving = ServingListener(name, runtimes[name])
+                    await nursery.start(self._run_listener, serving)
+                    self.servings[name] = serving
+                    for listening in listenings:
+                        self._start_acceptor(listening, serving)
+                bound = self.addresses()
+                for address in bound:
+                    LOGGER.info("listener %r: accepting on %s", address.listener, address)
+                task_status.started(bound)
+                if self.closed:  # close() was called before serving
+                    self.close()
+        finally:
+            self._nursery = None
+            for serving in [*self.servings.values(), *self.retiring]:
+                for acceptor in serving.acceptors:
+                    acceptor.listening.close()
+
+    def _start_acceptor(self, listening: Listening, serving: ServingListener) -> Acceptor:
+        assert self._nursery is not None
+        acceptor = Acceptor(listening, serving)
+        serving.acceptors.append(acceptor)
+        self._nursery.start_soon(
+            accept_loop, acceptor, self._shared, name=f"l4proxy accept {listening.address}"
+        )
+        return acceptor
+
+    async def _run_listener(
+        self, serving: ServingListener, *, task_status: trio.TaskStatus[None]
+    ) -> None:
+        """One listener name's connections: its handler nursery, open until it stops
+        accepting and its connections are done (or cut at the drain deadline)."""
+        with serving.drain_scope:
+            async with trio.open_nursery() as handlers:
+                lot = serving.lot = ParkingLot(handlers)  # idle connections, held without tasks
+                handlers.start_soon(lot.run, name=f"l4proxy parking lot {serving.name}")
+                task_status.started()
+                await serving.stopped.wait()
+                lot.stop_parking()
+                live = serving.runtime.live.value
+                if live:
+                    LOGGER.info("listener %r: draining %d connections", serving.name, live)
+        if serving in self.retiring:
+            self.retiring.remove(serving)
+        if serving.name not in self.servings and not any(
+            other.name == serving.name for other in self.retiring
+        ):
+            self._live.pop(serving.name, None)  # gone from the config and drained
+
+    def close(self, drain_timeout: float | None = None) -> None:
+        """Stop accepting everywhere; give each listener its drain timeout (or
+        ``drain_timeout``). A later call only shortens deadlines."""
+        self.closed = True
+        now = trio.current_time()
+        for serving in self.servings.values():
+            for acceptor in serving.acceptors:
+                acceptor.stop()  # refuse new connections from now on
+            serving.stopped.set()
+            self.retiring.append(serving)
+        self.servings = {}
+        for serving in self.retiring:
+            seconds = (
+                drain_timeout if drain_timeout is not None else serving.runtime.config.drain_timeout
+            )
+            serving.drain_scope.deadline = min(serving.drain_scope.deadline, now + seconds)
+
+    # ------------------------------------------------------------------ reloads
+
+    async def prepare(self, runtimes: Mapping[str, ListenerRuntime]) -> Plan:
+        """Bind the addresses ``runtimes`` add and start handler tasks for the names
+        they add. A bind failure is logged (ERROR) and that address left out."""
+        plan = Plan()
+        if self._nursery is None or self.closed:
+            return plan  # not serving: the runtimes alone change
+        held = {
+            key
+            for serving in self.servings.values()
+            for acceptor in serving.acceptors
+            for key in _keys(serving.name, acceptor.listening)
+        }
+        try:
+            for name, runtime in runtimes.items():
+                for address in runtime.config.listen:
+                    key = _identity(name, address)
+                    if key in held or key in plan.bound:
+                        continue
+                    try:
+                        plan.bound[key] = await bind_address(
+                            address, name, reuse_port=self._reuse_port
+                        )
+                    except ListenError as exc:
+                        LOGGER.error("reload: %s; the rest of the new configuration applies", exc)
+                if name not in self.servings and self._nursery is not None:
+                    serving = ServingListener(name, runtime)
+                    await self._nursery.start(self._run_listener, serving)
+                    plan.started[name] = serving
+        except BaseException:
+            plan.abandon()
+            raise
+        return plan
+
+    def commit(self, plan: Plan, runtimes: Mapping[str, ListenerRuntime]) -> None:
+        """Switch to ``runtimes``' listeners (no checkpoint: at the runtime swap)."""
+        if self._nursery is None or self.closed:  # closed or ended while preparing
+            plan.abandon()
+            for name, runtime in runtimes.items():  # draining ones log with the new settings
+                if name in self.servings:
+                    self.servings[name].runtime = runtime
+            return
+        by_address: dict[_Identity, list[Acceptor]] = {}
+        for serving in self.servings.values():
+            for acceptor in serving.acceptors:
+                for key in _keys(serving.name, acceptor.listening):
+                    by_address.setdefault(key, []).append(acceptor)
+        previous = self.servings
+        servings: dict[str, ServingListener] = {}
+        kept: set[int] = set()
+        for name, runtime in runtimes.items():
+            serving = previous.get(name) or plan.started[name]
+            serving.runtime = runtime
+            acceptors: list[Acceptor] = []
+            for address in runtime.config.listen:
+                for acceptor in by_address.get(_identity(name, address), ()):
+                    if id(acceptor) in kept:
+                        continue  # claimed under its other key
+                    acceptor.serving = serving  # the loop hands its next connection here
+                    acceptors.append(acceptor)
+                    kept.add(id(acceptor))
+            serving.acceptors = acceptors
+            for address in runtime.config.listen:
+                for listening in plan.bound.pop(_identity(name, address), ()):
+                    self._start_acceptor(listening, serving)
+                    LOGGER.info("listener %r: accepting on %s", name, listening.address)
+            servings[name] = serving
+        plan.started.clear()
+        plan.abandon()  # nothing should be left; close it if it is
+        stopped: set[int] = set()
+        for acceptors in by_address.values():
+            for acceptor in acceptors:
+                if id(acceptor) not in kept and id(acceptor) not in stopped:
+                    stopped.add(id(acceptor))
+                    LOGGER.info(
+                        "listener %r: no longer accepting on %s (reload)",
+                        acceptor.serving.name, acceptor.listening.address,
+                    )  # fmt: skip
+                    acceptor.stop()
+        now = trio.current_time()
+        for name, serving in previous.items():
+            if name not in servings:
+                LOGGER.info("listener %r: removed by the reload; draining", name)
+                serving.acceptors = []
+                serving.stopped.set()
+                serving.drain_scope.deadline = now + serving.runtime.config.drain_timeout
+                self.retiring.append(serving)
+        self.servings = servings
