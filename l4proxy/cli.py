@@ -12,6 +12,7 @@ import math
 import os
 import re
 import sys
+from functools import partial
 from typing import TYPE_CHECKING, NoReturn, TypeVar
 
 import click
@@ -295,6 +296,11 @@ class SecondsType(click.ParamType[float, str]):
     metavar="N",
     help="Worker processes sharing each port (SO_REUSEPORT) under a supervisor.  [default: 1]",
 )
+@click.option(
+    "--watch-config",
+    is_flag=True,
+    help="Reload when the --config file, or a certificate, key or CA file it names, changes.",
+)
 @click.option("--check", is_flag=True, help="Validate the configuration, print a summary and exit.")
 @click.version_option(
     __version__,
@@ -318,6 +324,7 @@ def cli(
     allow_plaintext: bool,
     client_ca: str | None,
     tls_min_version: str | None,
+    watch_config: bool,
     check: bool,
     **settings_flags: object,  # the flags of top-level keys (--idle-timeout ...): _settings
 ) -> int:
@@ -344,6 +351,8 @@ def cli(
         "--client-ca": client_ca,
         "--tls-min-version": tls_min_version,
     }
+    if watch_config and config is None:
+        raise click.UsageError("--watch-config needs --config (it watches that file)")
     if config is not None:
         given = [flag for flag, value in listener_flags.items() if value]
         if given:
@@ -379,8 +388,11 @@ def cli(
         )
         return 0
     if loaded.workers > 1:
-        return _or_usage_error(lambda: trio.run(supervise, loaded, source, level), flags=flags)
-    return trio.run(run_proxy, proxy, load)
+        return _or_usage_error(
+            lambda: trio.run(partial(supervise, loaded, source, level, watch=watch_config)),
+            flags=flags,
+        )
+    return trio.run(partial(run_proxy, proxy, load, watch=config if watch_config else None))
 
 
 def _settings(flags: Mapping[str, object]) -> dict[str, object]:

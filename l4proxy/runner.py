@@ -15,6 +15,7 @@ import click
 import trio
 
 from .errors import ConfigError, ListenError
+from .watching import watch_config
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
@@ -50,6 +51,7 @@ async def run_proxy(
     *,
     on_ready: Callable[[list[BoundAddress]], None] | None = None,
     lifeline: trio.abc.ReceiveStream | None = None,
+    watch: str | None = None,
 ) -> int:
     """Serve until SIGTERM/SIGINT (drain) and return the exit status.
 
@@ -57,6 +59,8 @@ async def run_proxy(
     off the event loop; a second SIGTERM/SIGINT cuts what is still draining.
     ``on_ready`` is called with the bound addresses. End-of-file on ``lifeline`` (a
     worker's standard input, held open by its supervisor) drains as SIGTERM does.
+    With ``watch`` (the config file's path, ``--watch-config``), a change of that file
+    or of a file it names reloads as SIGHUP does.
 
     Error handling:
         A reload that fails in any way (a ``ConfigError``, a certificate
@@ -71,6 +75,14 @@ async def run_proxy(
                 nursery.start_soon(_handle_signals, signals, proxy, reload_config)
                 if lifeline is not None:
                     nursery.start_soon(_drain_when_closed, lifeline, proxy)
+                if watch is not None and reload_config is not None:
+                    load = reload_config
+
+                    async def reload(why: str) -> None:
+                        if not proxy.draining:
+                            await reload_now(proxy, load, why)
+
+                    nursery.start_soon(watch_config, watch, lambda: proxy.config, reload)
                 if on_ready is not None:
                     on_ready(bound)
         except* ListenError as group:
@@ -121,16 +133,7 @@ async def _handle_signals(
             if reload_config is None:
                 LOGGER.warning("%s: nothing to reload (no --config file)", name)
                 continue
-            try:
-                # Files are read off the event loop; the swap happens on it, at once.
-                config = await trio.to_thread.run_sync(reload_config)
-                await proxy.reload(config)
-            except Exception as exc:  # whatever failed, the running configuration stays
-                LOGGER.error(
-                    "%s: reload failed, keeping the running configuration: %s",
-                    name,
-                    failure_reason(exc),
-                )
+            await reload_now(proxy, reload_config, name)
         elif not proxy.draining:
             proxy.close()  # listening sockets are closed when this returns
             LOGGER.info(
@@ -140,6 +143,19 @@ async def _handle_signals(
         else:
             LOGGER.warning("%s again: closing remaining connections now", name)
             proxy.close(drain_timeout=0)
+
+
+async def reload_now(proxy: Proxy, reload_config: Callable[[], Config], why: str) -> None:
+    """Load the configuration again and apply it: what SIGHUP and ``--watch-config``
+    do. ``why`` starts the ERROR line of a failure, which keeps the running config."""
+    try:
+        # Files are read off the event loop; the swap happens on it, at once.
+        config = await trio.to_thread.run_sync(reload_config)
+        await proxy.reload(config)
+    except Exception as exc:  # whatever failed, the running configuration stays
+        LOGGER.error(
+            "%s: reload failed, keeping the running configuration: %s", why, failure_reason(exc)
+        )
 
 
 def failure_reason(exc: Exception) -> str:

@@ -51,6 +51,7 @@ from .config import Config, read_toml
 from .errors import ConfigError
 from .runner import configure_logging, failure_reason, run_proxy
 from .server import Proxy
+from .watching import watch_config
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterator, Mapping
@@ -176,7 +177,9 @@ def reserve_ports(config: Config) -> tuple[dict[tuple[str, str], int], list[sock
     return ports, holders
 
 
-async def supervise(config: Config, source: ConfigSource, log_level: int) -> int:
+async def supervise(
+    config: Config, source: ConfigSource, log_level: int, *, watch: bool = False
+) -> int:
     """Run ``config.workers`` workers until they have all drained; return the exit status.
 
     Error handling:
@@ -189,7 +192,7 @@ async def supervise(config: Config, source: ConfigSource, log_level: int) -> int
         # Never serves: its reload() is the workers' own test of a new configuration,
         # and its config what they run, so restarted workers get that.
         applied = Proxy(pin(config, ports))
-        return await _Supervisor(applied, source, log_level).run()
+        return await _Supervisor(applied, source, log_level, watch=watch).run()
     finally:
         for holder in holders:
             holder.close()
@@ -206,7 +209,12 @@ class _Worker:
 
 
 class _Supervisor:
-    def __init__(self, applied: Proxy, source: ConfigSource, log_level: int) -> None:
+    def __init__(
+        self, applied: Proxy, source: ConfigSource, log_level: int, *, watch: bool = False
+    ) -> None:
+        #: ``--watch-config``: the supervisor watches (and reloads as on SIGHUP), not
+        #: the workers.
+        self.watch = watch
         self.applied = applied
         self.source = source
         self.log_level = log_level
@@ -227,6 +235,13 @@ class _Supervisor:
                 LOGGER.info("%d workers running", len(self.workers))
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._handle_signals, signals, nursery)
+                    if self.watch and self.source.path is not None:
+                        nursery.start_soon(
+                            watch_config,
+                            self.source.path,
+                            lambda: self.applied.config,
+                            self._reload,
+                        )
                     async with trio.open_nursery() as watchers:
                         for index in self.workers:
                             watchers.start_soon(self._watch, index)
