@@ -8,7 +8,8 @@ STAMP  := $(VENV)/.installed
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Debian packages the test suite runs for real: PostgreSQL (server, psql, pgbench), Redis,
 # the TLS clients openssl (s_client) and curl, Dovecot (IMAP and POP3 backends), swaks
-# (an SMTP client; its --tls needs libnet-ssleay-perl) and HAProxy (a real PROXY protocol parser).
+# (an SMTP client; its --tls needs libnet-ssleay-perl), HAProxy (a real PROXY protocol parser)
+# and systemd (systemd-analyze verify checks examples/l4proxy.service; nothing is started).
 
 .PHONY: demo test lint bench bench-deps system-deps clean
 
@@ -72,6 +73,7 @@ system-deps:
 	  command -v swaks >/dev/null || missing="$$missing swaks"; \
 	  command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || missing="$$missing haproxy"; \
 	  perl -MNet::SSLeay -e1 2>/dev/null || missing="$$missing libnet-ssleay-perl"; \
+	  command -v systemd-analyze >/dev/null || missing="$$missing systemd"; \
 	  if [ -n "$$missing" ]; then \
 	    echo "installing Debian packages:$$missing"; \
 	    $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \

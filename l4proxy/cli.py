@@ -12,6 +12,7 @@ import math
 import os
 import re
 import sys
+from functools import partial
 from typing import TYPE_CHECKING, NoReturn, TypeVar
 
 import click
@@ -23,6 +24,7 @@ from .config import LogLevel, flag_for, server_name_problem, top_level_keys
 from .configkinds import File
 from .errors import ConfigError
 from .runner import configure_logging, run_proxy
+from .sdnotify import Notifier
 from .server import Proxy
 from .workers import ConfigSource, supervise
 
@@ -378,9 +380,13 @@ def cli(
             f"{config or 'command line'}: ok ({count} listener{'s' * (count != 1)}: {names})"
         )
         return 0
+    notifier = Notifier.from_environment()  # systemd's Type=notify(-reload); see sdnotify.py
     if loaded.workers > 1:
-        return _or_usage_error(lambda: trio.run(supervise, loaded, source, level), flags=flags)
-    return trio.run(run_proxy, proxy, load)
+        return _or_usage_error(
+            lambda: trio.run(partial(supervise, loaded, source, level, notifier=notifier)),
+            flags=flags,
+        )
+    return trio.run(partial(run_proxy, proxy, load, notifier=notifier))
 
 
 def _settings(flags: Mapping[str, object]) -> dict[str, object]:

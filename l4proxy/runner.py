@@ -15,6 +15,7 @@ import click
 import trio
 
 from .errors import ConfigError, ListenError
+from .sdnotify import Notifier
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
@@ -50,6 +51,7 @@ async def run_proxy(
     *,
     on_ready: Callable[[list[BoundAddress]], None] | None = None,
     lifeline: trio.abc.ReceiveStream | None = None,
+    notifier: Notifier | None = None,
 ) -> int:
     """Serve until SIGTERM/SIGINT (drain) and return the exit status.
 
@@ -57,6 +59,8 @@ async def run_proxy(
     off the event loop; a second SIGTERM/SIGINT cuts what is still draining.
     ``on_ready`` is called with the bound addresses. End-of-file on ``lifeline`` (a
     worker's standard input, held open by its supervisor) drains as SIGTERM does.
+    ``notifier`` tells a service manager (systemd's ``$NOTIFY_SOCKET``) when the
+    listeners are bound, when a reload starts and ends, and when the drain starts.
 
     Error handling:
         A reload that fails in any way (a ``ConfigError``, a certificate
@@ -64,15 +68,17 @@ async def run_proxy(
         line and the running configuration stays; it never ends the process.
     """
     exit_code = 0
+    notifier = Notifier(None) if notifier is None else notifier
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         try:
             async with trio.open_nursery() as nursery:
                 bound = await nursery.start(_serve_then_stop, proxy, nursery.cancel_scope)
-                nursery.start_soon(_handle_signals, signals, proxy, reload_config)
+                nursery.start_soon(_handle_signals, signals, proxy, reload_config, notifier)
                 if lifeline is not None:
                     nursery.start_soon(_drain_when_closed, lifeline, proxy)
                 if on_ready is not None:
                     on_ready(bound)
+                notifier.ready(f"accepting on {len(bound)} addresses")
         except* ListenError as group:
             _print_error(group)
             exit_code = 1
@@ -113,13 +119,20 @@ async def _drain_when_closed(lifeline: trio.abc.ReceiveStream, proxy: Proxy) -> 
 
 
 async def _handle_signals(
-    signals: AsyncIterator[int], proxy: Proxy, reload_config: Callable[[], Config] | None
+    signals: AsyncIterator[int],
+    proxy: Proxy,
+    reload_config: Callable[[], Config] | None,
+    notifier: Notifier,
 ) -> None:
     async for signum in signals:
         name = signal.Signals(signum).name
         if signum == signal.SIGHUP:
+            # systemd's notify-reload waits for RELOADING=1, then READY=1, after every
+            # SIGHUP it sends, whatever the reload does.
+            notifier.reloading()
             if reload_config is None:
                 LOGGER.warning("%s: nothing to reload (no --config file)", name)
+                notifier.ready("nothing to reload (no --config file)")
                 continue
             try:
                 # Files are read off the event loop; the swap happens on it, at once.
@@ -131,8 +144,13 @@ async def _handle_signals(
                     name,
                     failure_reason(exc),
                 )
+                notifier.ready(f"reload failed, running configuration kept: {failure_reason(exc)}")
+            else:
+                notifier.ready("reloaded")
         elif not proxy.draining:
             proxy.close()  # listening sockets are closed when this returns
+            open_now = sum(stats.open for stats in proxy.stats().values())
+            notifier.stopping(f"draining {open_now} connections")
             LOGGER.info(
                 "%s: no longer accepting; draining established connections (signal again to stop now)",
                 name,
