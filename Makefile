@@ -16,6 +16,8 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 demo: $(STAMP)
 	@command -v nc >/dev/null || { echo "installing netcat-openbsd for the demo's nc examples"; \
 	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq netcat-openbsd >/dev/null; } || true
+	@command -v openssl >/dev/null || { echo "installing openssl for the demo's s_client examples"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq openssl >/dev/null; } || true
 	$(BIN)/python -m l4proxy.demo
 
 test: $(STAMP) system-deps lint

@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import shutil
 import signal
 import socket
 import struct
@@ -25,6 +24,7 @@ from l4proxy.sdnotify import Notifier, socket_address
 
 from .conftest import echo, receive_exactly, start_backend
 from .proxyprocess import ProxyProcess
+from .realservers import require_binary
 
 UNIT = Path(__file__).parent.parent / "examples" / "l4proxy.service"
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
@@ -283,11 +283,8 @@ def _older_systemd_variant(text: str) -> str:
     )
 
 
-@pytest.mark.skipif(
-    shutil.which("systemd-analyze") is None,
-    reason="systemd-analyze missing (Debian package systemd; make test installs it)",
-)
 def test_the_unit_file_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+    require_binary("systemd-analyze")  # Debian's systemd; make test installs it
     text = UNIT.read_text()
     complaints = _verify(text, tmp_path)
     if _systemd_version() >= 253:
