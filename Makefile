@@ -8,13 +8,16 @@ STAMP  := $(VENV)/.installed
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Debian packages the test suite runs for real: PostgreSQL (server, psql, pgbench), Redis,
 # the TLS clients openssl (s_client) and curl, Dovecot (IMAP and POP3 backends), swaks
-# (an SMTP client; its --tls needs libnet-ssleay-perl) and HAProxy (a real PROXY protocol parser).
+# (an SMTP client; its --tls needs libnet-ssleay-perl), HAProxy (a real PROXY protocol parser)
+# and systemd (systemd-analyze verify checks examples/l4proxy.service; nothing is started).
 
 .PHONY: demo test lint bench bench-deps system-deps clean
 
 demo: $(STAMP)
 	@command -v nc >/dev/null || { echo "installing netcat-openbsd for the demo's nc examples"; \
 	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq netcat-openbsd >/dev/null; } || true
+	@command -v openssl >/dev/null || { echo "installing openssl for the demo's s_client examples"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq openssl >/dev/null; } || true
 	$(BIN)/python -m l4proxy.demo
 
 test: $(STAMP) system-deps lint
@@ -72,6 +75,7 @@ system-deps:
 	  command -v swaks >/dev/null || missing="$$missing swaks"; \
 	  command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || missing="$$missing haproxy"; \
 	  perl -MNet::SSLeay -e1 2>/dev/null || missing="$$missing libnet-ssleay-perl"; \
+	  command -v systemd-analyze >/dev/null || missing="$$missing systemd"; \
 	  if [ -n "$$missing" ]; then \
 	    echo "installing Debian packages:$$missing"; \
 	    $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \

@@ -24,6 +24,7 @@ from .config import LogLevel, flag_for, server_name_problem, top_level_keys
 from .configkinds import File
 from .errors import ConfigError
 from .runner import configure_logging, run_proxy
+from .sdnotify import Notifier
 from .server import Proxy
 from .workers import ConfigSource, supervise
 
@@ -387,12 +388,17 @@ def cli(
             f"{config or 'command line'}: ok ({count} listener{'s' * (count != 1)}: {names})"
         )
         return 0
+    notifier = Notifier.from_environment()  # systemd's Type=notify(-reload); see sdnotify.py
     if loaded.workers > 1:
         return _or_usage_error(
-            lambda: trio.run(partial(supervise, loaded, source, level, watch=watch_config)),
+            lambda: trio.run(
+                partial(supervise, loaded, source, level, notifier=notifier, watch=watch_config)
+            ),
             flags=flags,
         )
-    return trio.run(partial(run_proxy, proxy, load, watch=config if watch_config else None))
+    return trio.run(
+        partial(run_proxy, proxy, load, notifier=notifier, watch=config if watch_config else None)
+    )
 
 
 def _settings(flags: Mapping[str, object]) -> dict[str, object]:

@@ -15,6 +15,7 @@ import click
 import trio
 
 from .errors import ConfigError, ListenError
+from .sdnotify import Notifier
 from .watching import watch_config
 
 if TYPE_CHECKING:
@@ -52,6 +53,7 @@ async def run_proxy(
     on_ready: Callable[[list[BoundAddress]], None] | None = None,
     lifeline: trio.abc.ReceiveStream | None = None,
     watch: str | None = None,
+    notifier: Notifier | None = None,
 ) -> int:
     """Serve until SIGTERM/SIGINT (drain) and return the exit status.
 
@@ -61,6 +63,8 @@ async def run_proxy(
     worker's standard input, held open by its supervisor) drains as SIGTERM does.
     With ``watch`` (the config file's path, ``--watch-config``), a change of that file
     or of a file it names reloads as SIGHUP does.
+    ``notifier`` tells a service manager (systemd's ``$NOTIFY_SOCKET``) when the
+    listeners are bound, when a reload starts and ends, and when the drain starts.
 
     Error handling:
         A reload that fails in any way (a ``ConfigError``, a certificate
@@ -68,11 +72,12 @@ async def run_proxy(
         line and the running configuration stays; it never ends the process.
     """
     exit_code = 0
+    notifier = Notifier(None) if notifier is None else notifier
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         try:
             async with trio.open_nursery() as nursery:
                 bound = await nursery.start(_serve_then_stop, proxy, nursery.cancel_scope)
-                nursery.start_soon(_handle_signals, signals, proxy, reload_config)
+                nursery.start_soon(_handle_signals, signals, proxy, reload_config, notifier)
                 if lifeline is not None:
                     nursery.start_soon(_drain_when_closed, lifeline, proxy)
                 if watch is not None and reload_config is not None:
@@ -80,11 +85,13 @@ async def run_proxy(
 
                     async def reload(why: str) -> None:
                         if not proxy.draining:
-                            await reload_now(proxy, load, why)
+                            notifier.reloading()
+                            await reload_now(proxy, load, why, notifier)
 
                     nursery.start_soon(watch_config, watch, lambda: proxy.config, reload)
                 if on_ready is not None:
                     on_ready(bound)
+                notifier.ready(f"accepting on {len(bound)} addresses")
         except* ListenError as group:
             _print_error(group)
             exit_code = 1
@@ -125,17 +132,26 @@ async def _drain_when_closed(lifeline: trio.abc.ReceiveStream, proxy: Proxy) -> 
 
 
 async def _handle_signals(
-    signals: AsyncIterator[int], proxy: Proxy, reload_config: Callable[[], Config] | None
+    signals: AsyncIterator[int],
+    proxy: Proxy,
+    reload_config: Callable[[], Config] | None,
+    notifier: Notifier,
 ) -> None:
     async for signum in signals:
         name = signal.Signals(signum).name
         if signum == signal.SIGHUP:
+            # systemd's notify-reload waits for RELOADING=1, then READY=1, after every
+            # SIGHUP it sends, whatever the reload does.
+            notifier.reloading()
             if reload_config is None:
                 LOGGER.warning("%s: nothing to reload (no --config file)", name)
+                notifier.ready("nothing to reload (no --config file)")
                 continue
-            await reload_now(proxy, reload_config, name)
+            await reload_now(proxy, reload_config, name, notifier)
         elif not proxy.draining:
             proxy.close()  # listening sockets are closed when this returns
+            open_now = sum(stats.open for stats in proxy.stats().values())
+            notifier.stopping(f"draining {open_now} connections")
             LOGGER.info(
                 "%s: no longer accepting; draining established connections (signal again to stop now)",
                 name,
@@ -145,9 +161,13 @@ async def _handle_signals(
             proxy.close(drain_timeout=0)
 
 
-async def reload_now(proxy: Proxy, reload_config: Callable[[], Config], why: str) -> None:
+async def reload_now(
+    proxy: Proxy, reload_config: Callable[[], Config], why: str, notifier: Notifier
+) -> None:
     """Load the configuration again and apply it: what SIGHUP and ``--watch-config``
-    do. ``why`` starts the ERROR line of a failure, which keeps the running config."""
+    do. ``why`` starts the ERROR line of a failure, which keeps the running config.
+    systemd hears ``RELOADING=1`` first (the SIGHUP path sends it itself, before this)
+    and ``READY=1`` after, whatever happened."""
     try:
         # Files are read off the event loop; the swap happens on it, at once.
         config = await trio.to_thread.run_sync(reload_config)
@@ -156,6 +176,9 @@ async def reload_now(proxy: Proxy, reload_config: Callable[[], Config], why: str
         LOGGER.error(
             "%s: reload failed, keeping the running configuration: %s", why, failure_reason(exc)
         )
+        notifier.ready(f"reload failed, running configuration kept: {failure_reason(exc)}")
+    else:
+        notifier.ready("reloaded")
 
 
 def failure_reason(exc: Exception) -> str:

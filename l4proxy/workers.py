@@ -22,7 +22,9 @@ the workers and each uses a core. The supervisor:
   for the longest ``drain_timeout`` plus a margin and kills what is left; the same
   happens whenever the supervisor ends for another reason (cancelled, an error), so
   no worker outlives it;
-* exits 0 once every worker has drained and exited.
+* exits 0 once every worker has drained and exited;
+* is the process a service manager knows: it alone sends systemd's notifications
+  (:mod:`l4proxy.sdnotify`), and workers start without ``$NOTIFY_SOCKET``.
 
 Unix-socket listeners cannot be shared this way (there is no ``SO_REUSEPORT`` for
 them), so ``--workers`` refuses them, as it refuses ``:0`` (a port per address family).
@@ -50,6 +52,7 @@ from .addresses import TCPAddress, UnixAddress
 from .config import Config, read_toml
 from .errors import ConfigError
 from .runner import configure_logging, failure_reason, run_proxy
+from .sdnotify import ENVIRONMENT_VARIABLE, Notifier
 from .server import Proxy
 from .watching import watch_config
 
@@ -178,9 +181,18 @@ def reserve_ports(config: Config) -> tuple[dict[tuple[str, str], int], list[sock
 
 
 async def supervise(
-    config: Config, source: ConfigSource, log_level: int, *, watch: bool = False
+    config: Config,
+    source: ConfigSource,
+    log_level: int,
+    *,
+    notifier: Notifier | None = None,
+    watch: bool = False,
 ) -> int:
     """Run ``config.workers`` workers until they have all drained; return the exit status.
+
+    The supervisor is the process a service manager knows: ``notifier`` hears
+    ``READY=1`` once every worker listens, ``RELOADING=1``/``READY=1`` around a SIGHUP
+    and ``STOPPING=1`` at the drain. Workers are started without ``$NOTIFY_SOCKET``.
 
     Error handling:
         Raises ``ConfigError`` if the workers cannot share the listen addresses or the
@@ -192,7 +204,8 @@ async def supervise(
         # Never serves: its reload() is the workers' own test of a new configuration,
         # and its config what they run, so restarted workers get that.
         applied = Proxy(pin(config, ports))
-        return await _Supervisor(applied, source, log_level, watch=watch).run()
+        notifier = Notifier(None) if notifier is None else notifier
+        return await _Supervisor(applied, source, log_level, notifier, watch=watch).run()
     finally:
         for holder in holders:
             holder.close()
@@ -210,12 +223,19 @@ class _Worker:
 
 class _Supervisor:
     def __init__(
-        self, applied: Proxy, source: ConfigSource, log_level: int, *, watch: bool = False
+        self,
+        applied: Proxy,
+        source: ConfigSource,
+        log_level: int,
+        notifier: Notifier,
+        *,
+        watch: bool = False,
     ) -> None:
         #: ``--watch-config``: the supervisor watches (and reloads as on SIGHUP), not
         #: the workers.
         self.watch = watch
         self.applied = applied
+        self.notifier = notifier
         self.source = source
         self.log_level = log_level
         self.workers: dict[int, _Worker] = {}
@@ -233,6 +253,7 @@ class _Supervisor:
                 if failed is not None:
                     return failed
                 LOGGER.info("%d workers running", len(self.workers))
+                self.notifier.ready(f"{len(self.workers)} workers running")
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._handle_signals, signals, nursery)
                     if self.watch and self.source.path is not None:
@@ -277,6 +298,7 @@ class _Supervisor:
                     stdin=subprocess.PIPE,
                     pass_fds=(ready_write,),
                     process_group=0,  # terminal signals reach the supervisor only
+                    env=_worker_environment(),
                 )
             finally:
                 os.close(ready_write)
@@ -343,6 +365,7 @@ class _Supervisor:
             elif not self.stopping.is_set():
                 self.stopping.set()
                 LOGGER.info("%s: draining %d workers", name, len(self.workers))
+                self.notifier.stopping(f"draining {len(self.workers)} workers")
                 nursery.start_soon(self._stop, list(self.workers.values()), signum)
             else:  # again: the workers cut what is still draining
                 self._signal_all(signum)
@@ -351,6 +374,7 @@ class _Supervisor:
         """Apply the configuration here first, so restarted workers get it; then have
         every worker reload (each reads the files again, as a single process does)."""
         async with self.reloading:  # one at a time, in the order the signals came
+            self.notifier.reloading()
             try:
                 config = await trio.to_thread.run_sync(self.source.load)
                 await self.applied.reload(config)
@@ -360,10 +384,15 @@ class _Supervisor:
                     name,
                     failure_reason(exc),
                 )
+                self.notifier.ready(
+                    f"reload failed, running configuration kept: {failure_reason(exc)}"
+                )
                 return
-        for worker in self.workers.values():
-            if worker.ready and worker.process.returncode is None:
-                worker.process.send_signal(signal.SIGHUP)
+            for worker in self.workers.values():
+                if worker.ready and worker.process.returncode is None:
+                    worker.process.send_signal(signal.SIGHUP)
+            # Each worker now reads the files and applies them as a single process does.
+            self.notifier.ready(f"reloaded; {len(self.workers)} workers running")
 
     def _signal_all(self, signum: int) -> None:
         for worker in self.workers.values():
@@ -373,6 +402,7 @@ class _Supervisor:
     async def _stop_all(self, signals: AsyncIterator[int]) -> None:
         """Stop every worker still running; a SIGTERM/SIGINT meanwhile cuts their drain."""
         self.stopping.set()
+        self.notifier.stopping(f"stopping {len(self.workers)} workers")
         async with trio.open_nursery() as nursery:
 
             async def cut_on_signal() -> None:
@@ -409,6 +439,12 @@ class _Supervisor:
         worker = self.workers.get(index)
         code = worker.process.returncode if worker is not None else None
         return code if code is not None and code > 0 else 1
+
+
+def _worker_environment() -> dict[str, str]:
+    """The supervisor's environment less ``$NOTIFY_SOCKET``: only the main process may
+    notify systemd (with ``NotifyAccess=main`` it drops other senders' messages)."""
+    return {key: value for key, value in os.environ.items() if key != ENVIRONMENT_VARIABLE}
 
 
 def _read_spec(fd: int) -> WorkerSpec:
