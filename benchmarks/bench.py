@@ -26,6 +26,8 @@ after round, starting one later each round; the table shows the median of the ro
 - ``edge``: new connections with allow/deny, a per-IP limit and PROXY v2 on vs off,
   refused connections/s of a denied address, another client's p99 under a flood from one
   address, against HAProxy's equivalents (benchmarks/_edge.py);
+- ``ops``: new connections with ``--metrics`` scraped every second vs without, and the
+  idle CPU of health checks of 100 backends every second (benchmarks/_ops.py);
 - ``postgres``: pgbench -S through ``--preamble postgres`` against PostgreSQL's own TLS,
   on kept connections and with a new connection per transaction (benchmarks/_postgres.py);
 - ``memory``: RSS of the proxy with 5,000 idle connections through it, per connection.
@@ -63,6 +65,7 @@ from typing import TYPE_CHECKING, Generic, NoReturn, TypeVar
 
 import _edge
 import _load
+import _ops
 import _postgres
 import _procs
 import trustme
@@ -117,7 +120,7 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-SCENARIOS = ("bulk", "connrate", "keepalive", "tls", "edge", "postgres", "memory")
+SCENARIOS = ("bulk", "connrate", "keepalive", "tls", "edge", "ops", "postgres", "memory")
 
 METRICS = [
     Metric("bulk1", "bulk (iperf3)", "1 stream", "Gbit/s", True, 2),
@@ -152,6 +155,7 @@ METRICS = [
     Metric("tls_res_p50", "TLS termination", "resumed: p50 latency", "ms", False, 2),
     Metric("tls_res_cpu", "TLS termination", "proxy CPU per resumed conn", "µs", False, 0, True),
     *_edge.METRICS,
+    *_ops.METRICS,
     *_postgres.METRICS,
     Metric("mem_per_conn", "idle connections", "RSS per connection", "KiB", False, 2),
     Metric("mem_base", "idle connections", "RSS before (no connections)", "MiB", False, 1),
@@ -526,6 +530,7 @@ RUNNERS: dict[str, Callable[[Context], None]] = {
     "keepalive": scenario_keepalive,
     "tls": scenario_tls,
     "edge": _edge.scenario_edge,
+    "ops": _ops.scenario_ops,
     "postgres": _postgres.scenario_postgres,
     "memory": scenario_memory,
 }
@@ -739,6 +744,8 @@ def _method(ctx: Context) -> list[str]:
         lines.append(f"TLS as negotiated by `openssl s_client` with {TITLES[kind]}: {facts}.")
     if "edge" in args.only:
         lines += _edge.method_lines(args)
+    if "ops" in args.only:
+        lines += _ops.method_lines(args)
     if "postgres" in args.only:
         lines += _postgres.method_lines(args, ctx.pg_facts)
     return lines
