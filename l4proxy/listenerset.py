@@ -37,7 +37,7 @@ from .parking import ParkingLot
 from .stats import BoundAddress
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping, MutableMapping
+    from collections.abc import Callable, Mapping, MutableMapping
 
     from .connection import Shared
     from .listening import Listening
@@ -86,10 +86,18 @@ class ListenerSet:
     """Every listener name while the proxy serves, by name, and the accept loops."""
 
     def __init__(
-        self, shared: Shared, live: MutableMapping[str, LiveCount], *, reuse_port: bool
+        self,
+        shared: Shared,
+        live: MutableMapping[str, LiveCount],
+        *,
+        reuse_port: bool,
+        configured: Callable[[str], bool],
     ) -> None:
         self._shared = shared
-        self._live = live  # the proxy's; a name drops out of it once fully drained
+        #: The proxy's open counts by name; a name a reload removed drops out of it
+        #: once its connections are gone (``configured`` says which names remain).
+        self._live = live
+        self._configured = configured
         self._reuse_port = reuse_port
         #: Accepting now, by name.
         self.servings: dict[str, ServingListener] = {}
@@ -173,10 +181,15 @@ class ListenerSet:
                     LOGGER.info("listener %r: draining %d connections", serving.name, live)
         if serving in self.retiring:
             self.retiring.remove(serving)
-        if serving.name not in self.servings and not any(
-            other.name == serving.name for other in self.retiring
-        ):
-            self._live.pop(serving.name, None)  # gone from the config and drained
+        self.forget_removed()
+
+    def forget_removed(self) -> None:
+        """Drop the open counts of names the config no longer has and no listener of
+        that name still drains (``stats()`` stops listing them)."""
+        draining = {serving.name for serving in self.retiring}
+        for name in [name for name in self._live if not self._configured(name)]:
+            if name not in draining:
+                del self._live[name]
 
     def close(self, drain_timeout: float | None = None) -> None:
         """Stop accepting everywhere; give each listener its drain timeout (or

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from .addresses import Address
     from .config import Config
     from .connect import Connector
+    from .listening import Listening
     from .runtime import ListenerRuntime
 
 LOGGER = logging.getLogger("l4proxy.server")
@@ -93,7 +94,12 @@ class Proxy:
         self._is_serving = False
         self._draining = False
         self._shared = Shared(connect, ids or itertools.count(1), self._is_draining)
-        self._listeners = ListenerSet(self._shared, self._live, reuse_port=reuse_port)
+        self._listeners = ListenerSet(
+            self._shared,
+            self._live,
+            reuse_port=reuse_port,
+            configured=lambda name: name in self._runtimes,
+        )
         self._shared.max_open = config.max_connections
         self._reloading = trio.Lock()
 
@@ -190,6 +196,7 @@ class Proxy:
             for name, runtime in runtimes.items():
                 self._live.setdefault(name, runtime.live)
             self._listeners.commit(plan, runtimes)
+            self._listeners.forget_removed()
         LOGGER.info("configuration reloaded: %d listeners", len(config.listeners))
 
     async def _open_new_sinks(self, runtimes: Mapping[str, ListenerRuntime]) -> list[FileSink]:
@@ -229,6 +236,9 @@ class Proxy:
         if self._is_serving:
             raise RuntimeError("this Proxy is already serving")
         self._is_serving = True
+        # A reload waits until the listeners serve: then it applies to them.
+        await self._reloading.acquire()
+        locked = True
         try:
             await self._open_access_logs()
             problems = _source_address_problems(self._config)
@@ -238,19 +248,36 @@ class Proxy:
             try:
                 async with trio.open_nursery() as reporting:
                     reporting.start_soon(report_suppressed, self._shared)
-                    await self._listeners.run(opened, self._runtimes, task_status)
-                    reporting.cancel_scope.cancel()
+                    bound = await reporting.start(
+                        self._serve_listeners, opened, reporting.cancel_scope
+                    )
+                    self._reloading.release()
+                    locked = False
+                    task_status.started(bound)
             finally:
                 for _, listeners in opened:
                     for listening in listeners:
                         listening.close()
         finally:
+            if locked:
+                self._reloading.release()
             self._is_serving = False
             self._pipes.close()
             with trio.move_on_after(5) as cleanup:
                 cleanup.shield = True
                 for sink in self._all_file_sinks():
                     await sink.aclose()
+
+    async def _serve_listeners(
+        self,
+        opened: list[tuple[str, list[Listening]]],
+        reporting: trio.CancelScope,
+        *,
+        task_status: trio.TaskStatus[list[BoundAddress]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Serve until every listener has drained; then end the reporting tasks."""
+        await self._listeners.run(opened, self._runtimes, task_status)
+        reporting.cancel()
 
     def close(self, *, drain_timeout: float | None = None) -> None:
         """Stop accepting now and let established connections finish.

@@ -317,3 +317,33 @@ async def test_sighup_applies_listener_changes_with_a_client_loop_running(
             proc.signal(signal.SIGTERM)
             assert await proc.wait() == 0
     assert not [line for line in proc.stderr if "ERROR" in line]
+
+
+async def test_a_reload_racing_the_start_of_serve_applies_to_its_listeners(
+    nursery: trio.Nursery,
+) -> None:
+    """``serve`` binds while holding the reload lock: a reload issued at the same time
+    applies before the binding (then ``serve`` binds the new config) or after (then
+    the listeners change); never to a half-started proxy."""
+    old = await start_backend(nursery, identify(b"old"))
+    new = await start_backend(nursery, identify(b"new"))
+    for delay in (0.0, 0.001, 0.01):
+        proxy = l4proxy.Proxy(_config(_listener("a", "127.0.0.1:0", old)))
+        with trio.fail_after(WAIT):
+            served = trio.Event()
+
+            async def serve(proxy: l4proxy.Proxy = proxy, served: trio.Event = served) -> None:
+                await proxy.serve()
+                served.set()
+
+            nursery.start_soon(serve)
+            await trio.sleep(delay)
+            await proxy.reload(_config(_listener("b", "127.0.0.1:0", new)))
+            while not proxy.addresses:  # noqa: ASYNC110  (serve may still be binding)
+                await trio.sleep(0.001)
+            (bound,) = proxy.addresses
+            assert bound.listener == "b"
+            assert await _greeting(bound) == b"new\n"
+            proxy.close()
+            await served.wait()
+            assert proxy.stats() == {"b": l4proxy.ListenerStats(open=0, parked=0)}
