@@ -31,10 +31,12 @@ from . import splice
 from .accesslog import FileSink, LoggerSink
 from .addresses import Address, TCPAddress, UnixAddress
 from .admit import admit, refuse, report_suppressed
+from .backendstats import backend_stats
 from .balancing import HealthBoard
 from .connect import check_source_address
 from .connection import Shared
 from .errors import ConfigError, ListenError
+from .healthcheck import HealthChecker
 from .listening import Listening, bind_all
 from .parking import ParkingLot
 from .pipeline import serve
@@ -134,6 +136,7 @@ class Proxy:
         self._shared = Shared(connect, ids or itertools.count(1), self._is_draining)
         self._shared.max_open = config.max_connections
         self._reloading = trio.Lock()
+        self._health = HealthChecker(lambda: self._runtimes, connect)  # active health checks
 
     @property
     def config(self) -> Config:
@@ -146,12 +149,17 @@ class Proxy:
         return self._draining
 
     def stats(self) -> dict[str, ListenerStats]:
-        """Open and parked connections per listener name, right now."""
+        """Open and parked connections, and the backends, per listener name, right now."""
         parked = {
             serving.name: serving.lot.parked_links for serving in self._serving if serving.lot
         }
         return {
-            name: ListenerStats(live.value, parked.get(name, 0), self.worker)
+            name: ListenerStats(
+                live.value,
+                parked.get(name, 0),
+                self.worker,
+                backends=backend_stats(self._runtimes.get(name)),
+            )
             for name, live in self._live.items()
         }
 
@@ -219,6 +227,7 @@ class Proxy:
             self._runtimes = runtimes  # the swap: on the trio thread, between connections
             self._config = config
             self._shared.max_open = config.max_connections
+            self._health.reconfigured()  # check the new pools
         LOGGER.info("configuration reloaded: %d listeners", len(config.listeners))
 
     async def serve(
@@ -246,6 +255,7 @@ class Proxy:
             try:
                 async with trio.open_nursery() as reporting:
                     reporting.start_soon(report_suppressed, self._shared)
+                    reporting.start_soon(self._health.run, name="l4proxy health checks")
                     await self._serve_listeners(opened, task_status)
                     reporting.cancel_scope.cancel()
             finally:
