@@ -93,7 +93,7 @@ class HealthChecker:
         runtimes: gives the proxy's current runtimes (the pools to check).
         connect: the proxy's connector (``None``: the default), so a check reaches a
             backend the way its connections do.
-        concurrency: the most checks at once.
+        concurrency: the most checks at once (default :data:`MAX_CONCURRENT`).
         rng: the jitter's randomness (tests pass a seeded one).
     """
 
@@ -102,7 +102,7 @@ class HealthChecker:
         runtimes: Callable[[], Mapping[str, ListenerRuntime]],
         connect: Connector | None = None,
         *,
-        concurrency: int = MAX_CONCURRENT,
+        concurrency: int | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self._runtimes = runtimes
@@ -126,7 +126,7 @@ class HealthChecker:
     async def run(self) -> None:
         """Check until cancelled (``serve`` cancels it when it ends). With no listener
         checking, it only waits for :meth:`reconfigured`."""
-        limiter = trio.CapacityLimiter(self._concurrency)
+        limiter = trio.CapacityLimiter(self._concurrency or MAX_CONCURRENT)
         try:
             async with trio.open_nursery() as nursery:
                 while True:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import socket
 import subprocess
 import time
 from typing import TYPE_CHECKING
@@ -21,7 +22,8 @@ import pytest
 import trio
 
 import l4proxy
-from l4proxy import HealthCheck, ListenerConfig, RouteConfig
+import l4proxy.healthcheck
+from l4proxy import HealthCheck, ListenerConfig, RouteConfig, TCPAddress
 from l4proxy.addresses import parse_address
 from l4proxy.balancing import BackendPool
 from l4proxy.cli import main
@@ -37,6 +39,7 @@ from .test_tls_passthrough import server_context, tls_identify
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Iterator
+    from pathlib import Path
 
     from .conftest import AccessWatcher, Handler
     from .tlsfixtures import PKI
@@ -672,3 +675,100 @@ async def test_the_health_check_flag_checks_in_the_real_command(nursery: trio.Nu
         async with ProxyProcess(nursery, args) as proc:
             await proc.wait_for(re.escape(down_line(dead, "connection refused")))
             await alive.wait_accepted(3)
+
+
+# --------------------------------------------------------------------------- more kinds of check
+
+
+async def test_a_silent_backend_times_out_after_the_default_timeout(
+    nursery: trio.Nursery, health: HealthLog
+) -> None:
+    """No ``timeout``: the smaller of ``connect_timeout`` and the interval."""
+
+    async def silent(stream: trio.SocketStream) -> None:
+        async with stream:
+            await stream.receive_some()  # until the check gives up and closes
+
+    quiet = await backend(nursery, silent)
+    await start_proxy(
+        nursery, listener([quiet.address], health_check=HealthCheck(interval=0.1, expect="+OK"))
+    )
+    with trio.fail_after(WAIT):
+        await health.wait_for(down_line(quiet.address, "timed out after 0.1s"))
+
+
+async def test_a_unix_socket_backend_is_checked(
+    nursery: trio.Nursery, health: HealthLog, tmp_path: Path
+) -> None:
+    path = tmp_path / "backend.sock"
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await sock.bind(str(path))
+    sock.listen()
+    scope = trio.CancelScope()
+
+    async def serve(task_status: trio.TaskStatus[None]) -> None:
+        with scope:
+            await trio.serve_listeners(
+                identify(b"unix"), [trio.SocketListener(sock)], task_status=task_status
+            )
+
+    await nursery.start(serve)
+    address = f"unix:{path}"
+    proxy, _ = await start_proxy(nursery, listener([address], health_check=FAST))
+    with trio.fail_after(WAIT):
+        scope.cancel()  # its listener closed; the path stays: connects are refused
+        await health.wait_for(down_line(address, "connection refused"))
+    assert backends_of(proxy)[address].held
+
+
+class CountingStream(trio.abc.Stream):
+    """A stream that counts itself open in ``counter`` until it is closed."""
+
+    def __init__(self, inner: trio.SocketStream, counter: list[int]) -> None:
+        self.inner, self.counter = inner, counter
+        counter[0] += 1
+        counter[1] = max(counter[1], counter[0])
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        self.counter[0] -= 1
+        await self.inner.aclose()
+
+
+async def test_checks_run_at_most_max_concurrent_at_once(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Six silent backends whose checks each last their whole timeout, two checks at a
+    time: never more than two open (counted at the proxy's own connector, which checks
+    use as connections do)."""
+    monkeypatch.setattr(l4proxy.healthcheck, "MAX_CONCURRENT", 2)
+
+    async def silent(stream: trio.SocketStream) -> None:
+        async with stream:
+            await stream.receive_some()
+
+    backends = [await backend(nursery, silent) for _ in range(6)]
+    counter = [0, 0]  # open now, the most open at once
+
+    async def connect(address: l4proxy.Address) -> trio.abc.Stream:
+        assert isinstance(address, TCPAddress)
+        assert address.host is not None
+        stream = CountingStream(await trio.open_tcp_stream(address.host, address.port), counter)
+        return stream
+
+    check = HealthCheck(interval=FAST, timeout=0.1, expect="+OK")
+    config = l4proxy.Config(listeners=[listener([b.address for b in backends], health_check=check)])
+    proxy = l4proxy.Proxy(config, connect=connect)
+    await nursery.start(proxy.serve)
+    with trio.fail_after(WAIT):
+        for each in backends:  # every backend checked twice, so checks queued up
+            await each.wait_accepted(2)
+    assert counter[1] == 2
