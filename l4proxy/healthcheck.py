@@ -219,12 +219,16 @@ def _plan(
         send = check.send.encode() if check.send else b""
         expect = check.expect.encode() if check.expect else b""
         proxy_protocol = None if config.proxy_protocol is None else config.proxy_protocol.value
-        tls = (config.backend_ca, config.backend_sni) if config.backend_tls else None
+        # With a preamble, backend TLS starts inside the protocol's own dialogue
+        # (STARTTLS, SSLRequest), which a check does not speak: it connects only.
+        secured = config.backend_tls and config.preamble is None
+        tls = (config.backend_ca, config.backend_sni) if secured else None
+        backend_tls = runtime.backend_tls if secured else None
         for pool in runtime.pools.values():
             for target in dict.fromkeys(pool.backends):  # a backend listed twice: once
                 check_of = Probe(
                     target, seconds, send, expect, config.source_address, proxy_protocol, tls
                 )
-                members, _ = plan.setdefault((check_of, schedule), ([], runtime.backend_tls))
+                members, _ = plan.setdefault((check_of, schedule), ([], backend_tls))
                 members.append((pool, target))
     return plan

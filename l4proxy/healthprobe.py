@@ -10,7 +10,10 @@ A check does what the data path does before the first client byte, and no more:
    protocol spec, section 2.1 and 2.2), so a backend that insists on the header does not
    drop the check;
 3. the **TLS handshake** if the listener has ``backend_tls``, with the listener's own
-   backend context, the certificate and its name verified as for a connection;
+   backend context, the certificate and its name verified as for a connection (not
+   for a listener with a ``preamble``: there the backend's TLS starts inside its
+   protocol, after STARTTLS or SSLRequest, so the check stops at the connect and
+   ``send``/``expect``, e.g. ``expect = "220"`` for an SMTP greeting);
 4. ``send``, then ``expect``: the reply must start with those bytes (read until that
    many arrived, so a reply split over segments still matches; a different first
    byte fails at once).

@@ -341,6 +341,32 @@ async def test_tls_backends_are_checked_with_a_handshake(
                 assert await read_line(client) == b"good\n"
 
 
+async def test_a_preamble_listener_checks_without_a_tls_handshake(
+    nursery: trio.Nursery, pki: PKI, health: HealthLog
+) -> None:
+    """With a preamble the backend's TLS starts after STARTTLS, which checks do not
+    speak: a plain SMTP greeting passes ``expect = "220"`` though ``backend_tls`` is on."""
+    smtp = await backend(nursery, identify(b"220 mail.example ESMTP"))
+    silent = await backend(nursery, identify(b"421 closing"))
+    proxy, _ = await start_proxy(
+        nursery,
+        listener(
+            [smtp.address, silent.address],
+            tls=l4proxy.TLSConfig(certs=[l4proxy.CertKey(cert=pki.a.combined)]),
+            preamble="smtp",
+            backend_tls=True,
+            backend_ca=pki.ca_file,
+            backend_sni="a.example",
+            health_check=HealthCheck(interval=FAST, expect="220"),
+        ),
+    )
+    with trio.fail_after(WAIT):
+        await health.wait_for(down_line(silent.address, "expected '220', got '421'"))
+        await smtp.wait_accepted(4)
+    assert health.about(smtp.address) == []
+    assert backends_of(proxy)[smtp.address].up
+
+
 # --------------------------------------------------------------------------- what a check sends
 
 
