@@ -28,15 +28,17 @@ from .errors import (
     UpstreamConnectError,
     UpstreamError,
 )
+from .healthconfig import HealthCheck
 from .protocols.dialogue import Dialogue, DialogueSettings, Preamble
 from .record import AccessRecord, ConnectionRecord, Outcome
 from .server import Proxy
-from .stats import BoundAddress, ListenerStats, PipeStats
+from .stats import BackendStats, BoundAddress, ListenerStats, PipeStats
 
 __all__ = [
     "AccessRecord",
     "Address",
     "Backend",
+    "BackendStats",
     "Balance",
     "BoundAddress",
     "CertKey",
@@ -47,6 +49,7 @@ __all__ = [
     "Connector",
     "Dialogue",
     "DialogueSettings",
+    "HealthCheck",
     "L4ProxyError",
     "ListenError",
     "ListenerConfig",

@@ -22,7 +22,8 @@ The methods (``balance``, issue #11):
   goes round-robin.
 
 The caller tells the pool when a connection to a backend opens and closes
-(:meth:`BackendPool.opened`, :meth:`BackendPool.closed`) for the methods that count.
+(:meth:`BackendPool.opened`, :meth:`BackendPool.closed`), whatever the method: the
+methods that balance on it read the count, and :meth:`Proxy.stats` reports it.
 
 Passive health: the caller also reports each connect attempt
 (:meth:`BackendPool.failed`, :meth:`BackendPool.succeeded`). A failed connect marks
@@ -32,6 +33,10 @@ would otherwise cost each new client a whole connect timeout); a down backend is
 out of :meth:`~BackendPool.order` until its back-off has passed, then tried again by
 the next connection; a successful connect marks it up and resets the back-off. When
 every backend is down, ``order`` is empty: the connection fails at once.
+
+Active health (:mod:`l4proxy.healthcheck`, which runs the checks): failed checks
+*hold* a backend down (:meth:`BackendPool.hold`): left out with no passive retry,
+whatever connects do, until passing checks :meth:`~BackendPool.release` it.
 """
 
 from __future__ import annotations
@@ -45,11 +50,22 @@ from typing import TYPE_CHECKING, Generic, TypeVar
 if TYPE_CHECKING:
     from collections.abc import Container, Sequence
 
-__all__ = ["BACKOFF_MAX", "BACKOFF_MIN", "BackendPool", "Balance", "HealthBoard", "stable_seed"]
+__all__ = [
+    "BACKOFF_MAX",
+    "BACKOFF_MIN",
+    "BackendPool",
+    "BackendState",
+    "Balance",
+    "HealthBoard",
+    "stable_seed",
+]
 
 #: A failed backend's first back-off, and the most it doubles to.
 BACKOFF_MIN = 1.0
 BACKOFF_MAX = 30.0
+
+#: ``down_until`` of a backend held down by failed health checks: no back-off ends it.
+HELD = math.inf
 
 T = TypeVar("T")
 
@@ -100,14 +116,32 @@ class HealthBoard:
 class _Cell:
     """One backend's state in a pool, shared with the pools that succeed it."""
 
-    __slots__ = ("backoff", "current", "down_until", "open", "retired")
+    __slots__ = ("backoff", "current", "down_since", "down_until", "open", "reason", "retired")
 
     def __init__(self) -> None:
         self.open = 0  # connections open to it through the pool
         self.current = 0  # smooth weighted round-robin's running score
-        self.down_until = 0.0  # 0: up
+        self.down_until = 0.0  # 0: up; HELD: until health checks pass
         self.backoff = 0.0  # the last back-off; 0: none yet
         self.retired = False  # gone from the configuration: its health no longer counts
+        self.down_since = 0.0  # while down: the clock when it went down
+        self.reason = ""  # while down: why
+
+
+class BackendState(Generic[T]):
+    """One backend of a pool as :meth:`BackendPool.states` reports it (a snapshot)."""
+
+    __slots__ = ("backend", "backup", "down_since", "down_until", "open", "reason", "weight")
+
+    def __init__(self, backend: T, weight: int, backup: bool, cell: _Cell) -> None:
+        self.backend = backend
+        self.weight = weight
+        self.backup = backup
+        self.open = cell.open
+        #: 0.0 while up; ``math.inf`` while held down by health checks.
+        self.down_until = cell.down_until
+        self.down_since = cell.down_since
+        self.reason = cell.reason
 
 
 class BackendPool(Generic[T]):
@@ -136,7 +170,6 @@ class BackendPool(Generic[T]):
         "backends",
         "balance",
         "board",
-        "counts_open",
         "empty_reported",
     )
 
@@ -158,8 +191,6 @@ class BackendPool(Generic[T]):
             raise ValueError("a backend pool needs at least one backend")
         self.backends = backends
         self.balance = Balance(balance)
-        #: Whether the caller should report connections opened and closed.
-        self.counts_open = self.balance in (Balance.LEAST_CONN, Balance.RANDOM)
         self._weights = tuple(weights) if weights is not None else (1,) * count
         flags = tuple(backups) if backups is not None else (False,) * count
         if len(self._weights) != count or len(flags) != count:
@@ -284,10 +315,10 @@ class BackendPool(Generic[T]):
 
     # ------------------------------------------------------------------ health
 
-    def failed(self, backend: T, now: float) -> float | None:
-        """A connect to ``backend`` failed at ``now``: down for its back-off (doubled if
-        this was the try after a back-off). Returns the back-off if this marked it down
-        (it was up), else ``None``."""
+    def failed(self, backend: T, now: float, reason: str = "") -> float | None:
+        """A connect to ``backend`` failed at ``now`` (for ``reason``): down for its
+        back-off (doubled if this was the try after a back-off). Returns the back-off if
+        this marked it down (it was up), else ``None``."""
         i = self._index.get(backend)
         if i is None:
             return None
@@ -297,24 +328,83 @@ class BackendPool(Generic[T]):
         was_up = cell.down_until == 0.0
         cell.backoff = min(BACKOFF_MAX, max(BACKOFF_MIN, 2 * cell.backoff))
         cell.down_until = now + cell.backoff
+        cell.reason = reason
         if was_up:
+            cell.down_since = now
             self.board.down += 1
             return cell.backoff
         return None
 
     def succeeded(self, backend: T) -> bool:
         """A connect to ``backend`` succeeded: up, its back-off reset. ``True`` if this
-        marked it up (it was down)."""
+        marked it up (it was down). A backend held down by health checks stays down:
+        only checks release it (a connect that started before the hold may still work,
+        and a check may ask more of a backend than accepting connections)."""
         i = self._index.get(backend)
         if i is None:
             return False
         cell = self._cells[i]
         cell.backoff = 0.0
-        if cell.down_until == 0.0 or cell.retired:
+        if cell.down_until == 0.0 or cell.down_until == HELD or cell.retired:
             return False
         cell.down_until = 0.0
         self.board.down -= 1
         return True
+
+    def hold(self, backend: T, now: float, reason: str) -> bool | None:
+        """Health checks failed: ``backend`` is down until :meth:`release`, with no
+        passive retry. ``True`` if it was up, ``False`` if it was down for a back-off
+        (now held), ``None`` if nothing changed (held already, retired or unknown)."""
+        i = self._index.get(backend)
+        if i is None:
+            return None
+        cell = self._cells[i]
+        if cell.retired or cell.down_until == HELD:
+            return None
+        was_up = cell.down_until == 0.0
+        cell.down_until = HELD
+        cell.reason = reason
+        if was_up:
+            cell.down_since = now
+            self.board.down += 1
+        return was_up
+
+    def release(self, backend: T) -> bool:
+        """Health checks passed: ``backend`` is up, whether checks held it down or a
+        failed connect did. ``True`` if it was down."""
+        i = self._index.get(backend)
+        if i is None:
+            return False
+        cell = self._cells[i]
+        if cell.retired or cell.down_until == 0.0:
+            return False
+        cell.down_until = cell.backoff = 0.0
+        self.board.down -= 1
+        return True
+
+    def unhold(self, backend: T, now: float) -> None:
+        """Health checks of ``backend`` stopped (a reload turned them off): a hold
+        becomes an ended back-off, so the next connection tries it (passive health)."""
+        i = self._index.get(backend)
+        if i is not None and self._cells[i].down_until == HELD:
+            self._cells[i].down_until = now
+
+    def is_down(self, backend: T) -> bool:
+        """Whether ``backend`` is marked down (held, or in or after a back-off)."""
+        i = self._index.get(backend)
+        return i is not None and self._cells[i].down_until != 0.0
+
+    def identity(self, backend: T) -> object:
+        """What stands for ``backend``'s state: equal (``is``) for the pools that share
+        it (after a reload) and for a backend listed twice in this pool."""
+        return self._cells[self._index[backend]]
+
+    def states(self) -> list[BackendState[T]]:
+        """Each entry's state right now, in configuration order."""
+        return [
+            BackendState(backend, self._weights[i], i in self._backups, self._cells[i])
+            for i, backend in enumerate(self.backends)
+        ]
 
     def is_up(self, backend: T) -> bool:
         """Whether ``backend`` is up (not marked down by a failed connect)."""

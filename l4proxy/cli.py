@@ -202,6 +202,13 @@ class SecondsType(click.ParamType[float, str]):
     "of two at random, or by the client's address.  [default: round-robin]",
 )
 @click.option(
+    "--health-check",
+    type=SecondsType(positive=True),
+    metavar="S",
+    help="Check every backend every S seconds (TCP connect, and the TLS handshake with "
+    "--backend-tls): 3 failures mark it down, 2 passes up again.  [default: off]",
+)
+@click.option(
     "--source-address",
     metavar="ADDR",
     help="Make backend connections from this local IP address (the kernel picks the port).",

@@ -37,7 +37,7 @@ from .errors import UpstreamConnectError
 if TYPE_CHECKING:
     from .balancing import BackendPool
 
-#: Backends going down and up (passive health), one line per change.
+#: Backends going down and up (passive and active health), one line per change.
 HEALTH = logging.getLogger("l4proxy.health")
 
 #: Connect failures that are this machine's, not the backend's: out of descriptors,
@@ -148,7 +148,7 @@ async def connect_with_failover(
             attempts.append((str(backend.address), reason))
             if exc.errno in LOCAL_ERRNOS:
                 continue  # this machine's shortage, not the backend's fault
-            backoff = pool.failed(backend, trio.current_time())
+            backoff = pool.failed(backend, trio.current_time(), reason)
             if backoff is not None:
                 HEALTH.warning(
                     "backend %s down: %s (left out for %gs)", backend.address, reason, backoff

@@ -106,8 +106,9 @@ class Connection:
         self.replay = b""  # passthrough: what was read of the ClientHello, for the backend
         self.session_key: bytes | None = None  # in shared.sessions while the connection lives
         self.client_key: int | None = None  # counted in runtime.live.clients while it lives
-        #: The pool and backend this connection is counted open at (least-conn, random).
-        self.counted: tuple[BackendPool[Target], Target] | None = None
+        #: The pool this connection is counted open at, for its ``target`` (no tuple:
+        #: one per connection would be an allocation on the hot path).
+        self.counted: BackendPool[Target] | None = None
         #: The address the client connected to, as a trusted PROXY header gave it.
         self.proxied_local: Address | None = None
         #: The backend's own address when the key was noted (family, (host, port)): what
@@ -181,8 +182,8 @@ def finish(connection: Connection) -> None:
         runtime.live.clients.release(
             connection.client_key, trio.current_time(), runtime.config.rate_per_ip
         )
-    if connection.counted is not None:
-        pool, target = connection.counted
+    pool, target = connection.counted, connection.target
+    if pool is not None and target is not None:
         pool.closed(target)
     if connection.session_key is not None:
         connection.shared.sessions.discard(connection.session_key, connection)

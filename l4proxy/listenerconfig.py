@@ -37,6 +37,7 @@ from .configkinds import (
     server_name_problem,
 )
 from .errors import ConfigError
+from .healthconfig import HealthCheck, HealthCheckKind, to_health_check
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping
@@ -328,6 +329,9 @@ class ListenerConfig:
         proxy_protocol: ``v1`` or ``v2``: a PROXY header starts every backend connection.
         source_address: the local address backend connections are made from (the port
             is the kernel's), so backends can let in the proxy alone.
+        health_check: active health checks of every backend of the listener and its
+            routes (:class:`~l4proxy.healthconfig.HealthCheck`; a number of seconds is
+            the interval); ``None``: passive health only.
     """
 
     # The keys of a [[listeners]] table. With inherit=True, also top-level defaults.
@@ -423,6 +427,11 @@ class ListenerConfig:
         default=LogFormat.TEXT,
         converter=_log_format,
         metadata=key(Choice(LogFormat), flag="--log-format", inherit=True),
+    )
+    health_check: HealthCheck | None = attrs.field(
+        default=None,
+        converter=attrs.converters.optional(to_health_check),
+        metadata=key(HealthCheckKind(), flag="--health-check", inherit=True),
     )
 
     def _source_address_problems(self) -> list[str]:

@@ -163,7 +163,7 @@ async def _connect(
     report_success: bool = True,
 ) -> None:
     """Step 7: the first backend of the pool that accepts, each tried at most once, in
-    the order the pool's balancing gives; counted open for the methods that count."""
+    the order the pool's balancing gives; counted open at its backend."""
     client = _hash_key(connection) if pool.balance is Balance.SOURCE_HASH else None
     try:
         backend, target = await connect_with_failover(
@@ -184,9 +184,8 @@ async def _connect(
     connection.backend = backend
     connection.target = target
     connection.record.backend = target.address
-    if pool.counts_open:
-        pool.opened(target)
-        connection.counted = (pool, target)
+    pool.opened(target)  # every method: Proxy.stats() reports open connections per backend
+    connection.counted = pool
 
 
 async def _connect_secured(
@@ -218,9 +217,11 @@ async def _connect_secured(
             await trio.aclose_forcefully(connection.backend_stream())
             connection.backend = None  # the record keeps naming it until the next connects
             if connection.counted is not None:
-                connection.counted[0].closed(target)
+                connection.counted.closed(target)
                 connection.counted = None
-            backoff = pool.failed(target, trio.current_time())
+            backoff = pool.failed(
+                target, trio.current_time(), f"TLS handshake failed: {ended.error}"
+            )
             if backoff is not None:
                 HEALTH.warning(
                     "backend %s down: TLS handshake failed: %s (left out for %gs)",

@@ -18,10 +18,12 @@ import trio
 from . import splice
 from .accesslog import FileSink, LoggerSink
 from .admit import report_suppressed
+from .backendstats import backend_stats
 from .balancing import HealthBoard
 from .connect import check_source_address
 from .connection import Shared
 from .errors import ConfigError, ListenError
+from .healthcheck import HealthChecker
 from .listenerset import ListenerSet
 from .listening import bind_all
 from .pipeline import serve
@@ -102,6 +104,7 @@ class Proxy:
         )
         self._shared.max_open = config.max_connections
         self._reloading = trio.Lock()
+        self._health = HealthChecker(lambda: self._runtimes, connect)  # active health checks
 
     @property
     def config(self) -> Config:
@@ -120,10 +123,15 @@ class Proxy:
         return self._listeners.addresses()
 
     def stats(self) -> dict[str, ListenerStats]:
-        """Open and parked connections per listener name, right now."""
+        """Open and parked connections, and the backends, per listener name, right now."""
         parked = self._listeners.parked()
         return {
-            name: ListenerStats(live.value, parked.get(name, 0), self.worker)
+            name: ListenerStats(
+                live.value,
+                parked.get(name, 0),
+                self.worker,
+                backends=backend_stats(self._runtimes.get(name)),
+            )
             for name, live in self._live.items()
         }
 
@@ -197,6 +205,7 @@ class Proxy:
                 self._live.setdefault(name, runtime.live)
             self._listeners.commit(plan, runtimes)
             self._listeners.forget_removed()
+            self._health.reconfigured()  # check the new pools
         LOGGER.info("configuration reloaded: %d listeners", len(config.listeners))
 
     async def _open_new_sinks(self, runtimes: Mapping[str, ListenerRuntime]) -> list[FileSink]:
@@ -248,6 +257,7 @@ class Proxy:
             try:
                 async with trio.open_nursery() as reporting:
                     reporting.start_soon(report_suppressed, self._shared)
+                    reporting.start_soon(self._health.run, name="l4proxy health checks")
                     bound = await reporting.start(
                         self._serve_listeners, opened, reporting.cancel_scope
                     )

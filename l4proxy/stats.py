@@ -1,5 +1,6 @@
 """What a running :class:`~l4proxy.Proxy` reports about itself: the addresses it bound,
-its connections per listener, its splice pipes (plain frozen values, safe to keep)."""
+its connections and backends per listener, its splice pipes (plain frozen values, safe
+to keep)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,40 @@ class BoundAddress:
         return str(self.address)
 
 
+@attrs.frozen(kw_only=True)
+class BackendStats:
+    """One backend of one of a listener's pools at one moment (see :meth:`Proxy.stats`).
+
+    A backend in several pools (the default one and a route's) appears once per pool:
+    each pool balances, counts and marks down on its own.
+
+    Attributes:
+        address: the backend's address as configured (a host name stays a name).
+        route: its pool: ``"default"`` (the listener's ``backends``) or the route's SNI
+            names, comma-separated (with `` alpn=...`` when the route has ALPN).
+        weight, backup: as configured.
+        up: taking new connections; ``False`` while marked down.
+        open: connections open to it through this pool right now.
+        checked: active health checks run for it (the listener has ``health_check``).
+        held: down until health checks pass; ``False`` while down for a passive
+            back-off, after which the next connection tries it again.
+        down_since: while down, when it was marked down (Unix time, as ``time.time()``).
+        reason: while down, the last failure that kept it down (``connection refused``,
+            ``expected '+PONG', got '-ERR'``).
+    """
+
+    address: Address
+    route: str
+    weight: int = 1
+    backup: bool = False
+    up: bool = True
+    open: int = 0
+    checked: bool = False
+    held: bool = False
+    down_since: float | None = None
+    reason: str | None = None
+
+
 @attrs.frozen
 class ListenerStats:
     """One listener's connections at one moment (see :meth:`Proxy.stats`)."""
@@ -34,6 +69,10 @@ class ListenerStats:
     open: int  # accepted and not yet logged
     parked: int  # of those, idle both ways and held without tasks
     worker: int | None = None  # with --workers, the worker these are counted in
+    #: Its backends, pool by pool in configuration order (default pool first). Not
+    #: part of ``==``: two stats compare by their connection counts (as before the
+    #: field was added); compare ``backends`` themselves to compare backends.
+    backends: tuple[BackendStats, ...] = attrs.field(default=(), eq=False)
 
 
 @attrs.frozen

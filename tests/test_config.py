@@ -10,6 +10,7 @@ from l4proxy import (
     CertKey,
     Config,
     ConfigError,
+    HealthCheck,
     ListenerConfig,
     LogFormat,
     RouteConfig,
@@ -464,7 +465,7 @@ def test_workers_is_a_top_level_whole_number() -> None:
 
 def test_every_field_is_a_key_of_the_table() -> None:
     """A field without key() metadata could be built in code but not read from a file."""
-    for cls in (Config, ListenerConfig, TLSConfig, RouteConfig, CertKey):
+    for cls in (Config, ListenerConfig, TLSConfig, RouteConfig, CertKey, HealthCheck):
         assert list(keys_of(cls)) == [field.name for field in attrs.fields(cls)], cls
 
 
@@ -490,6 +491,7 @@ def test_listener_settings_are_top_level_defaults_from_the_table() -> None:
         "proxy_protocol",
         "accept_proxy_protocol",
         "balance",
+        "health_check",
     }
     assert set(top_level_keys()) == {
         "listeners", "log_level", "workers", "max_connections", *inherited
