@@ -295,6 +295,12 @@ class SecondsType(click.ParamType[float, str]):
     metavar="N",
     help="Worker processes sharing each port (SO_REUSEPORT) under a supervisor.  [default: 1]",
 )
+@click.option(
+    "--metrics",
+    metavar="ADDR",
+    help="Serve Prometheus /metrics, /healthz and /readyz over HTTP on ADDR (HOST:PORT; "
+    "with --workers, worker N on PORT + N - 1).",
+)
 @click.option("--check", is_flag=True, help="Validate the configuration, print a summary and exit.")
 @click.version_option(
     __version__,

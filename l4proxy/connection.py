@@ -189,6 +189,7 @@ def finish(connection: Connection) -> None:
     if record.outcome is None:
         record.outcome = Outcome.DRAINED if connection.shared.is_draining() else Outcome.CANCELLED
     record.duration = trio.current_time() - record.started
+    runtime.live.tally.add(record)  # the metrics' counts: plain ints, no prometheus objects
     runtime.access_log.write(record, runtime.log_format)
 
 

@@ -121,11 +121,14 @@ async def _handle_signals(
             if reload_config is None:
                 LOGGER.warning("%s: nothing to reload (no --config file)", name)
                 continue
+            config = None
             try:
                 # Files are read off the event loop; the swap happens on it, at once.
                 config = await trio.to_thread.run_sync(reload_config)
                 await proxy.reload(config)
             except Exception as exc:  # whatever failed, the running configuration stays
+                if config is None:  # the file failed; proxy.reload counts its own failures
+                    proxy.metrics.count_reload(ok=False)
                 LOGGER.error(
                     "%s: reload failed, keeping the running configuration: %s",
                     name,

@@ -36,6 +36,7 @@ from .connect import check_source_address
 from .connection import Shared
 from .errors import ConfigError, ListenError
 from .listening import Listening, bind_all
+from .metrics import Metrics, counts_reload
 from .parking import ParkingLot
 from .pipeline import serve
 from .runtime import LiveCount, build_runtimes, carry_over
@@ -102,6 +103,10 @@ class Proxy:
             :meth:`stats`; ``None`` for a proxy on its own.
         ids: the connection ids to number connections with (default 1, 2, 3 ...);
             proxies writing to one log pass disjoint ones (the workers do).
+
+    Attributes:
+        metrics: its Prometheus metrics (:class:`~l4proxy.metrics.Metrics`), served
+            by ``serve`` when the config has ``metrics``; a collector to register too.
     """
 
     def __init__(
@@ -134,6 +139,7 @@ class Proxy:
         self._shared = Shared(connect, ids or itertools.count(1), self._is_draining)
         self._shared.max_open = config.max_connections
         self._reloading = trio.Lock()
+        self.metrics = Metrics(self, lambda: self._runtimes)  # reads runtimes per scrape
 
     @property
     def config(self) -> Config:
@@ -178,6 +184,7 @@ class Proxy:
             if isinstance(runtime.access_log, FileSink) and runtime.config.access_log:
                 self._file_sinks.setdefault(runtime.config.access_log, runtime.access_log)
 
+    @counts_reload
     async def reload(self, config: Config) -> None:
         """Use ``config`` for every connection accepted from now on.
 
@@ -244,8 +251,10 @@ class Proxy:
                 raise ListenError(problems[0])
             opened = await bind_all(self._config.listeners, reuse_port=self._reuse_port)
             try:
+                await self.metrics.bind()  # the metrics endpoint, if configured
                 async with trio.open_nursery() as reporting:
                     reporting.start_soon(report_suppressed, self._shared)
+                    reporting.start_soon(self.metrics.serve)
                     await self._serve_listeners(opened, task_status)
                     reporting.cancel_scope.cancel()
             finally:
