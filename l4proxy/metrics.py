@@ -347,8 +347,10 @@ def _canonical(value: object) -> object:
         )
     if isinstance(value, enum.Enum):
         return value.value
-    if value is None or isinstance(value, str | int | float | bool | bytes):
+    if value is None or isinstance(value, str | bool | bytes):
         return value
+    if isinstance(value, int | float):
+        return float(value)  # 5 in code is 5.0 from the file
     if isinstance(value, list | tuple):
         return tuple(_canonical(item) for item in value)
     if isinstance(value, set | frozenset):
