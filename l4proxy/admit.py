@@ -67,6 +67,7 @@ def refuse(
 ) -> None:
     """Close a connection the admit step turned away; log it if the budget allows."""
     sock.close()
+    runtime.live.tally.refused(outcome)  # every refusal counted, logged or not
     now = trio.current_time()
     if shared.rejections.refused(outcome, host, now):
         record = ConnectionRecord(

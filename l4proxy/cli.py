@@ -309,6 +309,12 @@ class SecondsType(click.ParamType[float, str]):
     is_flag=True,
     help="Reload when the --config file, or a certificate, key or CA file it names, changes.",
 )
+@click.option(
+    "--metrics",
+    metavar="ADDR",
+    help="Serve Prometheus /metrics, /healthz and /readyz over HTTP on ADDR (HOST:PORT; "
+    "with --workers, worker N on PORT + N - 1).",
+)
 @click.option("--check", is_flag=True, help="Validate the configuration, print a summary and exit.")
 @click.version_option(
     __version__,

@@ -40,7 +40,15 @@ import attrs
 
 from .addresses import Address, TCPAddress
 from .configkeys import Key, MappingReader, check_kinds, flag_along, key, keys_of, read_toml
-from .configkinds import Choice, Tables, WholeNumber, enum_value, server_name_problem
+from .configkinds import (
+    Choice,
+    Endpoint,
+    Tables,
+    WholeNumber,
+    endpoint_value,
+    enum_value,
+    server_name_problem,
+)
 from .errors import ConfigError
 from .listenerconfig import (
     CertKey,
@@ -86,6 +94,10 @@ def _log_level(value: LogLevel | str) -> LogLevel:
     return enum_value("log_level", LogLevel, value)
 
 
+def _metrics(value: TCPAddress | str | None) -> TCPAddress | None:
+    return None if value is None else endpoint_value("metrics", value)
+
+
 @attrs.frozen(kw_only=True, field_transformer=check_kinds)
 class Config:
     """The whole proxy: its listeners and process-wide settings.
@@ -117,9 +129,20 @@ class Config:
     max_connections: int | None = attrs.field(
         default=None, metadata=key(WholeNumber(1, 10**9), flag="--max-connections")
     )
+    #: Where to serve /metrics, /healthz and /readyz (docs/metrics.md); with workers,
+    #: worker w on this port + w - 1.
+    metrics: TCPAddress | None = attrs.field(
+        default=None, converter=_metrics, metadata=key(Endpoint(), flag="--metrics")
+    )
 
     def __attrs_post_init__(self) -> None:
         problems = _cross_check(self.listeners)
+        if self.metrics is not None and self.metrics.port + self.workers - 1 > 65535:
+            problems.append(
+                f"metrics: port {self.metrics.port} leaves no port for each of the "
+                f"{self.workers} workers (they serve on {self.metrics.port} to "
+                f"{self.metrics.port + self.workers - 1})"
+            )
         if problems:
             raise ConfigError(problems)
 
@@ -201,7 +224,11 @@ def _read_config(reader: MappingReader, data: object) -> Config | None:
     if reader.problems:
         return None
     complete = tuple(listener for listener in listeners if listener is not None)
-    return Config(listeners=complete, **settings)  # type: ignore[arg-type]  # read by their kinds
+    try:
+        return Config(listeners=complete, **settings)  # type: ignore[arg-type]  # read by their kinds
+    except ConfigError as exc:  # rules across top-level keys (metrics and workers)
+        reader.problems.extend(exc.problems)
+        return None
 
 
 def _cross_check(listeners: Sequence[ListenerConfig | None]) -> list[str]:

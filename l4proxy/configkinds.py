@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 import attrs
 
-from .addresses import HOSTNAME_LABEL, Address, Role, parse_address
+from .addresses import HOSTNAME_LABEL, Address, Role, TCPAddress, parse_address
 from .configkeys import Kind, kind_name
 from .errors import ConfigError
 
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Addresses",
     "Choice",
+    "Endpoint",
     "File",
     "Flag",
     "IPAddress",
@@ -41,6 +42,7 @@ __all__ = [
     "WholeNumber",
     "address_list",
     "duration_problem",
+    "endpoint_value",
     "enum_value",
     "network_problem",
     "server_name_problem",
@@ -258,6 +260,44 @@ class Addresses(Kind):
             except ValueError as exc:
                 reader.problem(f"{path}[{index}]", str(exc))
         return tuple(result)
+
+
+@attrs.frozen
+class Endpoint(Kind):
+    """One TCP address to serve on: ``HOST:PORT``, ``[V6]:PORT`` or ``:PORT`` (every
+    interface); not a Unix socket (what scrapes it, Prometheus, speaks TCP)."""
+
+    expects = "an address HOST:PORT"
+
+    def check(self, value: object) -> str | None:
+        if isinstance(value, TCPAddress):
+            return None
+        if not isinstance(value, str):
+            return f"expected an address string HOST:PORT, got {kind_name(value)}"
+        try:
+            address = parse_address(value, role="listen")
+        except ValueError as exc:
+            reason = str(exc)
+            return reason if "unix:" not in reason else f"expected HOST:PORT, got {value!r}"
+        if not isinstance(address, TCPAddress):
+            return f"expected HOST:PORT, [IPV6]:PORT or :PORT (a TCP address), got {value!r}"
+        return None
+
+    def convert(self, reader: MappingReader, value: object) -> object:
+        return endpoint_value("", value)
+
+
+def endpoint_value(key: str, value: object) -> TCPAddress:
+    """An :class:`Endpoint` key's value as the config class keeps it, from a string or
+    an address given in code; raises ``ConfigError`` naming ``key``."""
+    if isinstance(value, TCPAddress):
+        return value
+    problem = Endpoint().check(value)
+    if problem:
+        raise ConfigError(f"{key}: {problem}")
+    address = parse_address(str(value), role="listen")
+    assert isinstance(address, TCPAddress)
+    return address
 
 
 def address_list(

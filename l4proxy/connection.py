@@ -194,6 +194,7 @@ def finish(connection: Connection) -> None:
             else Outcome.CANCELLED
         )
     record.duration = trio.current_time() - record.started
+    runtime.live.tally.add(record)  # the metrics' counts: plain ints, no prometheus objects
     runtime.access_log.write(record, runtime.log_format)
 
 

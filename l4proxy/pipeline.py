@@ -165,6 +165,7 @@ async def _connect(
     """Step 7: the first backend of the pool that accepts, each tried at most once, in
     the order the pool's balancing gives; counted open at its backend."""
     client = _hash_key(connection) if pool.balance is Balance.SOURCE_HASH else None
+    started = trio.current_time()  # for the connect latency histogram (metrics)
     try:
         backend, target = await connect_with_failover(
             pool,
@@ -184,6 +185,7 @@ async def _connect(
     connection.backend = backend
     connection.target = target
     connection.record.backend = target.address
+    connection.record.connect_seconds = trio.current_time() - started
     pool.opened(target)  # every method: Proxy.stats() reports open connections per backend
     connection.counted = pool
 

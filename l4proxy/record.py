@@ -97,6 +97,10 @@ class ConnectionRecord:
         client_subject: the verified client certificate's subject (mTLS).
         to_backend, to_client: bytes passed on each way (counted as they move, so
             they are right even after a cancellation).
+        connect_seconds: how long the connect step took (failover included), once a
+            backend accepted; for the metrics' latency histogram.
+        handshake_seconds: how long the TLS handshake with the client took, once it
+            succeeded (terminating listeners only); for the metrics.
         outcome: how it ended; ``None`` while running.
         error: detail for the outcome.
     """
@@ -118,6 +122,8 @@ class ConnectionRecord:
     client_subject: str | None = None
     to_backend: int = 0
     to_client: int = 0
+    connect_seconds: float | None = None
+    handshake_seconds: float | None = None
     outcome: Outcome | None = None
     error: str | None = None
 

@@ -168,11 +168,14 @@ async def reload_now(
     do. ``why`` starts the ERROR line of a failure, which keeps the running config.
     systemd hears ``RELOADING=1`` first (the SIGHUP path sends it itself, before this)
     and ``READY=1`` after, whatever happened."""
+    config = None
     try:
         # Files are read off the event loop; the swap happens on it, at once.
         config = await trio.to_thread.run_sync(reload_config)
         await proxy.reload(config)
     except Exception as exc:  # whatever failed, the running configuration stays
+        if config is None:  # the file failed; proxy.reload counts its own failures
+            proxy.metrics.count_reload(ok=False)
         LOGGER.error(
             "%s: reload failed, keeping the running configuration: %s", why, failure_reason(exc)
         )

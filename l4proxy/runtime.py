@@ -20,6 +20,7 @@ from .connect import Target, target
 from .protocols.builtin import BUILTIN_PREAMBLES
 from .protocols.dialogue import DialogueSettings, Preamble
 from .routing import Route, Router
+from .tally import Tally
 from .tls import BackendTLS, build_server_tls
 
 if TYPE_CHECKING:
@@ -34,14 +35,15 @@ Sink = LoggerSink | FileSink
 
 
 class LiveCount:
-    """Connections of one listener that are open right now, in all and per client (kept
-    across reloads)."""
+    """Connections of one listener that are open right now, in all and per client, and
+    the tally of those that ended, for the metrics (kept across reloads)."""
 
-    __slots__ = ("clients", "value")
+    __slots__ = ("clients", "tally", "value")
 
     def __init__(self) -> None:
         self.value = 0
         self.clients = ClientLimits()
+        self.tally = Tally()
 
 
 @attrs.frozen(eq=False)

@@ -26,6 +26,7 @@ from .errors import ConfigError, ListenError
 from .healthcheck import HealthChecker
 from .listenerset import ListenerSet
 from .listening import bind_all
+from .metrics import Metrics, counts_reload
 from .pipeline import serve
 from .runtime import LiveCount, build_runtimes, carry_over
 from .stats import BoundAddress, ListenerStats, PipeStats
@@ -67,6 +68,10 @@ class Proxy:
             :meth:`stats`; ``None`` for a proxy on its own.
         ids: the connection ids to number connections with (default 1, 2, 3 ...);
             proxies writing to one log pass disjoint ones (the workers do).
+
+    Attributes:
+        metrics: its Prometheus metrics (:class:`~l4proxy.metrics.Metrics`), served
+            by ``serve`` when the config has ``metrics``; a collector to register too.
     """
 
     def __init__(
@@ -105,6 +110,7 @@ class Proxy:
         self._shared.max_open = config.max_connections
         self._reloading = trio.Lock()
         self._health = HealthChecker(lambda: self._runtimes, connect)  # active health checks
+        self.metrics = Metrics(self, lambda: self._runtimes)  # reads runtimes per scrape
 
     @property
     def config(self) -> Config:
@@ -158,6 +164,7 @@ class Proxy:
             if isinstance(runtime.access_log, FileSink) and runtime.config.access_log:
                 self._file_sinks.setdefault(runtime.config.access_log, runtime.access_log)
 
+    @counts_reload
     async def reload(self, config: Config) -> None:
         """Use ``config`` from now on: every setting, listeners included.
 
@@ -255,8 +262,10 @@ class Proxy:
                 raise ListenError(problems[0])
             opened = await bind_all(self._config.listeners, reuse_port=self._reuse_port)
             try:
+                await self.metrics.bind()  # the metrics endpoint, if configured
                 async with trio.open_nursery() as reporting:
                     reporting.start_soon(report_suppressed, self._shared)
+                    reporting.start_soon(self.metrics.serve)
                     reporting.start_soon(self._health.run, name="l4proxy health checks")
                     bound = await reporting.start(
                         self._serve_listeners, opened, reporting.cancel_scope

@@ -185,11 +185,13 @@ async def _terminate(
     else:
         tls = TLSStream(stream, server_tls.connection(hello.server_name, alpn), initial=consumed)
     connection.client = tls  # closing the connection closes it (and the socket beneath)
+    started = trio.current_time()  # for the handshake latency histogram (metrics)
     try:
         await tls.do_handshake()
     except trio.BrokenResourceError as exc:
         raise Ended(Outcome.TLS_HANDSHAKE_FAILED, str(exc)) from None
     record = connection.record
+    record.handshake_seconds = trio.current_time() - started
     record.tls_version, record.cipher, record.alpn = (
         tls.protocol_version,
         tls.cipher,

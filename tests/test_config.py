@@ -494,7 +494,7 @@ def test_listener_settings_are_top_level_defaults_from_the_table() -> None:
         "health_check",
     }
     assert set(top_level_keys()) == {
-        "listeners", "log_level", "workers", "max_connections", *inherited
+        "listeners", "log_level", "workers", "max_connections", "metrics", *inherited
     }  # fmt: skip
     config = Config.from_mapping(
         {

@@ -62,6 +62,7 @@ class ServerTLS:
         allow_subjects: tuple[x509.Name, ...],
         allow_sans: frozenset[str],
         verifies_clients: bool,
+        expiries: tuple[tuple[str, float], ...] = (),
     ) -> None:
         self.default = contexts[0][0]
         self._names: NameTable[SSL.Context] = NameTable()
@@ -72,6 +73,9 @@ class ServerTLS:
         self.allow_subjects = allow_subjects
         self.allow_sans = allow_sans
         self.verifies_clients = verifies_clients
+        #: Each certificate file and its leaf's notAfter (seconds since the epoch), read
+        #: once here: the metrics export them without touching the files again.
+        self.expiries = expiries
 
     def context_for(self, server_name: str | None) -> SSL.Context:
         """Exact SAN match, then a one-label ``*.`` wildcard, else the first certificate;
@@ -133,6 +137,7 @@ def build_server_tls(tls: TLSConfig, *, session_id: bytes, key_path: str) -> Ser
     naming the key path and the file. Warns about certificates that are expired or
     not yet valid, since serving them is legal but almost always a mistake."""
     contexts: list[tuple[SSL.Context, tuple[str, ...]]] = []
+    expiries: list[tuple[str, float]] = []
     for index, pair in enumerate(tls.certs):
         where = f"{key_path}.certs[{index}]"
         chain_pem = read_file(pair.cert, "certificate", where + ".cert")
@@ -177,6 +182,7 @@ def build_server_tls(tls: TLSConfig, *, session_id: bytes, key_path: str) -> Ser
                 f"{where}.cert: {pair.cert!r}: cannot parse its extensions: {exc}"
             ) from None
         contexts.append((context, names))
+        expiries.append((pair.cert, leaf.not_valid_after_utc.timestamp()))
     try:
         subjects = tuple(x509.Name.from_rfc4514_string(s) for s in tls.allow_subjects)
     except ValueError as exc:
@@ -187,6 +193,7 @@ def build_server_tls(tls: TLSConfig, *, session_id: bytes, key_path: str) -> Ser
         allow_subjects=subjects,
         allow_sans=frozenset(tls.allow_sans),
         verifies_clients=tls.client_ca is not None,
+        expiries=tuple(expiries),
     )
 
 
