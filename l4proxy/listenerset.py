@@ -32,12 +32,12 @@ import trio
 from .accepting import Acceptor, ServingListener, accept_loop
 from .addresses import Address, TCPAddress
 from .errors import ListenError
-from .listening import bind_address
+from .listening import bind_address, occurrences
 from .parking import ParkingLot
 from .stats import BoundAddress
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping, MutableMapping
+    from collections.abc import Callable, Mapping, MutableMapping, Sequence
 
     from .connection import Shared
     from .listening import Listening
@@ -46,22 +46,42 @@ if TYPE_CHECKING:
 LOGGER = logging.getLogger("l4proxy.server")
 
 #: What makes a listening socket the same across a reload: its ``listen`` address, or
-#: for port 0 (a port the kernel picked) the address and the listener's name.
-_Identity = Address | tuple[str, Address]
+#: for port 0 (a port the kernel picked) the address, the listener's name and which of
+#: that listener's equal ``HOST:0`` addresses it is.
+_Identity = Address | tuple[str, Address, int]
 
 
-def _identity(name: str, address: Address) -> _Identity:
+def _identity(name: str, address: Address, occurrence: int) -> _Identity:
     if isinstance(address, TCPAddress) and address.port == 0:
-        return (name, address)
+        return (name, address, occurrence)
     return address
+
+
+def _identities(name: str, listen: Sequence[Address]) -> list[tuple[Address, _Identity]]:
+    return [
+        (address, _identity(name, address, k))
+        for address, k in zip(listen, occurrences(listen), strict=True)
+    ]
+
+
+def _blocked_by(acceptor: Acceptor, failed: list[tuple[str, TCPAddress]]) -> str | None:
+    """The listener whose new address on this socket's port failed to bind (most
+    likely because this socket holds the port), if any."""
+    bound = acceptor.listening.address
+    if not isinstance(bound, TCPAddress):
+        return None
+    for name, address in failed:
+        if address.port == bound.port:
+            return name
+    return None
 
 
 def _keys(name: str, listening: Listening) -> tuple[_Identity, ...]:
     """The identities a held socket answers to: the address it was configured with,
     and the address it is bound to (a config that now names the port the kernel
     picked for ``HOST:0`` keeps the socket)."""
-    configured = _identity(name, listening.configured)
-    if listening.address == configured or not isinstance(listening.address, TCPAddress):
+    configured = _identity(name, listening.configured, listening.occurrence)
+    if listening.address == listening.configured or not isinstance(listening.address, TCPAddress):
         return (configured,)
     return (configured, listening.address)
 
@@ -72,6 +92,8 @@ class Plan:
 
     bound: dict[_Identity, list[Listening]] = attrs.field(factory=dict)  # newly bound
     started: dict[str, ServingListener] = attrs.field(factory=dict)  # new listener names
+    #: TCP addresses that could not be bound, by the listener that names them.
+    failed: list[tuple[str, TCPAddress]] = attrs.field(factory=list)
 
     def abandon(self) -> None:
         """Undo: close what was bound, end the handler tasks that were started."""
@@ -224,16 +246,20 @@ class ListenerSet:
         }
         try:
             for name, runtime in runtimes.items():
-                for address in runtime.config.listen:
-                    key = _identity(name, address)
+                listen = runtime.config.listen
+                for (address, key), k in zip(
+                    _identities(name, listen), occurrences(listen), strict=True
+                ):
                     if key in held or key in plan.bound:
                         continue
                     try:
                         plan.bound[key] = await bind_address(
-                            address, name, reuse_port=self._reuse_port
+                            address, name, reuse_port=self._reuse_port, occurrence=k
                         )
                     except ListenError as exc:
                         LOGGER.error("reload: %s; the rest of the new configuration applies", exc)
+                        if isinstance(address, TCPAddress):
+                            plan.failed.append((name, address))
                 if name not in self.servings and self._nursery is not None:
                     serving = ServingListener(name, runtime)
                     await self._nursery.start(self._run_listener, serving)
@@ -263,16 +289,17 @@ class ListenerSet:
             serving = previous.get(name) or plan.started[name]
             serving.runtime = runtime
             acceptors: list[Acceptor] = []
-            for address in runtime.config.listen:
-                for acceptor in by_address.get(_identity(name, address), ()):
+            identities = _identities(name, runtime.config.listen)
+            for _, key in identities:
+                for acceptor in by_address.get(key, ()):
                     if id(acceptor) in kept:
                         continue  # claimed under its other key
                     acceptor.serving = serving  # the loop hands its next connection here
                     acceptors.append(acceptor)
                     kept.add(id(acceptor))
             serving.acceptors = acceptors
-            for address in runtime.config.listen:
-                for listening in plan.bound.pop(_identity(name, address), ()):
+            for _, key in identities:
+                for listening in plan.bound.pop(key, ()):
                     self._start_acceptor(listening, serving)
                     LOGGER.info("listener %r: accepting on %s", name, listening.address)
             servings[name] = serving
@@ -281,7 +308,19 @@ class ListenerSet:
         stopped: set[int] = set()
         for acceptors in by_address.values():
             for acceptor in acceptors:
-                if id(acceptor) not in kept and id(acceptor) not in stopped:
+                if id(acceptor) in kept or id(acceptor) in stopped:
+                    continue
+                heir = _blocked_by(acceptor, plan.failed)
+                if heir is not None and heir in servings:  # keep the port served
+                    LOGGER.warning(
+                        "listener %r: keeping %s open, since its replacement could not be "
+                        "bound; restart to change it",
+                        heir, acceptor.listening.address,
+                    )  # fmt: skip
+                    acceptor.serving = servings[heir]
+                    servings[heir].acceptors.append(acceptor)
+                    kept.add(id(acceptor))
+                else:
                     stopped.add(id(acceptor))
                     LOGGER.info(
                         "listener %r: no longer accepting on %s (reload)",

@@ -20,7 +20,7 @@ from .addresses import Address, TCPAddress, UnixAddress
 from .errors import ListenError
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Iterable, Sequence
 
     from .config import ListenerConfig
 
@@ -36,23 +36,27 @@ class Listening:
         address: the bound address (port 0 resolved to the real port).
         configured: the ``listen`` address it was bound for (a reload that keeps that
             address keeps this socket).
+        occurrence: how many equal addresses come before that one in its listener's
+            ``listen`` (``HOST:0`` twice is two ports).
         unix_file: ``(path, st_dev, st_ino)`` of the socket file created by this bind,
             so that closing removes that file and never one another process has bound
             at the same path since.
     """
 
-    __slots__ = ("address", "configured", "sock", "unix_file")
+    __slots__ = ("address", "configured", "occurrence", "sock", "unix_file")
 
     def __init__(
         self,
         sock: socket.socket,
         unix_file: tuple[str, int, int] | None = None,
         configured: Address | None = None,
+        occurrence: int = 0,
     ) -> None:
         self.sock = sock
         self.unix_file = unix_file
         self.address = _bound_address(sock)
         self.configured = configured if configured is not None else self.address
+        self.occurrence = occurrence
 
     def close(self) -> None:
         """Close now, synchronously: it runs in ``finally`` blocks while cancelled, where
@@ -99,8 +103,12 @@ async def bind_all(
         for config in listeners:
             bound: list[Listening] = []
             opened.append((config.name, bound))
-            for address in config.listen:
-                bound.extend(await bind_address(address, config.name, reuse_port=reuse_port))
+            for address, occurrence in zip(config.listen, occurrences(config.listen), strict=True):
+                bound.extend(
+                    await bind_address(
+                        address, config.name, reuse_port=reuse_port, occurrence=occurrence
+                    )
+                )
     except BaseException:
         for _, bound in opened:
             for listening in bound:
@@ -109,8 +117,18 @@ async def bind_all(
     return opened
 
 
+def occurrences(listen: Sequence[Address]) -> list[int]:
+    """For each address, how many equal ones come before it in ``listen``."""
+    seen: dict[Address, int] = {}
+    found = []
+    for address in listen:
+        found.append(seen.get(address, 0))
+        seen[address] = found[-1] + 1
+    return found
+
+
 async def bind_address(
-    address: Address, listener: str, *, reuse_port: bool = False
+    address: Address, listener: str, *, reuse_port: bool = False, occurrence: int = 0
 ) -> list[Listening]:
     """The listening sockets for one ``listen`` address (a host name may give several).
 
@@ -120,7 +138,7 @@ async def bind_address(
     try:
         if isinstance(address, TCPAddress):
             socks = await _bind_tcp(address, reuse_port=reuse_port)
-            return [Listening(sock, configured=address) for sock in socks]
+            return [Listening(sock, configured=address, occurrence=occurrence) for sock in socks]
         return [await _bind_unix(address)]
     except OSError as exc:
         reason = exc.strerror or str(exc)

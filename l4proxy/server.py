@@ -194,7 +194,13 @@ class Proxy:
         async with self._reloading:  # one at a time: the last call's config wins
             runtimes = await trio.to_thread.run_sync(self._build_runtimes, config)
             opened = await self._open_new_sinks(runtimes)
-            plan = await self._listeners.prepare(runtimes)
+            try:
+                plan = await self._listeners.prepare(runtimes)
+            except BaseException:  # cancelled (a slow name lookup, say): nothing changes
+                with trio.CancelScope(shield=True):
+                    for sink in opened:
+                        await sink.aclose()
+                raise
             # The swap: on the trio thread, no checkpoint from here to the end.
             for name, runtime in runtimes.items():  # balancing and health carry over
                 if name in self._runtimes:
@@ -206,8 +212,9 @@ class Proxy:
             self._runtimes = runtimes
             self._config = config
             self._shared.max_open = config.max_connections
-            for sink in opened:
-                self._file_sinks.setdefault(sink.path, sink)
+            for runtime in runtimes.values():  # serve opens them if not serving yet
+                if isinstance(runtime.access_log, FileSink) and runtime.config.access_log:
+                    self._file_sinks.setdefault(runtime.config.access_log, runtime.access_log)
             for name, runtime in runtimes.items():
                 self._live.setdefault(name, runtime.live)
             self._listeners.commit(plan, runtimes)
@@ -252,10 +259,11 @@ class Proxy:
         if self._is_serving:
             raise RuntimeError("this Proxy is already serving")
         self._is_serving = True
-        # A reload waits until the listeners serve: then it applies to them.
-        await self._reloading.acquire()
-        locked = True
+        locked = False
         try:
+            # A reload waits until the listeners serve: then it applies to them.
+            await self._reloading.acquire()
+            locked = True
             await self._open_access_logs()
             problems = _source_address_problems(self._config)
             if problems:

@@ -45,6 +45,10 @@ LOGGER = logging.getLogger("l4proxy.watch")
 #: or a symlink swap is one batch; how often its thread looks at its stop event (ms);
 #: and how long one wait in that thread lasts before it is simply begun again (ms).
 DEBOUNCE_MS = 300
+#: After a failure to set up the watch: the first wait before trying again, and the most
+#: it doubles to (seconds).
+BACKOFF_MIN = 1.0
+BACKOFF_MAX = 60.0
 STEP_MS = 50
 WAIT_MS = 600_000
 
@@ -102,18 +106,39 @@ async def watch_config(
     ``reload`` does what SIGHUP does (and logs a failure, starting with ``why``); the
     files are worked out again from ``current()`` after each call.
     """
+    applied: Fingerprint = {}  # what the last reload was started by
+    backoff = 0.0
     while True:
-        paths, directories, watcher, before = await trio.to_thread.run_sync(
-            _look, config_path, current()
-        )
-        with watcher:
-            LOGGER.info("watching %d files in %s", len(paths), ", ".join(directories))
-            while True:
-                await _next_batch(watcher)
-                after = await trio.to_thread.run_sync(fingerprint, paths)
-                if after != before:
-                    break
-        changed = [path for path in paths if after.get(path) != before.get(path)]
+        try:
+            paths, directories, watcher, before = await trio.to_thread.run_sync(
+                _look, config_path, current()
+            )
+        except Exception as exc:  # inotify limits, a directory that vanished, ...
+            backoff = min(BACKOFF_MAX, max(BACKOFF_MIN, 2 * backoff))
+            LOGGER.error("cannot watch the configuration: %s; trying again in %gs", exc, backoff)
+            await trio.sleep(backoff)
+            continue
+        backoff = 0.0
+        # A change while the last reload ran (a second save, a key written after its
+        # certificate) is in ``before`` but was perhaps not read by that reload.
+        changed = [p for p in paths if p in applied and before.get(p) != applied[p]]
+        if not changed:
+            try:
+                with watcher:
+                    LOGGER.info("watching %d files in %s", len(paths), ", ".join(directories))
+                    after = before
+                    while after == before:
+                        await _next_batch(watcher)
+                        after = await trio.to_thread.run_sync(fingerprint, paths)
+            except Exception as exc:  # the watcher failed: set it up again
+                LOGGER.error("watching the configuration failed: %s; watching again", exc)
+                await trio.sleep(BACKOFF_MIN)
+                continue
+            changed = [path for path in paths if after.get(path) != before.get(path)]
+            before = after
+        else:
+            watcher.close()
+        applied = before
         LOGGER.info("%s changed: reloading", ", ".join(changed))
         await reload("--watch-config")  # then watch what the config names now
 

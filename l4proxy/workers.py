@@ -57,7 +57,9 @@ from .server import Proxy
 from .watching import watch_config
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Iterator, Mapping
+    from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+
+    from .addresses import Address
 
 LOGGER = logging.getLogger("l4proxy.workers")
 
@@ -81,7 +83,7 @@ class ConfigSource:
     mapping: Mapping[str, object]
     #: The ports the supervisor reserved for ``HOST:0`` (``None``: one process, or not
     #: reserved yet: addresses stay as written).
-    pinned_ports: Mapping[tuple[str, str], int] | None = None
+    pinned_ports: Mapping[tuple[str, str, int], int] | None = None
 
     def load(self) -> Config:
         if self.path is not None:
@@ -116,9 +118,9 @@ class WorkerSpec:
         return itertools.count(first, workers)
 
 
-def pin(config: Config, ports: Mapping[tuple[str, str], int]) -> Config:
-    """``config`` with the reserved ports in place of ``HOST:0``, by listener name and
-    host. Only port 0 is replaced: a reloaded file that names a real port there is a
+def pin(config: Config, ports: Mapping[tuple[str, str, int], int]) -> Config:
+    """``config`` with the reserved ports in place of ``HOST:0``, by listener name,
+    host and which ``HOST:0`` of that host in the listener it is. Only port 0 is replaced: a reloaded file that names a real port there is a
     change of address.
 
     Error handling:
@@ -131,7 +133,7 @@ def pin(config: Config, ports: Mapping[tuple[str, str], int]) -> Config:
         listen = []
         for j, address in enumerate(listener.listen):
             if isinstance(address, TCPAddress) and address.port == 0:
-                port = ports.get((listener.name, address.host or ""))
+                port = ports.get(_port_key(listener.name, listener.listen, j))
                 if port is None:
                     raise ConfigError(
                         f"listeners[{i}].listen[{j}]: {address} is new since the workers "
@@ -144,13 +146,30 @@ def pin(config: Config, ports: Mapping[tuple[str, str], int]) -> Config:
     return attrs.evolve(config, listeners=listeners)
 
 
-def reserve_ports(config: Config) -> tuple[dict[tuple[str, str], int], list[socket.socket]]:
+def _port_key(name: str, listen: Sequence[Address], index: int) -> tuple[str, str, int]:
+    """What a reserved port is found by: the listener's name, the host, and how many
+    ``HOST:0`` of that host come before it in the listener (``listen`` may name one
+    twice, for two ports)."""
+    address = listen[index]
+    assert isinstance(address, TCPAddress)
+    host = address.host or ""
+    before = sum(
+        1
+        for other in listen[:index]
+        if isinstance(other, TCPAddress) and other.port == 0 and (other.host or "") == host
+    )
+    return (name, host, before)
+
+
+def reserve_ports(
+    config: Config,
+) -> tuple[dict[tuple[str, str, int], int], list[socket.socket]]:
     """Pick the port every worker will share for each ``HOST:0`` address.
 
     Raises ``ConfigError`` for what workers cannot share: ``:0`` (it would be a
     different port per address family) and Unix sockets.
     """
-    ports: dict[tuple[str, str], int] = {}
+    ports: dict[tuple[str, str, int], int] = {}
     holders: list[socket.socket] = []
     try:
         for i, listener in enumerate(config.listeners):
@@ -172,7 +191,7 @@ def reserve_ports(config: Config) -> tuple[dict[tuple[str, str], int], list[sock
                 holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
                 holder.bind((address.host, 0))
-                ports[(listener.name, address.host)] = holder.getsockname()[1]
+                ports[_port_key(listener.name, listener.listen, j)] = holder.getsockname()[1]
     except BaseException:
         for holder in holders:
             holder.close()
@@ -373,6 +392,8 @@ class _Supervisor:
     async def _reload(self, name: str) -> None:
         """Apply the configuration here first, so restarted workers get it; then have
         every worker reload (each reads the files again, as a single process does)."""
+        if self.stopping.is_set():
+            return  # draining: a watched change or a late SIGHUP changes nothing now
         async with self.reloading:  # one at a time, in the order the signals came
             self.notifier.reloading()
             try:

@@ -347,3 +347,58 @@ async def test_a_reload_racing_the_start_of_serve_applies_to_its_listeners(
             proxy.close()
             await served.wait()
             assert proxy.stats() == {"b": l4proxy.ListenerStats(open=0, parked=0)}
+
+
+async def test_a_replacement_that_cannot_bind_keeps_the_old_socket_on_its_port(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    """127.0.0.1:P to 0.0.0.0:P: the wildcard cannot be bound while the old socket holds
+    the port; the old socket stays (for the listener that wanted the port), so the port
+    is not left without a listener."""
+    backend = await start_backend(nursery, identify(b"svc"))
+    port = _free_port()
+    proxy = l4proxy.Proxy(_config(_listener("svc", f"127.0.0.1:{port}", backend)))
+    with trio.fail_after(WAIT):
+        (bound,), served = await serve_in(nursery, proxy)
+        await proxy.reload(_config(_listener("svc", f"0.0.0.0:{port}", backend)))
+        assert proxy.addresses == [bound]
+        assert await _greeting(bound) == b"svc\n"
+        assert f"keeping 127.0.0.1:{port} open, since its replacement could not be bound" in (
+            caplog.text
+        )
+        proxy.close()
+        await served.wait()
+
+
+async def test_a_reload_before_serve_opens_its_new_access_log_when_serving(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    backend = await start_backend(nursery, identify(b"svc"))
+    log = tmp_path / "access.log"
+    proxy = l4proxy.Proxy(_config(_listener("svc", "127.0.0.1:0", backend)))
+    await proxy.reload(_config(_listener("svc", "127.0.0.1:0", backend, access_log=str(log))))
+    with trio.fail_after(WAIT):
+        (bound,), served = await serve_in(nursery, proxy)
+        assert await _greeting(bound) == b"svc\n"
+        proxy.close()
+        await served.wait()
+    assert len(log.read_text().splitlines()) == 1
+
+
+async def test_one_listener_may_listen_on_host_0_twice_across_reloads(
+    nursery: trio.Nursery,
+) -> None:
+    backend = await start_backend(nursery, identify(b"svc"))
+    config = _config(_listener("svc", ["127.0.0.1:0", "127.0.0.1:0"], backend))
+    proxy = l4proxy.Proxy(config)
+    with trio.fail_after(WAIT):
+        bound, served = await serve_in(nursery, proxy)
+        assert len({b.port for b in bound}) == 2
+        await proxy.reload(config)
+        assert proxy.addresses == bound  # both kept, none bound again
+        await proxy.reload(_config(_listener("other", ["127.0.0.1:0", "127.0.0.1:0"], backend)))
+        assert len({b.port for b in proxy.addresses}) == 2  # a new name: two new ports
+        for address in proxy.addresses:
+            assert await _greeting(address) == b"svc\n"
+        proxy.close()
+        await served.wait()

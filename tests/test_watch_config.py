@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import trio
 
 import l4proxy
-from l4proxy.watching import files_named
+from l4proxy.watching import files_named, watch_config
 
 from .conftest import identify, read_line, start_backend
 from .proxyprocess import ProxyProcess
@@ -216,3 +216,32 @@ def test_the_files_watched_are_the_inputs_the_config_names(pki: PKI) -> None:
         ]
     )
     assert files_named(config) == {pki.a.combined, pki.ca_file}
+
+
+async def test_a_change_made_while_a_reload_runs_is_reloaded_too(tmp_path: Path) -> None:
+    """The watcher in process, with a reload that is slow: the file is saved again
+    while it runs (the second save may not have been read by it), so a second reload
+    follows, with no further event needed."""
+    config = tmp_path / "l4proxy.toml"
+    config.write_text(_toml(1, "127.0.0.1:2"))
+    current = l4proxy.Config.load(str(config))
+    reloads: list[str] = []
+    second = trio.Event()
+
+    async def reload(why: str) -> None:
+        reloads.append(config.read_text())
+        if len(reloads) == 1:
+            _write_atomically(config, _toml(1, "127.0.0.1:3"))  # saved during the reload
+            await trio.sleep(0.5)  # longer than the watcher's debounce
+        else:
+            second.set()
+
+    with trio.fail_after(WAIT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch_config, str(config), lambda: current, reload)
+            await trio.sleep(0.5)  # the watch is set up
+            _write_atomically(config, _toml(1, "127.0.0.1:4"))
+            await second.wait()
+            nursery.cancel_scope.cancel()
+    assert "127.0.0.1:4" in reloads[0]
+    assert "127.0.0.1:3" in reloads[1]
