@@ -19,6 +19,7 @@ from .conftest import (
     identify,
     read_line,
     receive_exactly,
+    refused_port,
     serve_in,
     start_backend,
 )
@@ -79,12 +80,6 @@ class _Greetings:
         target = len(self.seen) + count
         while len(self.seen) < target:
             await self._changed.wait()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def test_a_reload_adds_and_removes_listeners_and_the_removed_one_drains(
@@ -163,7 +158,7 @@ async def test_renaming_a_listener_and_moving_an_address_refuse_no_connection(
     with trio.fail_after(WAIT):
         (bound,), served = await serve_in(nursery, proxy)
         address = str(bound.address)
-        other = f"127.0.0.1:{_free_port()}"
+        other = f"127.0.0.1:{refused_port()}"
         stop = trio.Event()
         greetings = _Greetings()
 
@@ -204,7 +199,7 @@ async def test_changing_listen_binds_the_new_address_and_closes_the_old(
     proxy = l4proxy.Proxy(_config(_listener("svc", "127.0.0.1:0", backend)))
     with trio.fail_after(WAIT):
         (old,), served = await serve_in(nursery, proxy)
-        port = _free_port()
+        port = refused_port()
         await proxy.reload(_config(_listener("svc", f"127.0.0.1:{port}", backend)))
         (new,) = proxy.addresses
         assert new.port == port
@@ -277,7 +272,7 @@ async def test_sighup_applies_listener_changes_with_a_client_loop_running(
     listener, changes its backend and adds a second listener; no connection fails."""
     one = await start_backend(nursery, identify(b"one"))
     two = await start_backend(nursery, identify(b"two"))
-    port, extra = _free_port(), _free_port()
+    port, extra = refused_port(), refused_port()
     config = tmp_path / "l4proxy.toml"
 
     def write(name: str, backend: str, *, more: bool = False) -> None:
@@ -356,7 +351,7 @@ async def test_a_replacement_that_cannot_bind_keeps_the_old_socket_on_its_port(
     the port; the old socket stays (for the listener that wanted the port), so the port
     is not left without a listener."""
     backend = await start_backend(nursery, identify(b"svc"))
-    port = _free_port()
+    port = refused_port()
     proxy = l4proxy.Proxy(_config(_listener("svc", f"127.0.0.1:{port}", backend)))
     with trio.fail_after(WAIT):
         (bound,), served = await serve_in(nursery, proxy)

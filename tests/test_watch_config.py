@@ -14,7 +14,7 @@ import trio
 import l4proxy
 from l4proxy.watching import files_named, watch_config
 
-from .conftest import identify, read_line, start_backend
+from .conftest import identify, read_line, refused_port, start_backend
 from .proxyprocess import ProxyProcess
 
 if TYPE_CHECKING:
@@ -35,14 +35,6 @@ async def _greeting(port: int) -> bytes:
         return await read_line(stream)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _read(path: str) -> str:
     with open(path) as file:
         return file.read()
@@ -60,7 +52,7 @@ async def test_a_changed_config_file_is_reloaded_and_an_unrelated_file_is_not(
 ) -> None:
     one = await start_backend(nursery, identify(b"one"))
     two = await start_backend(nursery, identify(b"two"))
-    port = _free_port()
+    port = refused_port()
     config = tmp_path / "l4proxy.toml"
     config.write_text(_toml(port, one))
     with trio.fail_after(WAIT):
@@ -99,7 +91,7 @@ async def test_a_configmap_style_symlink_swap_is_seen(
     through ``..data``, and never changes itself."""
     one = await start_backend(nursery, identify(b"one"))
     two = await start_backend(nursery, identify(b"two"))
-    port = _free_port()
+    port = refused_port()
     volume = tmp_path / "volume"
     (volume / "..v1").mkdir(parents=True)
     (volume / "..v1" / "l4proxy.toml").write_text(_toml(port, one))
@@ -128,7 +120,7 @@ async def test_a_renewed_certificate_is_put_into_service(
     """cert-manager style: the certificate file named by the config changes (in another
     directory than the config); new handshakes present the new certificate."""
     backend = await start_backend(nursery, identify(b"svc"))
-    port = _free_port()
+    port = refused_port()
     certs = tmp_path / "certs"
     certs.mkdir()
     site = certs / "site.pem"
@@ -164,7 +156,7 @@ async def test_the_workers_supervisor_watches_and_every_worker_reloads(
 ) -> None:
     one = await start_backend(nursery, identify(b"one"))
     two = await start_backend(nursery, identify(b"two"))
-    port = _free_port()
+    port = refused_port()
     config = tmp_path / "l4proxy.toml"
     config.write_text("workers = 2\n" + _toml(port, one))
     with trio.fail_after(WAIT):
