@@ -35,13 +35,11 @@ from prometheus_client.core import (
 
 from ._version import __version__
 from .addresses import TCPAddress
-from .metricserver import bind_endpoint, bound_addresses, serve_endpoint
+from .metricserver import EndpointServer
 from .record import Outcome
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Coroutine, Iterator
-
-    import trio
 
     from .config import Config
     from .runtime import ListenerRuntime
@@ -73,8 +71,6 @@ class Metrics:
     """One proxy's metrics: its families, reload counts and ``/metrics`` endpoint.
 
     Attributes:
-        addresses: where the endpoint listens while ``serve`` runs (port 0 resolved;
-            ``:PORT`` gives one per address family); empty otherwise.
         reloads: reloads so far, by result (``success``, ``failure``).
     """
 
@@ -83,9 +79,8 @@ class Metrics:
     ) -> None:
         self._proxy = proxy
         self._runtimes = runtimes
-        self.addresses: tuple[TCPAddress, ...] = ()
         self.reloads = {"success": 0, "failure": 0}
-        self._listeners: list[trio.SocketListener] = []
+        self._server = EndpointServer(self)
         self._hashed: tuple[Config | None, float] = (None, 0.0)
 
     def count_reload(self, *, ok: bool) -> None:
@@ -95,32 +90,38 @@ class Metrics:
 
     # ------------------------------------------------------------------ the endpoint
 
+    @property
+    def addresses(self) -> tuple[TCPAddress, ...]:
+        """Where the endpoint listens while ``serve`` runs (port 0 resolved; ``:PORT``
+        gives one per address family); empty otherwise."""
+        return self._server.addresses
+
+    def _address(self) -> TCPAddress | None:
+        """The configured address; with ``--workers``, worker ``w``'s is port + ``w - 1``."""
+        address = self._proxy.config.metrics
+        worker = self._proxy.worker
+        if address is not None and worker is not None and address.port:
+            address = TCPAddress(address.host, address.port + worker - 1)
+        return address
+
     async def bind(self) -> None:
         """Bind the configured endpoint, if any (``Proxy.serve``, before it reports
-        itself started). With ``--workers``, worker ``w`` binds the port + ``w - 1``.
+        itself started).
 
         Error handling:
             Raises :class:`~l4proxy.errors.ListenError` naming the address.
         """
-        address = self._proxy.config.metrics
-        if address is None:
-            return
-        worker = self._proxy.worker
-        if worker is not None and address.port:
-            address = TCPAddress(address.host, address.port + worker - 1)
-        self._listeners = await bind_endpoint(address)
-        self.addresses = bound_addresses(self._listeners)
+        await self._server.bind(self._address())
 
     async def serve(self) -> None:
-        """Answer scrapes on what :meth:`bind` bound until cancelled (at once if
-        nothing was bound)."""
-        listeners, self._listeners = self._listeners, []
-        if not listeners:
-            return
-        try:
-            await serve_endpoint(listeners, self)
-        finally:
-            self.addresses = ()
+        """Answer scrapes until cancelled, on what :meth:`bind` bound and, after a
+        reload that changed ``metrics``, on the new address."""
+        await self._server.run()
+
+    async def reconfigured(self) -> None:
+        """After a reload: move the endpoint if ``metrics`` changed (bind the new
+        address, then close the old; a failure to bind is logged and the old stays)."""
+        await self._server.move(self._address())
 
     def ready(self) -> bool:
         """``/readyz``: the endpoint only runs while the listeners are bound, so ready

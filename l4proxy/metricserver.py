@@ -39,6 +39,7 @@ __all__ = [
     "MAX_HEAD",
     "BadRequest",
     "Endpoint",
+    "EndpointServer",
     "answer",
     "bind_endpoint",
     "parse_request",
@@ -186,6 +187,122 @@ async def serve_endpoint(listeners: list[trio.SocketListener], endpoint: Endpoin
     finally:
         for listener in listeners:
             await trio.aclose_forcefully(listener)
+
+
+class EndpointServer:
+    """The endpoint's sockets over a proxy's life: bound at start, moved by a reload.
+
+    :meth:`bind` binds before the proxy reports itself started (a failure fails the
+    start); :meth:`run` serves until cancelled; :meth:`move` (a reload) binds the new
+    address first and only then closes the old sockets, so scrapes keep an answer;
+    a new address that cannot be bound is logged and the old endpoint stays (the next
+    reload tries again), as for a listener a reload cannot bind.
+
+    Attributes:
+        addresses: the bound addresses while :meth:`run` runs (port 0 resolved).
+    """
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self._endpoint = endpoint
+        self.addresses: tuple[TCPAddress, ...] = ()
+        self._wanted: TCPAddress | None = None  # the address the sockets were bound for
+        self._listeners: list[trio.SocketListener] = []
+        self._scope: trio.CancelScope | None = None
+        self._nursery: trio.Nursery | None = None
+
+    async def bind(self, address: TCPAddress | None) -> None:
+        """Bind ``address`` (nothing for ``None``) for :meth:`run`.
+
+        Error handling:
+            Raises :class:`~l4proxy.errors.ListenError` naming the address.
+        """
+        if address is not None:
+            self._use(address, await bind_endpoint(address))
+
+    async def run(self) -> None:
+        """Serve what :meth:`bind` and later :meth:`move` bound, until cancelled."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                self._start()
+                await trio.sleep_forever()
+        finally:
+            self._nursery = None
+            self._stop()
+            self._wanted = None
+
+    async def move(self, address: TCPAddress | None) -> None:
+        """Serve on ``address`` from now on (a reload); nothing if it is unchanged or
+        :meth:`run` is not running (``serve`` binds the configured address itself)."""
+        if self._nursery is None or address == self._wanted:
+            return
+        if address is None:
+            self._stop()
+            self._wanted = None
+            return
+        try:
+            listeners = await bind_endpoint(address)
+        except ListenError as exc:
+            if self._wanted is None or self._wanted.port != address.port or not address.port:
+                LOGGER.error("%s; %s", exc, self._kept())
+                return
+            # The same port on another host (127.0.0.1 to every interface, say): the
+            # old sockets hold it, so they must go first.
+            listeners = await self._replace_on_same_port(address)
+            if not listeners:
+                return
+        self._stop()
+        self._use(address, listeners)
+        self._start()
+
+    async def _replace_on_same_port(self, address: TCPAddress) -> list[trio.SocketListener]:
+        old = self._wanted
+        assert old is not None
+        self._stop()
+        try:
+            return await bind_endpoint(address)
+        except ListenError as exc:
+            LOGGER.error("%s", exc)
+        # Put the old endpoint back (it was bound a moment ago, so this should work).
+        try:
+            self._use(old, await bind_endpoint(old))
+        except ListenError as exc:
+            self._wanted = old  # retried by the next reload that changes it
+            LOGGER.error("%s; the metrics endpoint is down until a reload moves it", exc)
+        else:
+            LOGGER.error("%s", self._kept())
+            self._start()
+        return []
+
+    def _kept(self) -> str:
+        where = ", ".join(str(address) for address in self.addresses) or "nowhere"
+        return f"the metrics endpoint stays on {where}"
+
+    def _use(self, address: TCPAddress, listeners: list[trio.SocketListener]) -> None:
+        self._wanted = address
+        self._listeners = listeners
+        self.addresses = bound_addresses(listeners)
+
+    def _start(self) -> None:
+        if self._nursery is None or not self._listeners:
+            return
+        scope = trio.CancelScope()
+        self._scope = scope
+        self._nursery.start_soon(self._serve, self._listeners, scope)
+
+    async def _serve(self, listeners: list[trio.SocketListener], scope: trio.CancelScope) -> None:
+        with scope:
+            await serve_endpoint(listeners, self._endpoint)
+
+    def _stop(self) -> None:
+        """Stop serving and close the sockets now (the port is free on return)."""
+        if self._scope is not None:
+            self._scope.cancel()  # first: the accept waits end cancelled, not closed
+            self._scope = None
+        for listener in self._listeners:
+            listener.socket.close()
+        self._listeners = []
+        self.addresses = ()
 
 
 async def _exchange(stream: trio.SocketStream, endpoint: Endpoint) -> None:

@@ -220,6 +220,7 @@ class Proxy:
             self._listeners.commit(plan, runtimes)
             self._listeners.forget_removed()
             self._health.reconfigured()  # check the new pools
+            await self.metrics.reconfigured()  # after the switch: it never fails a reload
         LOGGER.info("configuration reloaded: %d listeners", len(config.listeners))
 
     async def _open_new_sinks(self, runtimes: Mapping[str, ListenerRuntime]) -> list[FileSink]:

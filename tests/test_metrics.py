@@ -5,6 +5,7 @@ a real socket and read with prometheus-client's own parser; the endpoint's HTTP;
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 import signal
 import socket
@@ -21,7 +22,7 @@ from l4proxy.metrics import config_hash, pool_label
 from l4proxy.metricserver import MAX_HEAD, BadRequest, parse_request
 from l4proxy.tally import Histogram
 
-from .conftest import echo, receive_exactly, start_backend
+from .conftest import echo, receive_exactly, refused_port, start_backend
 from .proxyprocess import ProxyProcess
 
 if TYPE_CHECKING:
@@ -345,6 +346,56 @@ async def test_reloads_are_counted_and_the_hash_follows_the_config(nursery: trio
             }
         )
     )  # the same configuration, however it was built
+
+
+async def test_a_reload_adds_moves_and_removes_the_endpoint(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    backend = await start_backend(nursery, echo)
+
+    def with_metrics(metrics: str | None) -> l4proxy.Config:
+        listener = l4proxy.ListenerConfig(
+            name="svc", listen=["127.0.0.1:0"], backends=[backend], idle_timeout=5
+        )
+        return l4proxy.Config(metrics=metrics, listeners=[listener])
+
+    proxy = l4proxy.Proxy(with_metrics(None))
+    await nursery.start(proxy.serve)
+    assert proxy.metrics.addresses == ()
+    with trio.fail_after(20):
+        await proxy.reload(with_metrics("127.0.0.1:0"))  # added: bound by the reload
+        first = endpoint(proxy)
+        assert value(await scrape(first), "l4proxy_reloads_total", result="success") == 1
+        port = refused_port()
+        await proxy.reload(with_metrics(f"127.0.0.1:{port}"))  # moved: new bound, old closed
+        assert endpoint(proxy) == ("127.0.0.1", port)
+        assert value(await scrape(("127.0.0.1", port)), "l4proxy_reloads_total", result="success")
+        with pytest.raises(OSError, match="all attempts to connect"):
+            await trio.open_tcp_stream(*first)
+        # The same port on every interface: the old socket holds it, so it goes first.
+        await proxy.reload(with_metrics(f"0.0.0.0:{port}"))
+        assert [str(a) for a in proxy.metrics.addresses] == [f"0.0.0.0:{port}"]
+        assert value(await scrape(("127.0.0.1", port)), "l4proxy_reloads_total", result="success")
+        # A new address in use: logged, the reload applies, the old endpoint stays.
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            busy = taken.getsockname()[1]
+            with caplog.at_level(logging.ERROR, "l4proxy.metrics"):
+                await proxy.reload(with_metrics(f"127.0.0.1:{busy}"))
+            assert f"cannot serve metrics on 127.0.0.1:{busy}: address already in use" in (
+                caplog.text
+            )
+            assert f"the metrics endpoint stays on 0.0.0.0:{port}" in caplog.text
+            samples = await scrape(("127.0.0.1", port))
+            assert value(samples, "l4proxy_reloads_total", result="success") == 4
+        await proxy.reload(with_metrics(None))  # removed: the endpoint closes
+        assert proxy.metrics.addresses == ()
+        with pytest.raises(OSError, match="all attempts to connect"):
+            await trio.open_tcp_stream("127.0.0.1", port)
+        await proxy.reload(with_metrics(f"127.0.0.1:{port}"))  # and back
+        assert value(await scrape(("127.0.0.1", port)), "l4proxy_reloads_total", result="success")
+    proxy.close()
 
 
 async def test_a_metrics_address_in_use_is_a_listen_error(nursery: trio.Nursery) -> None:
