@@ -18,6 +18,8 @@ demo: $(STAMP)
 	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq netcat-openbsd >/dev/null; } || true
 	@command -v openssl >/dev/null || { echo "installing openssl for the demo's s_client examples"; \
 	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq openssl >/dev/null; } || true
+	@command -v curl >/dev/null || { echo "installing curl for the demo's metrics example"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq curl >/dev/null; } || true
 	$(BIN)/python -m l4proxy.demo
 
 test: $(STAMP) system-deps lint

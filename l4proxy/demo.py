@@ -4,7 +4,8 @@ Everything stays on 127.0.0.1. The two backends answer each line with the line a
 their name, so round-robin and half-close are visible from ``nc``. A second listener
 terminates TLS with a certificate for two names, made at start by a throwaway CA
 (:mod:`l4proxy.democerts`), and routes each name to one backend by SNI: ``openssl
-s_client -servername`` shows it. Access lines are printed as connections end; Ctrl-C
+s_client -servername`` shows it. Prometheus metrics are served on 127.0.0.1:9100
+(``/metrics``, ``/healthz``, ``/readyz``). Access lines are printed as connections end; Ctrl-C
 drains and stops, like the real command.
 """
 
@@ -54,7 +55,7 @@ async def _line_service(
     await trio.serve_tcp(serve, 0, host="127.0.0.1", task_status=task_status)
 
 
-async def _main(port: int, tls_port: int, certs: DemoCertificates) -> int:
+async def _main(port: int, tls_port: int, metrics_port: int, certs: DemoCertificates) -> int:
     backends: list[str] = []
     async with trio.open_nursery() as nursery:
         for name in ("backend-a", "backend-b"):
@@ -62,6 +63,7 @@ async def _main(port: int, tls_port: int, certs: DemoCertificates) -> int:
             host, backend_port = listeners[0].socket.getsockname()[:2]
             backends.append(f"{host}:{backend_port}")
         config = Config(
+            metrics=f"127.0.0.1:{metrics_port}",
             listeners=[
                 ListenerConfig(
                     name="demo", listen=[f"127.0.0.1:{port}"], backends=backends, drain_timeout=5
@@ -78,12 +80,15 @@ async def _main(port: int, tls_port: int, certs: DemoCertificates) -> int:
                     ],
                     drain_timeout=5,
                 ),
-            ]
+            ],
         )
+
+        proxy = Proxy(config, access_stream=sys.stderr)
 
         def explain(bound: list[BoundAddress]) -> None:
             address = next(b for b in bound if b.listener == "demo")
             secure = next(b for b in bound if b.listener == "demo-tls")
+            (metrics,) = proxy.metrics.addresses
             try_tls = "".join(
                 f"  openssl s_client -connect {secure} -servername {server_name} "
                 f"-CAfile {certs.ca} -brief   # to {backend_name}\n"
@@ -101,12 +106,15 @@ async def _main(port: int, tls_port: int, certs: DemoCertificates) -> int:
                 f"\nl4proxy demo: TLS on {secure}, terminated with one certificate for "
                 f"{' and '.join(certs.names)}; SNI picks the backend:\n"
                 f"{try_tls}"
+                f"\nl4proxy demo: Prometheus metrics (and /healthz, /readyz) at "
+                f"http://{metrics}/metrics\n"
+                f"  curl -s http://{metrics}/metrics | grep ^l4proxy_connections\n"
                 "\nOne access-log line per connection appears below. Ctrl-C drains and stops.\n",
                 file=sys.stderr,
                 flush=True,
             )
 
-        code = await run_proxy(Proxy(config, access_stream=sys.stderr), on_ready=explain)
+        code = await run_proxy(proxy, on_ready=explain)
         nursery.cancel_scope.cancel()
     return code
 
@@ -122,13 +130,19 @@ def main(argv: list[str] | None = None) -> None:
         default=7443,
         help="TLS port on 127.0.0.1 (default 7443; 0 = any)",
     )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=9100,
+        help="metrics port on 127.0.0.1 (default 9100; 0 = any)",
+    )
     args = parser.parse_args(argv)
     configure_logging(logging.INFO)
     # Made before the event loop starts; removed when the demo ends.
     directory = tempfile.mkdtemp(prefix="l4proxy-demo-")
     try:
         certs = write_certificates(directory)
-        code = trio.run(_main, args.port, args.tls_port, certs)
+        code = trio.run(_main, args.port, args.tls_port, args.metrics_port, certs)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
     sys.exit(code)

@@ -74,7 +74,17 @@ async def _openssl(command: str, expected: bytes) -> None:
 async def test_demo_serves_both_backends_and_stops_on_ctrl_c(nursery: trio.Nursery) -> None:
     with trio.fail_after(30):
         process = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "l4proxy.demo", "--port", "0", "--tls-port", "0"],
+            [
+                sys.executable,
+                "-m",
+                "l4proxy.demo",
+                "--port",
+                "0",
+                "--tls-port",
+                "0",
+                "--metrics-port",
+                "0",
+            ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -115,6 +125,16 @@ async def test_demo_serves_both_backends_and_stops_on_ctrl_c(nursery: trio.Nurse
             # No default pool: without SNI the handshake is refused (unrecognized_name).
             with pytest.raises(trio.BrokenResourceError):
                 await _tls_greeting(address, ca_file, None)
+
+            # The printed metrics URL answers, and counts what went through.
+            (url,) = re.findall(r"metrics \(and /healthz, /readyz\) at http://(\S+)/metrics", text)
+            metrics_host, _, metrics_port = url.rpartition(":")
+            async with await trio.open_tcp_stream(metrics_host, int(metrics_port)) as client:
+                await client.send_all(b"GET /metrics HTTP/1.1\r\nHost: demo\r\n\r\n")
+                answer = await receive_all(client)
+            assert answer.startswith(b"HTTP/1.1 200 OK\r\n")
+            assert b'l4proxy_connections_accepted_total{listener="demo"} 2.0' in answer
+            assert f"curl -s http://{url}/metrics" in text
 
             process.send_signal(signal.SIGINT)
             assert await process.wait() == 0
