@@ -139,10 +139,7 @@ async def connect_with_failover(
         if backend in skip:
             continue
         try:
-            if connect is None and backend.sockaddr is not None:
-                dialed: Dialed = await _dial_socket(backend, attempt_seconds, source)
-            else:
-                dialed = await dial_connector(backend, connect, attempt_seconds, source)
+            dialed = await dial(backend, connect, attempt_seconds, source)
         except OSError as exc:
             reason = describe_os_error(exc)
             attempts.append((str(backend.address), reason))
@@ -158,6 +155,17 @@ async def connect_with_failover(
             HEALTH.warning("backend %s up: connected", backend.address)
         return dialed, backend
     raise UpstreamConnectError(tuple(attempts))
+
+
+async def dial(
+    target: Target, connect: Connector | None, seconds: float, source: str | None = None
+) -> Dialed:
+    """One attempt, the cheapest way: a raw non-blocking socket for an IP address or
+    a Unix path with the default connector, else through the connector. Raises
+    ``OSError`` (``TimeoutError`` after ``seconds``)."""
+    if connect is None and target.sockaddr is not None:
+        return await _dial_socket(target, seconds, source)
+    return await dial_connector(target, connect, seconds, source)
 
 
 async def dial_connector(

@@ -2,9 +2,10 @@
 
 A check does what the data path does before the first client byte, and no more:
 
-1. **connect** as connections do (:func:`~l4proxy.connect.dial_connector`: the
-   embedder's connector if the proxy has one, else TCP from ``source_address`` if set,
-   names resolved off the event loop, or a Unix socket);
+1. **connect** as connections do (:func:`~l4proxy.connect.dial`: the embedder's
+   connector if the proxy has one, else a raw socket to an IP address or a Unix path,
+   from ``source_address`` if set, or a host name resolved off the event loop); a
+   check that only connects closes that socket at once, without making a stream;
 2. the **PROXY header** if the listener sends one, saying "a health check, not a
    client": version 2's ``LOCAL`` command, version 1's ``UNKNOWN`` (the PROXY
    protocol spec, section 2.1 and 2.2), so a backend that insists on the header does not
@@ -31,7 +32,7 @@ import attrs
 import trio
 
 from .addresses import TCPAddress
-from .connect import describe_os_error, dial_connector
+from .connect import describe_os_error, dial
 from .protocols.proxyheader import Command, encode_v2
 from .tls import TLSStream
 
@@ -93,10 +94,13 @@ async def probe(
 async def _run(
     check: Probe, connect: Connector | None, backend_tls: BackendTLS | None
 ) -> str | None:
-    dialed = await dial_connector(check.target, connect, check.seconds, check.source)
+    dialed = await dial(check.target, connect, check.seconds, check.source)
     if isinstance(dialed, trio.abc.Stream):
         stream = dialed
-    else:  # the data path's raw sockets; dial_connector gives streams today
+    elif check.proxy_protocol is None and backend_tls is None and not check.send + check.expect:
+        dialed.close()  # connected: that was the whole check
+        return None
+    else:
         stream = trio.SocketStream(trio.socket.from_stdlib_socket(dialed))
     try:
         if check.proxy_protocol is not None:
