@@ -7,7 +7,6 @@ line on standard error and exit status 2; runtime failures (a port in use) exit 
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import re
@@ -20,10 +19,10 @@ import trio
 
 from ._version import __version__
 from .addresses import Address, Role, parse_address
-from .config import LogLevel, flag_for, server_name_problem, top_level_keys
+from .config import flag_for, server_name_problem, top_level_keys
 from .configkinds import File
 from .errors import ConfigError
-from .runner import configure_logging, run_proxy
+from .runner import command_level, configure_logging, run_proxy
 from .sdnotify import Notifier
 from .server import Proxy
 from .workers import ConfigSource, supervise
@@ -35,8 +34,6 @@ __all__ = ["cli", "main"]
 
 T = TypeVar("T")
 
-_LEVELS = (logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR)
-_LEVEL_INDEX = {LogLevel.DEBUG: 0, LogLevel.INFO: 1, LogLevel.WARNING: 2, LogLevel.ERROR: 3}
 
 #: A key path of the flags' one listener, anywhere in a message.
 _LISTENER_PATH = re.compile(r"listeners\[0\](?:\.\w+(?:\[\d+\])?)+")
@@ -389,8 +386,8 @@ def cli(
 
     flags = config is None
     loaded = _or_usage_error(load, flags=flags)
-    verbosity = _LEVEL_INDEX[loaded.log_level] - verbose + quiet
-    level = _LEVELS[max(0, min(len(_LEVELS) - 1, verbosity))]
+    log_shift = quiet - verbose
+    level = command_level(loaded, log_shift)
     configure_logging(level)
     # Reads certificates and keys now, so bad files exit 2 before anything binds.
     proxy = _or_usage_error(lambda: Proxy(loaded, access_stream=sys.stderr), flags=flags)
@@ -405,12 +402,19 @@ def cli(
     if loaded.workers > 1:
         return _or_usage_error(
             lambda: trio.run(
-                partial(supervise, loaded, source, level, notifier=notifier, watch=watch_config)
+                partial(supervise, loaded, source, log_shift, notifier=notifier, watch=watch_config)
             ),
             flags=flags,
         )
     return trio.run(
-        partial(run_proxy, proxy, load, notifier=notifier, watch=config if watch_config else None)
+        partial(
+            run_proxy,
+            proxy,
+            load,
+            notifier=notifier,
+            watch=config if watch_config else None,
+            log_shift=log_shift,
+        )
     )
 
 

@@ -27,6 +27,23 @@ if TYPE_CHECKING:
 
 LOGGER = logging.getLogger("l4proxy.cli")
 
+_LEVELS = (logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR)
+_LEVEL_NAMES = ("debug", "info", "warning", "error")  # LogLevel's values, in _LEVELS' order
+
+
+def command_level(config: Config, shift: int = 0) -> int:
+    """The command's logging level: the config's ``log_level`` moved ``shift`` steps
+    (each ``-q`` is +1, each ``-v`` -1), within DEBUG..ERROR."""
+    steps = _LEVEL_NAMES.index(config.log_level.value) + shift
+    return _LEVELS[max(0, min(len(_LEVELS) - 1, steps))]
+
+
+def follow_log_level(config: Config, shift: int | None) -> None:
+    """After a reload: the command's diagnostics take the new ``log_level`` (still
+    moved by ``-v``/``-q``). ``None``: logging is not the config's (the demo)."""
+    if shift is not None:
+        logging.getLogger("l4proxy").setLevel(command_level(config, shift))
+
 
 def configure_logging(level: int, *, prefix: str = "") -> None:
     """Diagnostics to standard error at ``level``.
@@ -54,6 +71,7 @@ async def run_proxy(
     lifeline: trio.abc.ReceiveStream | None = None,
     watch: str | None = None,
     notifier: Notifier | None = None,
+    log_shift: int | None = None,
 ) -> int:
     """Serve until SIGTERM/SIGINT (drain) and return the exit status.
 
@@ -65,6 +83,7 @@ async def run_proxy(
     or of a file it names reloads as SIGHUP does.
     ``notifier`` tells a service manager (systemd's ``$NOTIFY_SOCKET``) when the
     listeners are bound, when a reload starts and ends, and when the drain starts.
+    ``log_shift`` (the ``-v``/``-q`` steps) makes a reload apply ``log_level`` too.
 
     Error handling:
         A reload that fails in any way (a ``ConfigError``, a certificate
@@ -77,7 +96,9 @@ async def run_proxy(
         try:
             async with trio.open_nursery() as nursery:
                 bound = await nursery.start(_serve_then_stop, proxy, nursery.cancel_scope)
-                nursery.start_soon(_handle_signals, signals, proxy, reload_config, notifier)
+                nursery.start_soon(
+                    _handle_signals, signals, proxy, reload_config, notifier, log_shift
+                )
                 if lifeline is not None:
                     nursery.start_soon(_drain_when_closed, lifeline, proxy)
                 if watch is not None and reload_config is not None:
@@ -86,7 +107,7 @@ async def run_proxy(
                     async def reload(why: str) -> None:
                         if not proxy.draining:
                             notifier.reloading()
-                            await reload_now(proxy, load, why, notifier)
+                            await reload_now(proxy, load, why, notifier, log_shift)
 
                     nursery.start_soon(watch_config, watch, lambda: proxy.config, reload)
                 if on_ready is not None:
@@ -136,6 +157,7 @@ async def _handle_signals(
     proxy: Proxy,
     reload_config: Callable[[], Config] | None,
     notifier: Notifier,
+    log_shift: int | None,
 ) -> None:
     async for signum in signals:
         name = signal.Signals(signum).name
@@ -147,7 +169,7 @@ async def _handle_signals(
                 LOGGER.warning("%s: nothing to reload (no --config file)", name)
                 notifier.ready("nothing to reload (no --config file)")
                 continue
-            await reload_now(proxy, reload_config, name, notifier)
+            await reload_now(proxy, reload_config, name, notifier, log_shift)
         elif not proxy.draining:
             proxy.close()  # listening sockets are closed when this returns
             open_now = sum(stats.open for stats in proxy.stats().values())
@@ -162,7 +184,11 @@ async def _handle_signals(
 
 
 async def reload_now(
-    proxy: Proxy, reload_config: Callable[[], Config], why: str, notifier: Notifier
+    proxy: Proxy,
+    reload_config: Callable[[], Config],
+    why: str,
+    notifier: Notifier,
+    log_shift: int | None = None,
 ) -> None:
     """Load the configuration again and apply it: what SIGHUP and ``--watch-config``
     do. ``why`` starts the ERROR line of a failure, which keeps the running config.
@@ -181,6 +207,7 @@ async def reload_now(
         )
         notifier.ready(f"reload failed, running configuration kept: {failure_reason(exc)}")
     else:
+        follow_log_level(config, log_shift)
         notifier.ready("reloaded")
 
 

@@ -51,7 +51,7 @@ import trio
 from .addresses import TCPAddress, UnixAddress
 from .config import Config, read_toml
 from .errors import ConfigError
-from .runner import configure_logging, failure_reason, run_proxy
+from .runner import command_level, configure_logging, failure_reason, follow_log_level, run_proxy
 from .sdnotify import ENVIRONMENT_VARIABLE, Notifier
 from .server import Proxy
 from .watching import watch_config
@@ -104,7 +104,7 @@ class WorkerSpec:
     index: int
     config: Config
     source: ConfigSource
-    log_level: int
+    log_shift: int  # -v/-q: the level is the config's log_level moved this many steps
     spawn: int = 1  # 1 for the worker's first start, 2 for its first restart, ...
     stride: int = 0  # the worker count at the supervisor's start (0: the config's)
 
@@ -202,7 +202,7 @@ def reserve_ports(
 async def supervise(
     config: Config,
     source: ConfigSource,
-    log_level: int,
+    log_shift: int = 0,
     *,
     notifier: Notifier | None = None,
     watch: bool = False,
@@ -224,7 +224,7 @@ async def supervise(
         # and its config what they run, so restarted workers get that.
         applied = Proxy(pin(config, ports))
         notifier = Notifier(None) if notifier is None else notifier
-        return await _Supervisor(applied, source, log_level, notifier, watch=watch).run()
+        return await _Supervisor(applied, source, log_shift, notifier, watch=watch).run()
     finally:
         for holder in holders:
             holder.close()
@@ -245,7 +245,7 @@ class _Supervisor:
         self,
         applied: Proxy,
         source: ConfigSource,
-        log_level: int,
+        log_shift: int,
         notifier: Notifier,
         *,
         watch: bool = False,
@@ -256,7 +256,7 @@ class _Supervisor:
         self.applied = applied
         self.notifier = notifier
         self.source = source
-        self.log_level = log_level
+        self.log_shift = log_shift
         self.workers: dict[int, _Worker] = {}
         self.spawns: dict[int, int] = {}  # starts of each worker so far
         #: The id stride, fixed at start: a reload changing ``workers`` must not make a
@@ -330,7 +330,7 @@ class _Supervisor:
         worker = self.workers[index] = _Worker(process, process.stdin)
         self.spawns[index] = spawn = self.spawns.get(index, 0) + 1
         spec = pickle.dumps(
-            WorkerSpec(index + 1, config, self.source, self.log_level, spawn, self.stride)
+            WorkerSpec(index + 1, config, self.source, self.log_shift, spawn, self.stride)
         )
         # If it died already, the readiness pipe says so below. Standard input stays
         # open: it is the worker's lifeline (see _worker_main).
@@ -399,6 +399,7 @@ class _Supervisor:
             try:
                 config = await trio.to_thread.run_sync(self.source.load)
                 await self.applied.reload(config)
+                follow_log_level(config, self.log_shift)
             except Exception as exc:  # whatever failed, every worker keeps its configuration
                 LOGGER.error(
                     "%s: reload failed, keeping the running configuration: %s",
@@ -490,7 +491,7 @@ def _worker_main(argv: list[str]) -> None:
     """Entry point of a worker process: read the spec, serve, exit with the status."""
     ready_fd = int(argv[1])
     spec = _read_spec(sys.stdin.fileno())
-    configure_logging(spec.log_level, prefix=f"[worker {spec.index}] ")
+    configure_logging(command_level(spec.config, spec.log_shift), prefix=f"[worker {spec.index}] ")
     try:
         proxy = Proxy(
             spec.config,
@@ -510,7 +511,9 @@ def _worker_main(argv: list[str]) -> None:
     async def main() -> int:
         # End-of-file on standard input: the supervisor is gone (even by SIGKILL).
         lifeline = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
-        return await run_proxy(proxy, spec.source.load, on_ready=ready, lifeline=lifeline)
+        return await run_proxy(
+            proxy, spec.source.load, on_ready=ready, lifeline=lifeline, log_shift=spec.log_shift
+        )
 
     sys.exit(trio.run(main))
 

@@ -17,6 +17,19 @@ import l4proxy.splice
 Handler = Callable[[trio.SocketStream], Awaitable[None]]
 
 
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """The command's main() configures logging as a command should (a handler on this
+    test's captured stderr): undo it, so later tests do not log to a closed stream."""
+    loggers = [logging.getLogger(name) for name in ("l4proxy", "l4proxy.access")]
+    saved = [(logger.handlers[:], logger.level, logger.propagate) for logger in loggers]
+    yield
+    for logger, (handlers, level, propagate) in zip(loggers, saved, strict=True):
+        logger.handlers[:] = handlers
+        logger.setLevel(level)
+        logger.propagate = propagate
+
+
 async def echo(stream: trio.abc.Stream) -> None:
     """Echo until EOF, then half-close back (so half-close is visible end to end)."""
     async with stream:

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import inspect
 import json
-import logging
 import re
 import resource
 import signal
 import socket
 import ssl
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,18 +29,6 @@ if TYPE_CHECKING:
     import trustme
 
     from .tlsfixtures import PKI
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging() -> Iterator[None]:
-    """main() configures logging as a command should; undo it for the next tests."""
-    loggers = [logging.getLogger(name) for name in ("l4proxy", "l4proxy.access")]
-    saved = [(logger.handlers[:], logger.level, logger.propagate) for logger in loggers]
-    yield
-    for logger, (handlers, level, propagate) in zip(loggers, saved, strict=True):
-        logger.handlers[:] = handlers
-        logger.setLevel(level)
-        logger.propagate = propagate
 
 
 def run_main(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:

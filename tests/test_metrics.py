@@ -22,7 +22,7 @@ from l4proxy.metrics import config_hash, pool_label
 from l4proxy.metricserver import MAX_HEAD, BadRequest, parse_request
 from l4proxy.tally import Histogram
 
-from .conftest import echo, receive_exactly, refused_port, start_backend
+from .conftest import echo, receive_exactly, start_backend
 from .proxyprocess import ProxyProcess
 
 if TYPE_CHECKING:
@@ -366,7 +366,12 @@ async def test_a_reload_adds_moves_and_removes_the_endpoint(
         await proxy.reload(with_metrics("127.0.0.1:0"))  # added: bound by the reload
         first = endpoint(proxy)
         assert value(await scrape(first), "l4proxy_reloads_total", result="success") == 1
-        port = refused_port()
+        # A port free on every interface, not only on 127.0.0.1: a socket elsewhere on
+        # the port (another test's client on 127.0.0.2, in TIME_WAIT) would refuse the
+        # move to 0.0.0.0 below (which the proxy logs, keeping the old endpoint).
+        with socket.socket() as probe:
+            probe.bind(("0.0.0.0", 0))
+            port = probe.getsockname()[1]
         await proxy.reload(with_metrics(f"127.0.0.1:{port}"))  # moved: new bound, old closed
         assert endpoint(proxy) == ("127.0.0.1", port)
         assert value(await scrape(("127.0.0.1", port)), "l4proxy_reloads_total", result="success")

@@ -15,6 +15,7 @@ from l4proxy.runner import run_proxy
 
 from .badcerts import write_unparsable_san_cert
 from .conftest import identify, receive_exactly, serve_in, start_backend
+from .proxyprocess import ProxyProcess
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -130,3 +131,43 @@ async def test_sighup_survives_a_loader_that_fails_with_anything(
         "SIGHUP: reload failed, keeping the running configuration: "
         "PermissionError: [Errno 13] Permission denied: '/etc/l4proxy.toml'"
     )
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_sighup_applies_log_level_moved_by_the_flags(
+    nursery: trio.Nursery, tmp_path: Path, workers: int
+) -> None:
+    """With ``-v``: ``log_level = "warning"`` logs INFO; a reload to ``"error"`` stops
+    INFO lines (the ``-v`` still counts: warning); one back to ``"warning"`` brings
+    them back. In the supervisor and in every worker."""
+    backend = await start_backend(nursery, identify(b"first"))
+    path = tmp_path / "l4proxy.toml"
+    processes = workers + 1 if workers > 1 else 1
+    reloaded = r" INFO .*configuration reloaded"
+
+    def write(level: str) -> None:
+        path.write_text(
+            f'log_level = "{level}"\nworkers = {workers}\n[[listeners]]\nname = "svc"\n'
+            f'listen = ["127.0.0.1:0"]\nbackends = ["{backend}"]\n'
+        )
+
+    write("warning")
+    with trio.fail_after(30):
+        async with ProxyProcess(nursery, ["-v", "--config", str(path)]) as proc:
+            await proc.listening(count=workers)
+            write("error")
+            proc.signal(signal.SIGHUP)  # logged at INFO, then the level is WARNING
+            await proc.wait_for(reloaded, count=processes)
+            proc.signal(signal.SIGHUP)  # at WARNING: no line
+            with trio.move_on_after(1):
+                await proc.wait_for(reloaded, count=processes + 1)
+                pytest.fail("an INFO line after log_level became 'error' (with -v: warning)")
+            write("warning")
+            # The first reload logs at WARNING still (nothing); the next ones at INFO.
+            # Signals sent together may arrive as one, so send until the lines come.
+            while True:
+                proc.signal(signal.SIGHUP)
+                with trio.move_on_after(0.5):
+                    await proc.wait_for(reloaded, count=2 * processes)
+                    break
+            assert not [line for line in proc.stderr if " DEBUG " in line]

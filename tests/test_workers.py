@@ -290,7 +290,7 @@ async def test_a_cancelled_supervisor_stops_all_workers_at_once(
 
                 async def run_supervisor() -> None:
                     with scope:
-                        await supervise(config, ConfigSource(None, mapping), logging.INFO)
+                        await supervise(config, ConfigSource(None, mapping))
                     stopped.set()
 
                 nursery.start_soon(run_supervisor)
