@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import click
 import trio
 
+from .config import LogLevel
 from .errors import ConfigError, ListenError
 from .sdnotify import Notifier
 from .watching import watch_config
@@ -27,14 +28,13 @@ if TYPE_CHECKING:
 
 LOGGER = logging.getLogger("l4proxy.cli")
 
-_LEVELS = (logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR)
-_LEVEL_NAMES = ("debug", "info", "warning", "error")  # LogLevel's values, in _LEVELS' order
+_LEVELS = (logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR)  # LogLevel's order
 
 
 def command_level(config: Config, shift: int = 0) -> int:
     """The command's logging level: the config's ``log_level`` moved ``shift`` steps
     (each ``-q`` is +1, each ``-v`` -1), within DEBUG..ERROR."""
-    steps = _LEVEL_NAMES.index(config.log_level.value) + shift
+    steps = list(LogLevel).index(config.log_level) + shift
     return _LEVELS[max(0, min(len(_LEVELS) - 1, steps))]
 
 
