@@ -16,7 +16,7 @@ proxy's side is checked: alive, one line per connection, descriptors. Exit statu
 any check fails.
 
 Not part of ``make test`` (it takes its time and both cores): run it by hand after
-changing the fast path, parking or the pump.
+changing the fast path, the data core or the pump.
 """
 
 from __future__ import annotations

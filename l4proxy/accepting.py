@@ -2,7 +2,7 @@
 each one's pipeline in its listener's nursery (or refusing it at the admit step).
 
 A loop belongs to an :class:`Acceptor`, which says which listener it accepts for right
-now (:class:`ServingListener`: the runtime, parking lot and drain scope of one listener
+now (:class:`ServingListener`: the runtime, data core and drain scope of one listener
 name). A reload changes that by assignment, so a listener can be renamed, or an address
 moved to another listener, while its socket keeps listening: no connection is refused.
 """
@@ -24,8 +24,8 @@ from .pipeline import serve
 
 if TYPE_CHECKING:
     from .connection import Shared
+    from .core import Core
     from .listening import Listening
-    from .parking import ParkingLot
     from .runtime import ListenerRuntime
 
 LOGGER = logging.getLogger("l4proxy.server")  # the lines operators know, from before the split
@@ -57,7 +57,7 @@ class ServingListener:
             once it stops accepting.
         stopped: set when it stops accepting (``close()``, or a reload removed it).
         acceptors: its accept loops, one per listening socket.
-        lot: its parking lot, made when its handler nursery opens.
+        core: its data core (:mod:`l4proxy.core`), made when its handler nursery opens.
     """
 
     name: str
@@ -65,7 +65,7 @@ class ServingListener:
     drain_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     stopped: trio.Event = attrs.field(factory=trio.Event)
     acceptors: list[Acceptor] = attrs.field(factory=list)
-    lot: ParkingLot = attrs.field(init=False)  # set before any acceptor starts
+    core: Core = attrs.field(init=False)  # set before any acceptor starts
 
 
 @attrs.define(eq=False)
@@ -158,7 +158,7 @@ async def _accept(acceptor: Acceptor, shared: Shared) -> None:
             failures = 0
             backoff = 0.0
         serving = acceptor.serving
-        runtime, lot = serving.runtime, serving.lot
+        runtime, core = serving.runtime, serving.core
         trusted = runtime.trusted_proxies
         if (
             runtime.admits_all
@@ -166,12 +166,12 @@ async def _accept(acceptor: Acceptor, shared: Shared) -> None:
             or (trusted is not None and trusted.permits(peer[0]))  # admitted after step 2
         ):
             # Positional arguments and no wrapper coroutine: one frame less per connection.
-            lot.nursery.start_soon(serve, sock, _peer_address(peer), local, runtime, shared, lot)
+            core.nursery.start_soon(serve, sock, _peer_address(peer), local, runtime, shared, core)
         else:  # 1. admit: before any read, task or TLS work
             refusal, key = admit(runtime, shared, peer[0])
             if refusal is None:
-                lot.nursery.start_soon(
-                    serve, sock, _peer_address(peer), local, runtime, shared, lot, key
+                core.nursery.start_soon(
+                    serve, sock, _peer_address(peer), local, runtime, shared, core, key
                 )
             else:
                 refuse(sock, _peer_address(peer), peer[0], local, runtime, shared, refusal)

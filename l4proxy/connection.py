@@ -28,8 +28,8 @@ if TYPE_CHECKING:
     from .addresses import Address
     from .balancing import BackendPool
     from .connect import Connector, Dialed, Target
+    from .core import Link
     from .runtime import ListenerRuntime
-    from .splice import SpliceLink
 
 LOGGER = logging.getLogger("l4proxy.connection")
 
@@ -160,12 +160,9 @@ class Connection:
             )  # fmt: skip
         return True
 
-    def link_done(self, link: SpliceLink) -> None:
-        """A :class:`SpliceLink`'s last direction returned: close and log. Runs in a
-        ``finally``, so it never awaits."""
-        if not link.closed:  # both directions have returned: nobody waits on them
-            link.client.close()
-            link.backend.close()
+    def link_done(self, link: Link) -> None:
+        """The data core ended this connection's :class:`~l4proxy.core.Link` (both
+        sockets closed): judge and log. Never awaits."""
         if link.error is not None:
             judge(link.error, self.record)
         else:

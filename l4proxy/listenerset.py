@@ -4,9 +4,10 @@ Task tree while serving (every connection lives in a nursery)::
 
     ListenerSet.run                         (one nursery)
     ├── one task per listener name          drain scope: its deadline is the drain timeout
-    │   └── handler nursery                 one task per connection (fast path: one per
-    │       │                               direction; none while parked)
-    │       └── parking lot                 idle fast-path connections (parking.py)
+    │   └── handler nursery                 one task per connection while it sets up (and
+    │       │                               for the data phase of streams)
+    │       └── data core                   the data phase of raw connections, no task
+    │                                       per connection (core.py)
     └── one accept loop per bound socket    its own cancel scope (accepting.py)
 
 A reload (:meth:`ListenerSet.prepare`, then :meth:`ListenerSet.commit` with no
@@ -31,9 +32,9 @@ import trio
 
 from .accepting import Acceptor, ServingListener, accept_loop
 from .addresses import Address, TCPAddress
+from .core import Core
 from .errors import ListenError
 from .listening import bind_address, occurrences
-from .parking import ParkingLot
 from .stats import BoundAddress
 
 if TYPE_CHECKING:
@@ -139,11 +140,12 @@ class ListenerSet:
         ]
 
     def parked(self) -> dict[str, int]:
-        """Parked connections per listener name (draining ones included)."""
+        """Connections in the data core (held without a task) per listener name,
+        draining ones included."""
         counts: dict[str, int] = {}
         for serving in [*self.retiring, *self.servings.values()]:
-            if hasattr(serving, "lot"):
-                counts[serving.name] = counts.get(serving.name, 0) + serving.lot.parked_links
+            if hasattr(serving, "core"):
+                counts[serving.name] = counts.get(serving.name, 0) + serving.core.link_count
         return counts
 
     # ------------------------------------------------------------------ serving
@@ -193,11 +195,11 @@ class ListenerSet:
         accepting and its connections are done (or cut at the drain deadline)."""
         with serving.drain_scope:
             async with trio.open_nursery() as handlers:
-                lot = serving.lot = ParkingLot(handlers)  # idle connections, held without tasks
-                handlers.start_soon(lot.run, name=f"l4proxy parking lot {serving.name}")
+                core = serving.core = Core(handlers)  # the data phase of raw connections
+                handlers.start_soon(core.run, name=f"l4proxy data core {serving.name}")
                 task_status.started()
                 await serving.stopped.wait()
-                lot.stop_parking()
+                core.stop()
                 live = serving.runtime.live.value
                 if live:
                     LOGGER.info("listener %r: draining %d connections", serving.name, live)

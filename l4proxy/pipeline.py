@@ -23,10 +23,9 @@ one peer or backend does costs that connection only.
 
 The hand-over to the data phase is the one boundary between set-up and moving bytes:
 two raw sockets (a plain listener, a backend at an IP literal or Unix path, splice on)
-go to a :class:`~l4proxy.splice.SpliceLink` whose second direction runs as a sibling
-task in the listener's nursery (no nursery per connection; idle links wait in the
-:class:`~l4proxy.parking.ParkingLot` without tasks); anything else is wrapped in trio
-streams and goes to :func:`~l4proxy.pump.pump`.
+become a :class:`~l4proxy.core.Link` in the listener's :class:`~l4proxy.core.Core`,
+and this task ends (the core moves the bytes and writes the access line); anything
+else is wrapped in trio streams and goes to :func:`~l4proxy.pump.pump`.
 """
 
 from __future__ import annotations
@@ -42,13 +41,13 @@ from .admission import key_of, parse_client
 from .balancing import Balance
 from .connect import HEALTH, connect_with_failover
 from .connection import Connection, finish
+from .core import Link
 from .errors import UpstreamConnectError
 from .preamble import backend_preamble, client_preamble
 from .proxyin import accept_proxy_header
 from .proxyout import send_proxy_header
 from .pump import pump
 from .record import ConnectionRecord, Ended, Outcome
-from .splice import SpliceLink
 from .tlsfront import read_tls_front, secure_backend
 
 if TYPE_CHECKING:
@@ -56,7 +55,7 @@ if TYPE_CHECKING:
     from .balancing import BackendPool
     from .connect import Dialed, Target
     from .connection import Shared
-    from .parking import ParkingLot
+    from .core import Core
     from .runtime import ListenerRuntime
     from .tls import BackendTLS
 
@@ -67,19 +66,18 @@ async def serve(
     local: Address | None,
     runtime: ListenerRuntime,
     shared: Shared,
-    lot: ParkingLot | None,
+    core: Core | None,
     client_key: int | None = None,
 ) -> None:
     """Proxy one connection, then log it.
 
     ``client`` is an accepted socket (non-blocking use is set up here) or a stream;
-    ``lot`` is the listener's parking lot, ``None`` for ``handle_stream``;
+    ``core`` is the listener's data core, ``None`` for ``handle_stream``;
     ``client_key`` the key the admit step counted it under, if it did.
 
     Resource handling:
         Closes ``client`` and everything built on it or on the backend, on every path,
-        cancellation included (after the hand-over to a ``SpliceLink``, its last
-        direction does).
+        cancellation included (after the hand-over to the data core, the core does).
 
     Error handling:
         Each failure ends this connection with an outcome in the access log; anything
@@ -128,20 +126,19 @@ async def serve(
                         connection,
                         runtime.config.proxy_protocol,
                         splices_next=dialogue is None
-                        and _splices_raw(connection, lot)
+                        and _splices_raw(connection, core)
                         and _is_tcp(connection.backend),
                     )
                 if dialogue is not None:
                     await backend_preamble(connection, dialogue)
-            # 9. move bytes; 10. log (finish, here or in the link's last direction).
-            link = _splice_link(connection, lot, held)
-            if link is None:
-                await _pump(connection)
-            else:
-                assert lot is not None
+            # 9. move bytes; 10. log (finish: here, or by the core when the link ends).
+            link = _core_link(connection, core, held)
+            if link is not None and core is not None and core.add(link):
                 handed_over = True
-                lot.nursery.start_soon(link.run, False)
-                await link.run(True)
+            else:
+                if held and link is not None:  # kernel-held bytes for a splice that won't come
+                    link.backend.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                await _pump(connection)
     finally:
         if not handed_over:
             try:
@@ -269,27 +266,24 @@ def _hash_key(connection: Connection) -> int | None:
         return None
 
 
-def _splice_link(
-    connection: Connection, lot: ParkingLot | None, held: bool = False
-) -> SpliceLink | None:
-    """Step 9's choice: a link between the two raw sockets, for a listener whose
-    connections all splice raw (``raw_data_phase``: the client socket was prepared for
-    it before the connect) and a backend dialled as a raw socket."""
-    if not _splices_raw(connection, lot):
+def _core_link(connection: Connection, core: Core | None, held: bool = False) -> Link | None:
+    """Step 9's choice: a link between the two raw sockets, for the data core, on a
+    listener whose connections all splice raw (``raw_data_phase``: the client socket
+    was prepared for it before the connect) with a backend dialled as a raw socket."""
+    if not _splices_raw(connection, core):
         return None
     runtime = connection.runtime
     client, backend, pipes = connection.client, connection.backend, runtime.pipes
     assert type(client) is socket.socket
     assert type(backend) is socket.socket
     assert pipes is not None
-    return SpliceLink(
+    return Link(
         client,
         backend,
         connection.record,
         pipes,
         runtime.config.idle_timeout,
         connection.link_done,
-        lot,
         held,
     )
 
@@ -299,11 +293,11 @@ def _is_tcp(backend: object) -> bool:
     return isinstance(backend, socket.socket) and backend.family != socket.AF_UNIX
 
 
-def _splices_raw(connection: Connection, lot: ParkingLot | None) -> bool:
-    """Whether the data phase will be a :class:`SpliceLink` (see :func:`_splice_link`)."""
+def _splices_raw(connection: Connection, core: Core | None) -> bool:
+    """Whether the data phase will be a core :class:`Link` (see :func:`_core_link`)."""
     runtime = connection.runtime
     return (
-        lot is not None
+        core is not None
         and runtime.pipes is not None
         and runtime.raw_data_phase
         and type(connection.client) is socket.socket

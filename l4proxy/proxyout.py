@@ -55,7 +55,7 @@ async def send_proxy_header(connection: Connection, version: str, *, splices_nex
     in one segment, as HAProxy does when the client's bytes are waiting. A header sent
     alone costs a whole transmit (on loopback the backend's receive path too). If the
     client has sent nothing yet (the backend speaks first), the splice link pushes the
-    held header out before it waits (``SpliceLink.held``), so it never waits for the
+    held header out before it waits (``Link.held`` in the data core), so it never waits for the
     kernel's timer.
     """
     record = connection.record

@@ -15,15 +15,13 @@ empty, so an idle connection holds no pipe (two descriptors fewer per connection
 direction). The pipe is the only buffer: at most :data:`PIPE_SIZE` bytes per direction,
 whatever the peers do — the same bound as the generic pump's chunk.
 
-A :class:`SpliceLink` is one connection: its two directions run as two tasks, each
-calling :meth:`SpliceLink.run`. They need no nursery of their own: a direction that
-fails, or whose idle deadline passes, *closes both sockets* (``notify_closing`` first),
-which wakes the other direction wherever it waits, and every wait is followed by a
-look at the link's ``closed`` flag, so a direction never touches a descriptor number
-after the close (it may already belong to another connection). The fast path
-(:func:`l4proxy.pipeline.serve`) runs the second direction as a sibling task
-in the listener's nursery, which saves a nursery per connection; :func:`splice_pump`
-runs both in a nursery of its own for callers holding trio streams.
+A :class:`SpliceLink` is one connection between two trio streams' sockets (the raw
+fast path runs in the data core, :mod:`l4proxy.core`, instead): its two directions run
+as two tasks of :func:`splice_pump`, each calling :meth:`SpliceLink.run`. A direction
+that fails, or whose idle deadline passes, *closes both sockets* (``notify_closing``
+first), which wakes the other direction wherever it waits, and every wait is followed
+by a look at the link's ``closed`` flag, so a direction never touches a descriptor
+number after the close (it may already belong to another connection).
 
 Every behaviour of the generic pump holds and is tested against both: half-close (EOF
 becomes ``shutdown(SHUT_WR)`` on the other socket, the other direction keeps flowing),
@@ -47,7 +45,6 @@ from .record import Outcome
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from .parking import ParkingLot
     from .record import Counters
 
 
@@ -164,10 +161,6 @@ class SpliceLink:
     calls ``on_done(link)``, also when they were cancelled, so the owner can close the
     sockets and log the connection without a nursery of its own. ``on_done`` runs in a
     ``finally`` block: it must not await.
-
-    With a ``lot`` (:class:`~l4proxy.parking.ParkingLot`), a link idle both ways is
-    handed to the lot instead (both tasks return; the lot spawns them again when there
-    is work), which is how an idle connection costs no task.
     """
 
     __slots__ = (
@@ -184,11 +177,7 @@ class SpliceLink:
         "idle_expired",
         "idle_scopes",
         "idle_seconds",
-        "lot",
-        "park_token",
-        "parking",
         "pool",
-        "reading",
         "running",
         "transfer",
     )
@@ -201,7 +190,6 @@ class SpliceLink:
         pool: PipePool,
         idle_seconds: float = 0.0,
         on_done: Callable[[SpliceLink], None] | None = None,
-        lot: ParkingLot | None = None,
         held: bool = False,
     ) -> None:
         self.client, self.backend = client, backend
@@ -210,15 +198,11 @@ class SpliceLink:
         self.held = held
         self.transfer, self.pool, self.idle_seconds = transfer, pool, idle_seconds
         self._on_done = on_done
-        self.lot = lot
         self.idle_scopes: list[trio.CancelScope] = []
         self.idle_deadline = trio.current_time() + idle_seconds if idle_seconds > 0 else math.inf
         self.running = 2  # directions not yet returned
-        self.reading = 0  # directions waiting to read
         self.finished = 0  # directions that reached EOF
         self.closed = False
-        self.parking = False  # the lot asked both directions to return
-        self.park_token = -1  # the lot's, while parked
         self.cancelled = False
         self.idle_expired = False
         self.broken: Literal["client", "backend"] | None = None
@@ -241,31 +225,8 @@ class SpliceLink:
                 trio.lowlevel.notify_closing(sock)
                 sock.close()
 
-    def request_park(self) -> None:
-        """The lot's: both directions wait to read; wake them so that they return."""
-        self.parking = True
-        trio.lowlevel.notify_closing(self.client)
-        trio.lowlevel.notify_closing(self.backend)
-
-    def resume(self, nursery: trio.Nursery) -> None:
-        """The lot's: run both directions again, in ``nursery``."""
-        self.parking = False
-        self.running = 2
-        nursery.start_soon(self.run, True)
-        nursery.start_soon(self.run, False)
-
-    def expire(self) -> None:
-        """The lot's: the idle timeout passed while parked."""
-        self.idle_expired = True
-        self.cut()
-
-    def cut(self) -> None:
-        """The lot's: end a parked link (drain cut or idle timeout) and finish it."""
-        self.close()
-        self._done()
-
     async def run(self, to_backend: bool) -> None:
-        """Move one direction until EOF, failure, idleness, parking or cancellation.
+        """Move one direction until EOF, failure, idleness or cancellation.
 
         Error handling:
             Failures of either side end both directions and show in :attr:`outcome`;
@@ -301,18 +262,7 @@ class SpliceLink:
                 self.idle_scopes.remove(scope)
             self.running -= 1
             if not self.running:
-                self._finish()
-
-    def _finish(self) -> None:
-        """Both directions returned: hand the link to the lot, or to its owner."""
-        try:
-            if self.parking and not (self.closed or self.cancelled) and self.lot is not None:
-                self.lot.park(self)
-                return
-        except Exception:  # the lot could not take it: end it here instead
-            LOGGER.exception("parking a connection failed; closing it")
-            self.close()
-        self._done()
+                self._done()
 
     def _done(self) -> None:
         if self._on_done is not None:
@@ -325,8 +275,7 @@ class SpliceLink:
         """The loop of one direction: splice in, splice out, wait; EOF passed on.
 
         After every wait it looks at ``closed`` (the other direction closed the
-        sockets: the descriptor numbers may already be someone else's) and, before a
-        read, at ``parking``. Waits stay outside ``except`` blocks: a task waiting in
+        sockets: the descriptor numbers may already be someone else's). Waits stay outside ``except`` blocks: a task waiting in
         one keeps the exception and its traceback alive, ~0.5 KiB per idle direction.
         A read shorter than the pipe has almost always emptied the socket, so the next
         read waits first instead of paying a syscall for EAGAIN (request/response
@@ -343,15 +292,12 @@ class SpliceLink:
         while True:
             if wait_first:
                 chunks_without_wait = 0
-                self._waiting_to_read(True)
                 try:
                     await trio.lowlevel.wait_readable(src_fd)
                 except trio.ClosedResourceError:
-                    return  # closed by the other direction, or woken to park
-                finally:
-                    self._waiting_to_read(False)
-                if self.closed or self.parking:
-                    return  # nothing read yet: the lot finds the data where it is
+                    return  # closed by the other direction
+                if self.closed:
+                    return
             pipe = pool.acquire()
             in_pipe = _splice_in(src_fd, pipe, pool, src_side)
             if in_pipe <= 0:
@@ -416,17 +362,6 @@ class SpliceLink:
             deadline = self.idle_deadline = trio.current_time() + self.idle_seconds
             for scope in self.idle_scopes:
                 scope.deadline = deadline
-
-    def _waiting_to_read(self, waiting: bool) -> None:
-        """Keep the lot's view of "both directions wait to read" (parking) current."""
-        if waiting:
-            self.reading += 1
-            if self.reading == 2 and self.lot is not None:
-                self.lot.both_reading(self)
-            return
-        if self.reading == 2 and self.lot is not None:
-            self.lot.not_both_reading(self)
-        self.reading -= 1
 
 
 def _splice_in(src_fd: int, pipe: Pipe, pool: PipePool, side: Literal["client", "backend"]) -> int:

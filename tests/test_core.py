@@ -1,8 +1,10 @@
-"""Idle fast-path connections are parked without tasks and woken by any event.
+"""The data core: raw connections held without tasks, moved by any event.
 
-Real sockets through a real proxy: a connection idle both ways for ``PARK_AFTER`` is
-held by the listener's parking lot; data, EOF and resets from either side wake it, and
-the idle timeout and drain still apply while parked.
+Real sockets through a real proxy: once set up, a connection between two raw sockets
+is a link in the listener's data core (``ListenerStats.parked`` counts them); data,
+EOF and resets from either side move it, and the idle timeout and drain apply. What
+only fault injection can show (a core that cannot register a connection, or whose
+epoll fails) reaches inside through :func:`_core`.
 """
 
 from __future__ import annotations
@@ -21,9 +23,8 @@ import trio.lowlevel
 import trio.testing
 
 import l4proxy
-from l4proxy import parking
-from l4proxy.parking import PARK_AFTER, ParkingLot
-from l4proxy.splice import SpliceLink
+from l4proxy import core as data_core
+from l4proxy.core import Core, Link
 
 from .conftest import (
     AccessWatcher,
@@ -35,6 +36,7 @@ from .conftest import (
 )
 
 WAIT = 10
+SETTLE = 0.1  # a pause for what should not happen to have had its chance
 
 
 async def _held_backend(
@@ -61,7 +63,7 @@ async def _parked_connection(
     bound: list[l4proxy.BoundAddress],
     accepted: trio.MemoryReceiveChannel[trio.SocketStream],
 ) -> tuple[trio.SocketStream, trio.SocketStream]:
-    """A connection through the proxy that moved one byte and is now parked: the
+    """A connection through the proxy that moved one byte and is now in the core: the
     client's end and the backend's."""
     client = await connect_to(bound[0])
     server = await accepted.receive()
@@ -73,10 +75,10 @@ async def _parked_connection(
 
 async def _until_parked(proxy: l4proxy.Proxy, count: int = 1) -> None:
     while _stats(proxy).parked != count:  # noqa: ASYNC110 - polling a counter, no event to wait on
-        await trio.sleep(PARK_AFTER / 4)
+        await trio.sleep(0.01)
 
 
-async def test_an_idle_connection_is_parked_and_data_either_way_wakes_it(
+async def test_an_idle_connection_costs_no_task_and_data_either_way_moves(
     nursery: trio.Nursery, access: AccessWatcher
 ) -> None:
     backend, accepted = await _held_backend(nursery)
@@ -86,8 +88,7 @@ async def test_an_idle_connection_is_parked_and_data_either_way_wakes_it(
         assert _stats(proxy) == l4proxy.ListenerStats(open=1, parked=1)
         await server.send_all(b"pushed while parked")  # the backend speaks first
         assert await receive_exactly(client, 19) == b"pushed while parked"
-        assert _stats(proxy).parked == 0
-        await _until_parked(proxy)
+        assert _stats(proxy).parked == 1  # still in the core: no task was made for it
         await client.send_all(b"x" * 300_000)  # more than a pipe: several chunks
         assert await receive_exactly(server, 300_000) == b"x" * 300_000
         await _until_parked(proxy)
@@ -106,34 +107,9 @@ async def test_an_idle_connection_is_parked_and_data_either_way_wakes_it(
     assert _stats(proxy) == l4proxy.ListenerStats(open=0, parked=0)
 
 
-async def test_a_busy_connection_is_not_parked(
-    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+async def test_many_connections_in_the_core_each_keep_their_own_bytes(
+    nursery: trio.Nursery,
 ) -> None:
-    parks = 0
-    real_park = ParkingLot.park
-
-    def counting_park(lot: ParkingLot, link: SpliceLink) -> None:
-        nonlocal parks
-        parks += 1
-        real_park(lot, link)
-
-    monkeypatch.setattr(ParkingLot, "park", counting_park)
-    backend, accepted = await _held_backend(nursery)
-    proxy, bound = await start_proxy(nursery, [backend])
-    with trio.fail_after(WAIT):
-        async with await connect_to(bound[0]) as client:
-            server = await accepted.receive()
-            for _ in range(round(5 * PARK_AFTER / 0.01)):  # a message every 10 ms
-                await client.send_all(b"ping")
-                assert await receive_exactly(server, 4) == b"ping"
-                await trio.sleep(0.01)
-            assert parks == 0  # never idle for a whole sweep period
-            await _until_parked(proxy)  # and once it rests, it is
-            assert parks == 1
-            await server.aclose()
-
-
-async def test_many_parked_connections_each_keep_their_own_bytes(nursery: trio.Nursery) -> None:
     backend, accepted = await _held_backend(nursery)
     proxy, bound = await start_proxy(nursery, [backend])
     count = 100
@@ -155,11 +131,11 @@ async def test_many_parked_connections_each_keep_their_own_bytes(nursery: trio.N
             await server.aclose()
 
 
-async def test_the_idle_timeout_applies_while_parked(
+async def test_the_idle_timeout_applies_in_the_core(
     nursery: trio.Nursery, access: AccessWatcher
 ) -> None:
     backend, accepted = await _held_backend(nursery)
-    idle = 10 * PARK_AFTER  # parked well before it expires, even on a busy machine
+    idle = 1.0
     proxy, bound = await start_proxy(nursery, [backend], idle_timeout=idle)
     with trio.fail_after(WAIT):
         async with await connect_to(bound[0]) as client:
@@ -177,7 +153,7 @@ async def test_the_idle_timeout_applies_while_parked(
     assert _stats(proxy) == l4proxy.ListenerStats(open=0, parked=0)
 
 
-async def test_a_reset_wakes_a_parked_connection(
+async def test_a_reset_ends_a_connection_in_the_core(
     nursery: trio.Nursery, access: AccessWatcher
 ) -> None:
     backend, accepted = await _held_backend(nursery)
@@ -195,7 +171,9 @@ async def test_a_reset_wakes_a_parked_connection(
 
 
 @pytest.mark.parametrize("drain_timeout", [0.0, 30.0])
-async def test_drain_with_parked_connections(drain_timeout: float, access: AccessWatcher) -> None:
+async def test_drain_with_connections_in_the_core(
+    drain_timeout: float, access: AccessWatcher
+) -> None:
     """Cut at once with a zero drain timeout; else they still finish on their own."""
     async with trio.open_nursery() as nursery:
         backend, accepted = await _held_backend(nursery)
@@ -212,8 +190,8 @@ async def test_drain_with_parked_connections(drain_timeout: float, access: Acces
             client, server = await _parked_connection(proxy, bound, accepted)
             proxy.close()
             if drain_timeout:
-                await trio.testing.wait_all_tasks_blocked(PARK_AFTER)
-                assert not served.is_set()  # a parked connection is still a connection
+                await trio.testing.wait_all_tasks_blocked(SETTLE)
+                assert not served.is_set()  # a connection in the core is still one
                 await server.send_all(b"bye")  # still proxied while draining
                 assert await receive_exactly(client, 3) == b"bye"
                 await client.aclose()
@@ -230,56 +208,51 @@ async def test_drain_with_parked_connections(drain_timeout: float, access: Acces
         nursery.cancel_scope.cancel()
 
 
-async def _lot(proxy: l4proxy.Proxy) -> ParkingLot:
-    """The listener's parking lot, for the tests that must reach inside it.
+async def _core(proxy: l4proxy.Proxy) -> Core:
+    """The listener's data core, for the tests that must reach inside it.
 
-    No public API exposes the lot (``Proxy.stats()`` answers how many connections are
-    parked, which is what the other tests use). Two kinds of test need more: the
-    deadline heap's size, internal bookkeeping with no outside effect but memory, and
-    fault injection into the lot's epoll (a kernel refusing or failing), which cannot be
-    caused from outside. They come here, and only they.
+    No public API exposes the core (``Proxy.stats()`` answers how many connections are
+    in it, which is what the other tests use). Two kinds of test need more: the idle
+    timer heap's size, internal bookkeeping with no outside effect but memory, and
+    fault injection into the core's epoll (a kernel refusing or failing), which cannot
+    be caused from outside. They come here, and only they.
     """
     while not proxy._listeners.servings:
         await trio.lowlevel.checkpoint()
     (serving,) = proxy._listeners.servings.values()
-    return serving.lot
+    return serving.core
 
 
-async def test_idle_deadlines_do_not_pile_up_with_each_park(
+async def test_idle_timers_of_ended_connections_do_not_pile_up(
     nursery: trio.Nursery, access: AccessWatcher, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Each park with an idle timeout schedules a deadline; woken links' entries are
-    dropped once they outnumber the parked ones, so no finished link is kept alive."""
-    monkeypatch.setattr(parking, "DEADLINES_SLACK", 2)
+    """Each connection with an idle timeout puts a timer in the core's heap; those of
+    ended connections are dropped once they outnumber the live ones, so no finished
+    link (which holds its record) is kept alive."""
+    monkeypatch.setattr(data_core, "TIMERS_SLACK", 2)
     backend, accepted = await _held_backend(nursery)
     proxy, bound = await start_proxy(nursery, [backend], idle_timeout=3600.0)
     with trio.fail_after(WAIT):
-        lot = await _lot(proxy)
-        async with await connect_to(bound[0]) as client:
-            server = await accepted.receive()
-            async with server:
-                for _ in range(8):  # a keep-alive after every rest
-                    await client.send_all(b"k")
-                    await receive_exactly(server, 1)
-                    await _until_parked(proxy)
-                    # The heap (private: see _lot) stays within the rebuild threshold.
-                    assert len(lot._deadlines) <= 2 * 1 + 2
-        (first,) = await access.wait(1)
-        for count in range(2, 8):  # more parks than the slack: a rebuild drops the finished link
+        core = await _core(proxy)
+        first = None
+        for count in range(1, 9):
             async with await connect_to(bound[0]) as client:
                 server = await accepted.receive()
                 async with server:
                     await client.send_all(b"k")
                     await receive_exactly(server, 1)
                     await _until_parked(proxy)
-            await access.wait(count)
-    # Nothing keeps the first connection's link (which holds its record) alive.
+                    # The heap (private: see _core) stays within the rebuild threshold.
+                    assert len(core._timers) <= 2 * len(core.links) + 2 + 1
+            records = await access.wait(count)
+            first = first or records[0]
+    # Nothing keeps the first connection's link alive.
     gc.collect()
-    assert not [ref for ref in gc.get_referrers(first) if isinstance(ref, SpliceLink)]
+    assert not [ref for ref in gc.get_referrers(first) if isinstance(ref, Link)]
 
 
 class _Epoll:
-    """The lot's epoll, with faults to inject: registrations refused (as at
+    """The core's epoll, with faults to inject: registrations refused (as at
     ``fs.epoll.max_user_watches``) while :attr:`refuse` is set, and one failing
     ``poll()`` once :attr:`fail_poll` is set."""
 
@@ -288,7 +261,6 @@ class _Epoll:
         self.refuse = False
         self.refused = 0  # registrations refused so far
         self.fail_poll = False
-        self.changed = trio.Event()  # set on each refusal or injected failure
 
     def fileno(self) -> int:
         return self.real.fileno()
@@ -296,37 +268,34 @@ class _Epoll:
     def register(self, fd: int, mask: int) -> None:
         if self.refuse:
             self.refused += 1
-            self._changed()
             raise OSError(errno.ENOSPC, "No space left on device")
         self.real.register(fd, mask)
+
+    def modify(self, fd: int, mask: int) -> None:
+        self.real.modify(fd, mask)
 
     def unregister(self, fd: int) -> None:
         self.real.unregister(fd)
 
-    def poll(self, timeout: float) -> list[tuple[int, int]]:
+    def poll(self, timeout: float, maxevents: int = -1) -> list[tuple[int, int]]:
         if self.fail_poll:
             self.fail_poll = False
-            self._changed()
             raise OSError(errno.EBADF, "Bad file descriptor")
-        return self.real.poll(timeout)
+        return self.real.poll(timeout, maxevents)
 
     def close(self) -> None:
         self.real.close()
 
-    def _changed(self) -> None:
-        self.changed.set()
-        self.changed = trio.Event()
-
 
 async def _inject(proxy: l4proxy.Proxy) -> _Epoll:
-    """Put an :class:`_Epoll` in place of the listener's lot's epoll (see :func:`_lot`)."""
-    lot = await _lot(proxy)
-    epoll = _Epoll(lot._epoll)
-    lot._epoll = epoll  # type: ignore[assignment]  # the same interface, faults added
+    """Put an :class:`_Epoll` in place of the listener's core's epoll (see :func:`_core`)."""
+    core = await _core(proxy)
+    epoll = _Epoll(core._epoll)
+    core._epoll = epoll  # type: ignore[assignment]  # the same interface, faults added
     return epoll
 
 
-async def test_a_connection_the_lot_cannot_take_runs_on_unparked(
+async def test_a_connection_the_core_cannot_take_runs_on_the_tasks_path(
     nursery: trio.Nursery, access: AccessWatcher
 ) -> None:
     backend, accepted = await _held_backend(nursery)
@@ -334,39 +303,35 @@ async def test_a_connection_the_lot_cannot_take_runs_on_unparked(
     with trio.fail_after(WAIT):
         epoll = await _inject(proxy)
         epoll.refuse = True
-        for refused in (1, 2):  # whichever direction returns last, and again
-            client = await connect_to(bound[0])
-            server = await accepted.receive()
-            await client.send_all(b"x")
-            await receive_exactly(server, 1)
-            while epoll.refused < refused:  # idle: the lot is asked to hold it, and cannot
-                await epoll.changed.wait()
-            await trio.sleep(4 * PARK_AFTER)  # more sweeps: it is not asked again
-            assert epoll.refused == refused
-            assert _stats(proxy) == l4proxy.ListenerStats(open=1, parked=0)
-            await client.send_all(b"still here")
-            assert await receive_exactly(server, 10) == b"still here"
-            await server.send_all(b"and back")
-            assert await receive_exactly(client, 8) == b"and back"
-            await client.aclose()
-            await server.aclose()
-            await access.wait(refused)
-        # The same connection with an epoll that takes it: it is parked.
+        client = await connect_to(bound[0])
+        server = await accepted.receive()
+        await client.send_all(b"x")
+        await receive_exactly(server, 1)
+        assert epoll.refused == 1
+        assert _stats(proxy) == l4proxy.ListenerStats(open=1, parked=0)
+        await client.send_all(b"still here")
+        assert await receive_exactly(server, 10) == b"still here"
+        await server.send_all(b"and back")
+        assert await receive_exactly(client, 8) == b"and back"
+        await client.aclose()
+        await server.aclose()
+        await access.wait(1)
+        # The next connection, with an epoll that takes it: in the core.
         epoll.refuse = False
         client, server = await _parked_connection(proxy, bound, accepted)
         await client.aclose()
         await server.aclose()
-        await access.wait(3)
-    assert access.outcomes == ["ok", "ok", "ok"]
+        await access.wait(2)
+    assert access.outcomes == ["ok", "ok"]
     assert _stats(proxy) == l4proxy.ListenerStats(open=0, parked=0)
 
 
-async def test_a_failing_lot_ends_its_parked_connections_only(
+async def test_a_failing_core_ends_its_connections_only(
     access: AccessWatcher, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The lot's own failure (its epoll's ``poll()`` raising) closes and logs the
-    connections parked in it; the listener goes on accepting and serving, and ``serve``
-    returns normally after ``close()``."""
+    """The core's own failure (its epoll's ``poll()`` raising) closes and logs the
+    connections in it; the listener goes on accepting and serving (on the tasks' path),
+    and ``serve`` returns normally after ``close()``."""
     async with trio.open_nursery() as nursery:
         backend, accepted = await _held_backend(nursery)
         config = l4proxy.Config(
@@ -378,7 +343,7 @@ async def test_a_failing_lot_ends_its_parked_connections_only(
             epoll = await _inject(proxy)
             client, server = await _parked_connection(proxy, bound, accepted)
             epoll.fail_poll = True
-            await client.send_all(b"wake")  # the lot's epoll reports it; poll() fails
+            await client.send_all(b"wake")  # the core's epoll reports it; poll() fails
             assert await receive_all(server) == b""  # the proxy closed the backend side
             with contextlib.suppress(trio.BrokenResourceError):  # unread bytes: a reset
                 assert await receive_all(client) == b""
@@ -403,4 +368,4 @@ async def test_a_failing_lot_ends_its_parked_connections_only(
     assert cut.outcome == "error:internal"  # what ended it, not "cancelled"
     assert cut.error is not None
     assert access.outcomes[1] == "ok"
-    assert "the parking lot failed" in caplog.text
+    assert "the data core failed" in caplog.text
