@@ -473,9 +473,9 @@ async def test_half_a_client_hello_then_silence_times_out(
     bound = await start_tls_listener(nursery, pki, mode, handshake_timeout=0.3)
     hello = BioClient(pki.client_context(), "a.example").client_hello()
     with trio.fail_after(WAIT):
+        started = trio.current_time()  # before the connect: the proxy's clock starts at accept
         async with await connect_to(bound) as client:
             await client.send_all(hello[: len(hello) // 2])
-            started = trio.current_time()
             assert await receive_all(client) == b""
             waited = trio.current_time() - started
     assert 0.25 <= waited < 3
@@ -491,9 +491,9 @@ async def test_terminating_handshake_stalled_after_the_client_hello_times_out(
     bound = await start_tls_listener(nursery, pki, "terminating", handshake_timeout=0.3)
     hello = BioClient(pki.client_context(), "a.example").client_hello()
     with trio.fail_after(WAIT):
+        started = trio.current_time()  # before the connect: the proxy's clock starts at accept
         async with await connect_to(bound) as client:
             await client.send_all(hello)  # the whole ClientHello, then never a Finished
-            started = trio.current_time()
             server_flight = await receive_all(client)
             waited = trio.current_time() - started
     assert server_flight[:1] == b"\x16"  # the proxy answered with its ServerHello
