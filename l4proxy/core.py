@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING, Literal
 
 import trio
 
-from .record import Ended, Outcome
+from .record import Ended, Outcome, data_phase_outcome
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -157,11 +157,7 @@ class Link:
     @property
     def outcome(self) -> Outcome | None:
         """How it ended; ``None`` when it was cut (drain, cancellation)."""
-        if self.broken is not None:
-            return Outcome.CLIENT_RESET if self.broken == "client" else Outcome.BACKEND_RESET
-        if self.idle_expired:
-            return Outcome.IDLE_TIMEOUT
-        return Outcome.OK if self.finished == 2 else None
+        return data_phase_outcome(self.broken, self.idle_expired, self.finished)
 
 
 class Core:

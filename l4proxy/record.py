@@ -15,7 +15,7 @@ values are what the access log prints. Sans-IO: nothing here does I/O.
 from __future__ import annotations
 
 import enum
-from typing import Protocol
+from typing import Literal, Protocol
 
 import attrs
 
@@ -139,6 +139,18 @@ class ConnectionRecord:
     def bytes_to_client(self) -> int:
         """The access log's name for :attr:`to_client`."""
         return self.to_client
+
+
+def data_phase_outcome(
+    broken: Literal["client", "backend"] | None, idle_expired: bool, finished: int
+) -> Outcome | None:
+    """How a byte mover's data phase ended: a side broke, it went idle, or both
+    directions reached EOF; ``None`` when it was cut (drain, cancellation)."""
+    if broken is not None:
+        return Outcome.CLIENT_RESET if broken == "client" else Outcome.BACKEND_RESET
+    if idle_expired:
+        return Outcome.IDLE_TIMEOUT
+    return Outcome.OK if finished == 2 else None
 
 
 class Ended(Exception):

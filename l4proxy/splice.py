@@ -40,12 +40,12 @@ from typing import TYPE_CHECKING, Literal, Protocol
 
 import trio
 
-from .record import Outcome
+from .record import data_phase_outcome
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from .record import Counters
+    from .record import Counters, Outcome
 
 
 class SpliceSocket(Protocol):
@@ -172,7 +172,6 @@ class SpliceLink:
         "closed",
         "error",
         "finished",
-        "held",
         "idle_deadline",
         "idle_expired",
         "idle_scopes",
@@ -190,12 +189,8 @@ class SpliceLink:
         pool: PipePool,
         idle_seconds: float = 0.0,
         on_done: Callable[[SpliceLink], None] | None = None,
-        held: bool = False,
     ) -> None:
         self.client, self.backend = client, backend
-        #: The backend socket holds bytes sent with ``MSG_MORE`` (a PROXY header) for
-        #: the first splice to the backend to carry; pushed if that finds nothing.
-        self.held = held
         self.transfer, self.pool, self.idle_seconds = transfer, pool, idle_seconds
         self._on_done = on_done
         self.idle_scopes: list[trio.CancelScope] = []
@@ -211,11 +206,7 @@ class SpliceLink:
     @property
     def outcome(self) -> Outcome | None:
         """How it ended; ``None`` while running or when cancelled."""
-        if self.broken is not None:
-            return Outcome.CLIENT_RESET if self.broken == "client" else Outcome.BACKEND_RESET
-        if self.idle_expired:
-            return Outcome.IDLE_TIMEOUT
-        return Outcome.OK if self.finished == 2 else None
+        return data_phase_outcome(self.broken, self.idle_expired, self.finished)
 
     def close(self) -> None:
         """Close both sockets, waking a direction that waits on either."""
@@ -302,9 +293,7 @@ class SpliceLink:
             in_pipe = _splice_in(src_fd, pipe, pool, src_side)
             if in_pipe <= 0:
                 if in_pipe == 0:
-                    break  # EOF (its shutdown pushes held bytes out)
-                if self.held and to_backend:
-                    self._push_held()
+                    break  # EOF
                 wait_first = True
                 continue
             wait_first = in_pipe < pipe[2]  # short of the real capacity, not the wish
@@ -342,15 +331,6 @@ class SpliceLink:
                 dst.shutdown(socket.SHUT_WR)
             except OSError as exc:
                 raise _Broken(dst_side) from exc
-
-    def _push_held(self) -> None:
-        """Send what the backend socket holds (``MSG_MORE``): setting ``TCP_NODELAY``
-        pushes pending data out (tcp(7)), even when it is set already."""
-        self.held = False
-        try:
-            self.backend.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError as exc:
-            raise _Broken("backend") from exc
 
     def _moved(self, moved: int, to_backend: bool) -> None:
         """Count bytes that reached their destination and push the idle deadline."""
