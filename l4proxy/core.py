@@ -159,6 +159,13 @@ class Link:
         """How it ended; ``None`` when it was cut (drain, cancellation)."""
         return data_phase_outcome(self.broken, self.idle_expired, self.finished)
 
+    def push_held(self) -> None:
+        """Send what the backend socket holds (``MSG_MORE``): setting ``TCP_NODELAY``
+        pushes pending data out (tcp(7)), even when it is set already. Raises
+        ``OSError`` as ``setsockopt`` does."""
+        self.held = False
+        self.backend.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
 
 class Core:
     """A listener's links and the task that moves their bytes (:meth:`run`).
@@ -323,7 +330,10 @@ class Core:
             except BlockingIOError:
                 pool.release(pipe, empty=True)
                 if link.held and flow.to_backend:
-                    self._push_held(link)
+                    try:
+                        link.push_held()
+                    except OSError as exc:
+                        raise _Broken("backend") from exc
                 return
             except OSError as exc:
                 pool.release(pipe, empty=True)
@@ -386,15 +396,6 @@ class Core:
             (link.backend if flow.to_backend else link.client).shutdown(socket.SHUT_WR)
         except OSError as exc:
             raise _Broken(flow.dst_side) from exc
-
-    def _push_held(self, link: Link) -> None:
-        """Send what the backend socket holds (``MSG_MORE``): setting ``TCP_NODELAY``
-        pushes pending data out (tcp(7)), even when it is set already."""
-        link.held = False
-        try:
-            link.backend.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError as exc:
-            raise _Broken("backend") from exc
 
     def _update(self, link: Link) -> None:
         """Interest follows the flows: read a source unless its flow holds bytes or saw

@@ -137,7 +137,7 @@ async def serve(
                 handed_over = True
             else:
                 if held and link is not None:  # kernel-held bytes for a splice that won't come
-                    link.backend.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    link.push_held()
                 await _pump(connection)
     finally:
         if not handed_over:

@@ -369,3 +369,43 @@ async def test_a_failing_core_ends_its_connections_only(
     assert cut.error is not None
     assert access.outcomes[1] == "ok"
     assert "the data core failed" in caplog.text
+
+
+async def test_a_full_client_mutes_the_backend_until_it_reads(
+    nursery: trio.Nursery, access: AccessWatcher
+) -> None:
+    """A destination that takes only part of a pipe: the flow keeps that pipe (its only
+    buffer), stops reading its source (``EPOLLIN`` off: the rest waits in the kernel,
+    where TCP flow control slows the sender) and watches the destination; once the
+    client reads, every byte arrives in order and the link reads again."""
+    backend, accepted = await _held_backend(nursery)
+    proxy, bound = await start_proxy(nursery, [backend])
+    total = 8 * 1024 * 1024
+    payload = bytes(range(256)) * (total // 256)
+    with trio.fail_after(WAIT):
+        core = await _core(proxy)
+        client = await connect_to(bound[0])
+        client.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+        server = await accepted.receive()
+        nursery.start_soon(server.send_all, payload)
+        (link,) = set(core.links.values())
+        while not link.down.pending:  # noqa: ASYNC110 - polling the core's state
+            await trio.sleep(0.01)
+        await trio.sleep(0.1)  # had it kept reading, it would have moved on by now
+        assert link.down.pending  # still held: nothing more was read meanwhile
+        assert not link.bmask & select.EPOLLIN  # the backend is muted ...
+        assert link.cmask & select.EPOLLOUT  # ... until the client can take more
+        assert proxy.pipe_stats().in_use == 1
+        assert link.transfer.to_client < total
+        received = bytearray()
+        while len(received) < total:
+            received += await client.receive_some(65536)
+        assert received == payload
+        assert link.down.pending == 0
+        assert link.bmask & select.EPOLLIN  # reading again
+        await server.aclose()
+        assert await receive_all(client) == b""
+        await client.aclose()
+        (record,) = await access.wait()
+    assert (record.outcome, record.bytes_to_client) == ("ok", total)
+    assert proxy.pipe_stats().in_use == 0
