@@ -18,21 +18,14 @@ core is cancelled with the connection tasks still in set-up, and cuts its links 
 logged as ``drained``); when the listener drains without a deadline, the core returns
 once its last link ended.
 
-Moving bytes (one :class:`Flow` per direction): ``splice(2)`` from the source socket
-into a pipe and from the pipe into the destination, as many as :data:`CHUNKS_PER_EVENT`
-full pipes per readiness (then the next connection gets its turn; level-triggered
-epoll reports the rest at the next poll). Pipes come from the listener's
-:class:`~l4proxy.splice.PipePool` and are held only while bytes are in flight. When
-the destination takes only part of a pipe, the flow keeps the pipe (its bytes are the
-direction's only buffer, at most :data:`~l4proxy.splice.PIPE_SIZE`), stops reading its
-source and waits for the destination to be writable: the interest masks change only
-then, so a request/response exchange costs no ``epoll_ctl`` at all.
-
-EOF becomes ``shutdown(SHUT_WR)`` on the other socket, except for the direction that
-ends second: the close that follows sends that FIN. A failing ``splice`` (or an error
-or hang-up reported on a socket no flow is using) is a reset of that side and ends the
-link. The idle timeout is a lazy heap: a message only stores the wake-up's time on its
-link; an expired heap entry whose link moved since is pushed again at its new deadline.
+What moves the bytes is :mod:`l4proxy.links`: a :class:`~l4proxy.links.Link` per
+connection, with one flow per direction that splices (plain to plain) or copies through
+the core's one scratch buffer (either side TLS: pyOpenSSL on the non-blocking socket),
+and that, when its destination is full, keeps the rest, stops reading its source and
+waits for the destination. The interest masks change only then, so a request/response
+exchange costs no ``epoll_ctl`` at all. The idle timeout is a lazy heap: an event only
+stores its time on its link; an expired heap entry whose link moved since is pushed
+again at its new deadline.
 
 Work per wake-up is bounded (:data:`MAX_EVENTS` events, each a bounded number of
 chunks), so accept loops, set-up tasks and timers keep running under load. A failure
@@ -47,124 +40,25 @@ import heapq
 import itertools
 import logging
 import math
-import os
 import select
-import socket
-from typing import TYPE_CHECKING, Literal
 
 import trio
 
-from .record import Ended, Outcome, data_phase_outcome
+from .links import COPY_SIZE, Broken, Link, flush, read
+from .record import Ended, Outcome
 
-if TYPE_CHECKING:
-    from collections.abc import Callable
-
-    from .record import Counters
-    from .splice import Pipe, PipePool
+__all__ = ["Core", "Link"]
 
 LOGGER = logging.getLogger("l4proxy.core")
 
 #: Events taken from the core's epoll per wake-up: bounded work between checkpoints.
 MAX_EVENTS = 128
-#: Full pipes moved per readiness of one socket before other connections get a turn.
-CHUNKS_PER_EVENT = 4
 #: Idle-timer entries of ended links tolerated before the heap is rebuilt without them.
 TIMERS_SLACK = 64
 
 _IN = select.EPOLLIN
-_OUT = select.EPOLLOUT
 _GONE = select.EPOLLERR | select.EPOLLHUP
 _UNWATCHED = -1  # a mask for a socket taken out of the epoll after a hang-up
-_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK if hasattr(os, "splice") else 0
-
-Side = Literal["client", "backend"]
-
-
-class _Broken(Exception):
-    """A side failed; raised inside a flow, caught by the core's dispatch."""
-
-    def __init__(self, side: Side) -> None:
-        self.side = side
-
-
-class Flow:
-    """One direction of a link: from ``src`` to ``dst``, and what is in flight."""
-
-    __slots__ = ("dst", "dst_side", "eof", "pending", "pipe", "src", "src_side", "to_backend")
-
-    def __init__(self, src: socket.socket, dst: socket.socket, to_backend: bool) -> None:
-        self.src, self.dst = src.fileno(), dst.fileno()
-        self.to_backend = to_backend
-        self.src_side: Side = "client" if to_backend else "backend"
-        self.dst_side: Side = "backend" if to_backend else "client"
-        self.pipe: Pipe | None = None  # holds ``pending`` bytes the destination refused
-        self.pending = 0
-        self.eof = False
-
-
-class Link:
-    """One connection in the core: its two sockets, two flows and how it ended.
-
-    ``on_done(link)`` is called once, after both sockets are closed: the owner judges
-    :attr:`error` or :attr:`outcome` and writes the access line. It must not await.
-    """
-
-    __slots__ = (
-        "backend",
-        "bmask",
-        "broken",
-        "client",
-        "closed",
-        "cmask",
-        "down",
-        "error",
-        "finished",
-        "held",
-        "idle_expired",
-        "idle_seconds",
-        "on_done",
-        "pool",
-        "seen",
-        "transfer",
-        "up",
-    )
-
-    def __init__(
-        self,
-        client: socket.socket,
-        backend: socket.socket,
-        transfer: Counters,
-        pool: PipePool,
-        idle_seconds: float,
-        on_done: Callable[[Link], None],
-        held: bool = False,
-    ) -> None:
-        self.client, self.backend, self.pool = client, backend, pool
-        self.transfer, self.idle_seconds, self.on_done = transfer, idle_seconds, on_done
-        #: The backend socket holds bytes sent with ``MSG_MORE`` (a PROXY header) for the
-        #: first splice to carry; pushed out if the client has sent nothing yet.
-        self.held = held
-        self.up = Flow(client, backend, True)
-        self.down = Flow(backend, client, False)
-        self.cmask = self.bmask = _IN
-        self.seen = 0.0  # trio time bytes last moved (the idle timeout's clock)
-        self.finished = 0  # flows that reached EOF
-        self.closed = False
-        self.idle_expired = False
-        self.broken: Side | None = None
-        self.error: Exception | None = None  # something unexpected ended it
-
-    @property
-    def outcome(self) -> Outcome | None:
-        """How it ended; ``None`` when it was cut (drain, cancellation)."""
-        return data_phase_outcome(self.broken, self.idle_expired, self.finished)
-
-    def push_held(self) -> None:
-        """Send what the backend socket holds (``MSG_MORE``): setting ``TCP_NODELAY``
-        pushes pending data out (tcp(7)), even when it is set already. Raises
-        ``OSError`` as ``setsockopt`` does."""
-        self.held = False
-        self.backend.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 class Core:
@@ -184,6 +78,8 @@ class Core:
         self._timers: list[tuple[float, int, Link]] = []  # idle deadlines, lazy
         self._tokens = itertools.count()
         self._wake: trio.CancelScope | None = None
+        #: The copy flows' one read buffer (they keep only what a destination refused).
+        self._scratch = memoryview(bytearray(COPY_SIZE))
 
     @property
     def link_count(self) -> int:
@@ -227,6 +123,9 @@ class Core:
             if wake is not None and deadline < wake.deadline:
                 wake.deadline = deadline
         self._dispatch(link, client, _IN)
+        tls = link.backend_tls
+        if tls is not None and not link.closed and tls.pending():  # decrypted in set-up
+            self._dispatch(link, backend, _IN)
         return True
 
     def stop(self) -> None:
@@ -285,23 +184,25 @@ class Core:
     def _dispatch(self, link: Link, fd: int, events: int) -> None:
         """What ``events`` on ``fd`` mean for ``link``: read, write, or a hang-up."""
         try:
+            link.seen = self._now
             up, down = link.up, link.down
             if fd == up.src:  # the client's socket
                 reading, writing = up, down
             else:
                 reading, writing = down, up
             acted = False
-            if events & (_IN | _GONE) and not (reading.eof or reading.pending):
+            if events & (reading.src_wait | _GONE) and not (reading.eof or reading.pending):
                 acted = True
-                self._read(link, reading)
-            if events & (_OUT | _GONE) and writing.pending and not link.closed:
+                read(link, reading, self._scratch)
+            if events & (writing.dst_wait | _GONE) and (writing.pending or writing.shut == 1):
                 acted = True
-                self._flush(link, writing)
-            if link.closed:
+                flush(link, writing, self._scratch)
+            if link.done:
+                self._close(link)  # its close sends the last FIN
                 return
             if not acted and events & _GONE:  # on a socket nobody reads or writes now
                 if events & select.EPOLLERR:
-                    raise _Broken(reading.src_side)
+                    raise Broken(reading.src_side)
                 # A hang-up (a Unix socket's peer closed): reported while registered,
                 # whatever the mask, so unregister; a later write to it fails for real.
                 self._epoll.unregister(fd)
@@ -310,8 +211,12 @@ class Core:
                 else:
                     link.bmask = _UNWATCHED
                 return
-            self._update(link)
-        except _Broken as failure:
+            cmask, bmask = link.masks()
+            if cmask != link.cmask:
+                link.cmask = self._watch(up.src, cmask, link.cmask)
+            if bmask != link.bmask:
+                link.bmask = self._watch(down.src, bmask, link.bmask)
+        except Broken as failure:
             if link.broken is None:
                 link.broken = failure.side
             self._close(link)
@@ -319,94 +224,6 @@ class Core:
             if link.error is None:
                 link.error = exc
             self._close(link)
-
-    def _read(self, link: Link, flow: Flow) -> None:
-        """Splice what the source has on to the destination, up to the chunk budget."""
-        pool, src = link.pool, flow.src
-        for _ in range(CHUNKS_PER_EVENT):
-            pipe = pool.acquire()
-            try:
-                in_pipe = os.splice(src, pipe[1], pipe[2], flags=_FLAGS)
-            except BlockingIOError:
-                pool.release(pipe, empty=True)
-                if link.held and flow.to_backend:
-                    try:
-                        link.push_held()
-                    except OSError as exc:
-                        raise _Broken("backend") from exc
-                return
-            except OSError as exc:
-                pool.release(pipe, empty=True)
-                raise _Broken(flow.src_side) from exc
-            if in_pipe == 0:
-                pool.release(pipe, empty=True)
-                self._eof(link, flow)
-                return
-            self._write(link, flow, pipe, in_pipe)
-            if flow.pending or in_pipe < pipe[2]:
-                return  # the destination is full, or the source (almost surely) empty
-
-    def _write(self, link: Link, flow: Flow, pipe: Pipe, in_pipe: int) -> None:
-        try:
-            moved = os.splice(pipe[0], flow.dst, in_pipe, flags=_FLAGS)
-        except BlockingIOError:
-            moved = 0
-        except OSError as exc:
-            link.pool.release(pipe, empty=False)
-            raise _Broken(flow.dst_side) from exc
-        if moved:
-            self._moved(link, flow, moved)
-        if moved < in_pipe:  # keep the rest; read no more until it is out
-            flow.pipe, flow.pending = pipe, in_pipe - moved
-        else:
-            link.pool.release(pipe, empty=True)
-
-    def _flush(self, link: Link, flow: Flow) -> None:
-        """The destination became writable: send what the flow holds, then read on."""
-        pipe = flow.pipe
-        assert pipe is not None
-        try:
-            moved = os.splice(pipe[0], flow.dst, flow.pending, flags=_FLAGS)
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            raise _Broken(flow.dst_side) from exc
-        self._moved(link, flow, moved)
-        flow.pending -= moved
-        if flow.pending:
-            return
-        flow.pipe = None
-        link.pool.release(pipe, empty=True)
-        self._read(link, flow)  # muted meanwhile: bytes are likely waiting
-
-    def _moved(self, link: Link, flow: Flow, moved: int) -> None:
-        if flow.to_backend:
-            link.transfer.to_backend += moved
-        else:
-            link.transfer.to_client += moved
-        link.seen = self._now
-
-    def _eof(self, link: Link, flow: Flow) -> None:
-        flow.eof = True
-        link.finished += 1
-        if link.finished == 2:
-            self._close(link)  # its close sends the last FIN
-            return
-        try:
-            (link.backend if flow.to_backend else link.client).shutdown(socket.SHUT_WR)
-        except OSError as exc:
-            raise _Broken(flow.dst_side) from exc
-
-    def _update(self, link: Link) -> None:
-        """Interest follows the flows: read a source unless its flow holds bytes or saw
-        EOF; watch a destination for writability while its flow holds bytes."""
-        up, down = link.up, link.down
-        cmask = (0 if up.eof or up.pending else _IN) | (_OUT if down.pending else 0)
-        if cmask != link.cmask:
-            link.cmask = self._watch(up.src, cmask, link.cmask)
-        bmask = (0 if down.eof or down.pending else _IN) | (_OUT if up.pending else 0)
-        if bmask != link.bmask:
-            link.bmask = self._watch(down.src, bmask, link.bmask)
 
     def _watch(self, fd: int, mask: int, was: int) -> int:
         if was != _UNWATCHED:
@@ -427,11 +244,15 @@ class Core:
         if links.get(link.up.src) is link:
             del links[link.up.src], links[link.down.src]
         for flow in (link.up, link.down):
-            if flow.pipe is not None:
+            if flow.pipe is not None and link.pool is not None:
                 link.pool.release(flow.pipe, empty=False)
                 flow.pipe = None
-        link.client.close()
-        link.backend.close()
+            flow.data = None
+        try:
+            link.say_goodbye()
+        finally:
+            link.client.close()
+            link.backend.close()
         try:
             link.on_done(link)
         except Exception:  # never into the core's loop

@@ -48,9 +48,12 @@ from .proxyin import accept_proxy_header
 from .proxyout import send_proxy_header
 from .pump import pump
 from .record import ConnectionRecord, Ended, Outcome
+from .tls.streams import SocketTLSStream, detach_socket
 from .tlsfront import read_tls_front, secure_backend
 
 if TYPE_CHECKING:
+    from OpenSSL import SSL
+
     from .addresses import Address
     from .balancing import BackendPool
     from .connect import Dialed, Target
@@ -126,18 +129,22 @@ async def serve(
                         connection,
                         runtime.config.proxy_protocol,
                         splices_next=dialogue is None
-                        and _splices_raw(connection, core)
-                        and _is_tcp(connection.backend),
+                        and _is_tcp(connection.backend)
+                        and _for_core(connection, core),
                     )
                 if dialogue is not None:
                     await backend_preamble(connection, dialogue)
             # 9. move bytes; 10. log (finish: here, or by the core when the link ends).
+            if connection.replay:  # passthrough: what was read of the ClientHello
+                await connection.backend_stream().send_all(connection.replay)
+                record.to_backend += len(connection.replay)
+                connection.replay = b""
             link = _core_link(connection, core, held)
             if link is not None and core is not None and core.add(link):
                 handed_over = True
             else:
-                if held and link is not None:  # kernel-held bytes for a splice that won't come
-                    link.push_held()
+                if link is not None:
+                    _from_core(connection, link)
                 await _pump(connection)
     finally:
         if not handed_over:
@@ -267,42 +274,76 @@ def _hash_key(connection: Connection) -> int | None:
 
 
 def _core_link(connection: Connection, core: Core | None, held: bool = False) -> Link | None:
-    """Step 9's choice: a link between the two raw sockets, for the data core, on a
-    listener whose connections all splice raw (``raw_data_phase``: the client socket
-    was prepared for it before the connect) with a backend dialled as a raw socket."""
-    if not _splices_raw(connection, core):
+    """Step 9's choice: a :class:`Link` for the data core when both ends are sockets it
+    can drive (see :func:`_for_core`): raw sockets, trio socket streams (their
+    descriptors taken over) and socket-bound TLS streams (their ``SSL.Connection``
+    with them). The connection's ends become the raw sockets."""
+    if core is None or not _for_core(connection, core):
         return None
+    client, client_tls = _core_end(connection.client)
+    backend, backend_tls = _core_end(connection.backend)
+    connection.client, connection.backend = client, backend
     runtime = connection.runtime
-    client, backend, pipes = connection.client, connection.backend, runtime.pipes
-    assert type(client) is socket.socket
-    assert type(backend) is socket.socket
-    assert pipes is not None
     return Link(
         client,
         backend,
         connection.record,
-        pipes,
+        runtime.pipes,
         runtime.config.idle_timeout,
         connection.link_done,
         held,
+        client_tls,
+        backend_tls,
     )
+
+
+def _for_core(connection: Connection, core: Core | None) -> bool:
+    """Whether the data phase will be a core :class:`Link`: the listener's core, the
+    default connector (an embedder's ``connect=`` streams go to the copy loop) and two
+    ends the core can drive."""
+    return (
+        core is not None
+        and connection.shared.connect is None
+        and _drivable(connection.client)
+        and _drivable(connection.backend)
+    )
+
+
+def _drivable(end: object) -> bool:
+    kind = type(end)
+    if kind is socket.socket or kind is trio.SocketStream:
+        return True
+    return kind is SocketTLSStream and end.can_hand_over  # type: ignore[attr-defined]
+
+
+def _core_end(end: object) -> tuple[socket.socket, SSL.Connection | None]:
+    """One end as the core takes it: the socket (non-blocking), and its TLS."""
+    if type(end) is socket.socket:
+        if end.getblocking():  # not prepared before the connect
+            _prepare_raw(end)
+        return end, None
+    if type(end) is trio.SocketStream:
+        return detach_socket(end.socket), None
+    assert isinstance(end, SocketTLSStream)
+    return end.hand_over()
+
+
+def _from_core(connection: Connection, link: Link) -> None:
+    """The core did not take ``link``: its ends become streams again, for the copy loop."""
+    if link.held:  # kernel-held bytes for a first write that will not come from the core
+        link.push_held()
+    connection.client = _stream(link.client, link.client_tls)
+    connection.backend = _stream(link.backend, link.backend_tls)
+
+
+def _stream(sock: socket.socket, tls: SSL.Connection | None) -> trio.abc.Stream:
+    stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+    return stream if tls is None else SocketTLSStream(stream, tls)
 
 
 def _is_tcp(backend: object) -> bool:
     """A TCP socket: where ``MSG_MORE`` holds bytes and ``TCP_NODELAY`` pushes them."""
     return isinstance(backend, socket.socket) and backend.family != socket.AF_UNIX
-
-
-def _splices_raw(connection: Connection, core: Core | None) -> bool:
-    """Whether the data phase will be a core :class:`Link` (see :func:`_core_link`)."""
-    runtime = connection.runtime
-    return (
-        core is not None
-        and runtime.pipes is not None
-        and runtime.raw_data_phase
-        and type(connection.client) is socket.socket
-        and type(connection.backend) is socket.socket
-    )
 
 
 def _prepare_raw(client: socket.socket) -> None:
@@ -318,14 +359,9 @@ def _prepare_raw(client: socket.socket) -> None:
 
 
 async def _pump(connection: Connection) -> None:
-    """Step 9 for streams: replay what passthrough consumed, then copy (or splice two
-    plain ``SocketStream``s) both ways."""
+    """Step 9 for what the core cannot drive: the copy loop over trio streams."""
     client, backend = connection.client_stream(), connection.backend_stream()
     record = connection.record
-    if connection.replay:
-        await backend.send_all(connection.replay)
-        record.to_backend += len(connection.replay)
-    config = connection.runtime.config
     record.outcome = await pump(
-        client, backend, record, idle_seconds=config.idle_timeout, pipes=connection.runtime.pipes
+        client, backend, record, idle_seconds=connection.runtime.config.idle_timeout
     )

@@ -18,9 +18,10 @@ streams, so a reset on one side reaches the other as a close.
 The idle timeout is one shared :class:`trio.CancelScope`; each chunk moved pushes its
 deadline forward.
 
-:func:`pump` is the one entry point: when both streams are plain sockets it hands the
-work to the zero-copy path in :mod:`l4proxy.splice` (same contract, same tests); TLS
-streams use the copy loop here.
+:func:`pump` is the generic byte mover: the data core (:mod:`l4proxy.core`) moves the
+bytes of every connection whose ends are sockets (TLS or not); this loop is for what it
+cannot drive, an embedder's own streams (``handle_stream``, a custom ``connect=``) and
+TLS over memory BIOs. Same contract, same tests.
 """
 
 from __future__ import annotations
@@ -32,11 +33,9 @@ import attrs
 import trio
 
 from .record import Outcome
-from .splice import splice_pump
 
 if TYPE_CHECKING:
     from .record import Counters
-    from .splice import PipePool
 
 #: Largest read per direction, and so the most bytes the proxy buffers per direction.
 CHUNK_SIZE = 262144
@@ -56,7 +55,6 @@ async def pump(
     transfer: Counters,
     *,
     idle_seconds: float = 0.0,
-    pipes: PipePool | None = None,
 ) -> Outcome:
     """Copy both ways until both directions ended, a side failed, or the link went idle.
 
@@ -65,8 +63,6 @@ async def pump(
         backend: the connection to the chosen backend.
         transfer: counters to update; read them even if this is cancelled.
         idle_seconds: close after this long without a byte either way; ``0`` is off.
-        pipes: when given and both streams are plain sockets, move the bytes with
-            ``splice(2)`` through pipes from this pool (see :mod:`l4proxy.splice`).
 
     Returns:
         ``ok`` when both directions reached EOF, ``idle_timeout``, or
@@ -76,12 +72,6 @@ async def pump(
         Does not close either stream; the caller owns both and must close them, which
         is also how a failure on one side reaches the other.
     """
-    if (
-        pipes is not None
-        and type(client) is trio.SocketStream
-        and type(backend) is trio.SocketStream
-    ):
-        return await splice_pump(client.socket, backend.socket, transfer, pipes, idle_seconds)
     deadline = trio.current_time() + idle_seconds if idle_seconds > 0 else math.inf
     state = _Splice(trio.CancelScope(deadline=deadline), idle_seconds, transfer)
     if idle_seconds > 0:

@@ -82,7 +82,7 @@ class ListenerRuntime:
     log_format: LogFormat = attrs.field(init=False)
     #: The allow/deny lists, or ``None`` when the listener has neither (no check at all).
     access_list: AccessList | None = attrs.field(init=False)
-    #: Whether connections move bytes on the raw sockets (splice on, no TLS either side,
+    #: Whether the client socket stays raw to the data core (no TLS either side, no preamble,
     #: every backend reachable with a raw socket); with a custom connector they do not.
     raw_data_phase: bool = attrs.field(init=False)
 
@@ -139,8 +139,7 @@ class ListenerRuntime:
     def _raw_data_phase(self) -> bool:
         default = self.default_route
         return (
-            self.pipes is not None
-            and not self.inspects_tls
+            not self.inspects_tls
             and self.config.preamble is None
             and self.backend_tls is None
             and default is not None

@@ -209,8 +209,13 @@ async def secure_backend(connection: Connection, backend_tls: BackendTLS) -> Non
     goes to it, under a deadline of ``handshake_timeout`` of its own."""
     address = connection.record.backend
     host = address.host if isinstance(address, TCPAddress) else None
-    tls_connection, name = backend_tls.connection(host)
-    tls = TLSStream(connection.backend_stream(), tls_connection)
+    transport = connection.backend_stream()
+    if type(transport) is trio.SocketStream:  # OpenSSL reads and writes the socket itself
+        tls_connection, name = backend_tls.connection(host, sock=transport.socket)
+        tls: TLSStream = SocketTLSStream(transport, tls_connection)
+    else:  # an embedder's stream
+        tls_connection, name = backend_tls.connection(host)
+        tls = TLSStream(transport, tls_connection)
     connection.backend = tls
     seconds = connection.runtime.config.handshake_timeout
     with trio.move_on_after(seconds):

@@ -12,6 +12,7 @@ import trio
 
 import l4proxy
 import l4proxy.connect
+import l4proxy.pipeline
 import l4proxy.splice
 
 Handler = Callable[[trio.SocketStream], Awaitable[None]]
@@ -191,15 +192,19 @@ def access() -> Iterator[AccessWatcher]:
 from .tlsfixtures import pki  # noqa: E402, F401  (a session fixture for every module)
 
 
-@pytest.fixture(params=["fast", "streams", "copy"])
+@pytest.fixture(params=["core", "streams", "copy", "loop"])
 def pump_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Each way of moving bytes: the splice link between raw sockets (plain listener,
-    IP-literal or Unix backends), splice between trio streams (backends dialled as if
-    they were host names) and the copy loop (no splice)."""
+    """Each way of moving bytes: the data core splicing raw sockets (plain listener,
+    IP-literal or Unix backends); the core taking over trio socket streams (backends
+    dialled as if they were host names); the core copying (no splice: recv/send, as
+    for TLS); and the generic copy loop over trio streams (what embedders' own streams
+    get)."""
     if request.param == "copy":
         monkeypatch.setattr(l4proxy.splice, "AVAILABLE", False)
     else:
         assert l4proxy.splice.AVAILABLE, "this kernel/Python has no os.splice"
     if request.param == "streams":
         monkeypatch.setattr(l4proxy.connect, "socket_address", lambda address: None)
+    if request.param == "loop":
+        monkeypatch.setattr(l4proxy.pipeline, "_for_core", lambda connection, core: False)
     return request.param  # type: ignore[no-any-return]

@@ -47,10 +47,10 @@ async def test_the_chosen_pump_is_used_and_idle_connections_hold_no_pipe(
         await trio.testing.wait_all_tasks_blocked()
         pipes = proxy.pipe_stats()
         assert pipes.in_use == 0  # established but idle: no pipe held
-        assert (pipes.created > 0) == (pump_path != "copy")
-        # Only the fast path (two raw sockets) runs in the data core, without a task.
+        assert (pipes.created > 0) == (pump_path in ("core", "streams"))
+        # Every path but the generic copy loop runs in the data core, without a task.
         stats = proxy.stats()[proxy.config.listeners[0].name]
-        assert stats == l4proxy.ListenerStats(open=1, parked=int(pump_path == "fast"))
+        assert stats == l4proxy.ListenerStats(open=1, parked=int(pump_path != "loop"))
 
 
 async def test_echo_through_the_proxy_is_logged(

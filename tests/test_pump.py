@@ -1,18 +1,18 @@
-"""The byte pump, on each of its paths: the same cases for every way it moves bytes.
+"""The generic copy loop (:func:`l4proxy.pump.pump`) over each kind of trio stream.
 
-Each test drives :func:`l4proxy.pump.pump`, the one entry point, with the streams of one
-``movers`` flavour:
+The data core moves the bytes of connections whose ends are sockets
+(tests/test_core.py, and the proxy tests on every path); this loop is what an
+embedder's own streams get. Each test drives it with the streams of one ``movers``
+flavour:
 
-- ``memory``: in-memory streams (no sockets, virtual time), so the copy loop;
+- ``memory``: in-memory streams (no sockets, virtual time);
 - ``tcp`` and ``unix``: ``trio.SocketStream`` pairs over real loopback TCP or Unix
-  sockets with a :class:`~l4proxy.splice.PipePool`, so the ``splice(2)`` path
-  (:func:`l4proxy.splice.splice_pump`). The fixture checks that it really spliced.
+  sockets.
 """
 
 from __future__ import annotations
 
 import fcntl
-import os
 import socket
 import struct
 import termios
@@ -24,7 +24,6 @@ import trio.testing
 
 from l4proxy.pump import CHUNK_SIZE, pump
 from l4proxy.record import Outcome, Transfer
-from l4proxy.splice import PIPE_SIZE, PipePool
 
 from .conftest import receive_all, receive_exactly
 
@@ -74,7 +73,6 @@ class Movers:
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
-        self.pipes = None if kind == "memory" else PipePool()
         self._sockets: list[socket.socket] = []
 
     def pair(self) -> tuple[trio.abc.HalfCloseableStream, trio.abc.HalfCloseableStream]:
@@ -108,8 +106,6 @@ class Movers:
         """After the test: whatever the test and the pump left open."""
         for sock in self._sockets:
             sock.close()
-        if self.pipes is not None:
-            self.pipes.close()
 
 
 @pytest.fixture(params=["memory", "tcp", "unix"])
@@ -117,9 +113,6 @@ def movers(request: pytest.FixtureRequest) -> Iterator[Movers]:
     movers = Movers(request.param)
     try:
         yield movers
-        if movers.pipes is not None:  # the splice path did run (only it uses pipes)
-            assert movers.pipes.created > 0
-            assert movers.pipes.in_use == 0
     finally:
         movers.close()
 
@@ -137,10 +130,9 @@ async def run_pump(
 
     async def run() -> None:
         try:
-            result["outcome"] = await pump(client, backend, transfer, pipes=movers.pipes, **kwargs)
+            result["outcome"] = await pump(client, backend, transfer, **kwargs)
         finally:
             # The caller owns both streams and closes them (pump's contract); on the
-            # splice path this also sends the FIN the direction that ended second skipped.
             await trio.aclose_forcefully(client)
             await trio.aclose_forcefully(backend)
 
@@ -267,6 +259,31 @@ class EndlessSource(trio.abc.HalfCloseableStream):
         await trio.lowlevel.checkpoint()
 
 
+class CountingReceive(trio.abc.HalfCloseableStream):
+    """A socket stream that counts what the proxy took from it."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.received = 0
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        data = await self.stream.receive_some(max_bytes)
+        self.received += len(data)
+        return data
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.stream.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self.stream.send_eof()
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
 async def _flood(stream: trio.abc.SendStream) -> None:
     """Write to ``stream`` until cancelled: a backend that always has more to send."""
     block = b"\0" * 65536
@@ -282,8 +299,8 @@ def _queued(sock: trio.socket.SocketType) -> int:
 async def test_a_slow_reader_bounds_what_the_proxy_buffers(
     movers: Movers, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Whatever the backend has ready, the proxy holds at most one chunk (copy loop) or
-    one pipe (splice) of it that the client has not taken yet, and reads no more."""
+    """Whatever the backend has ready, the proxy holds at most one chunk of it that the
+    client has not taken yet, and reads no more."""
     held: list[int] = []
     with trio.fail_after(WAIT):
         async with trio.open_nursery() as nursery:
@@ -300,36 +317,24 @@ async def test_a_slow_reader_bounds_what_the_proxy_buffers(
                     return True  # endless
             else:
                 client_app, client_proxy = movers.pair()
-                backend_proxy, backend_app = movers.pair()
+                backend_socket, backend_app = movers.pair()
                 assert isinstance(client_app, trio.SocketStream)
                 assert isinstance(client_proxy, trio.SocketStream)
-                assert isinstance(backend_proxy, trio.SocketStream)
+                assert isinstance(backend_socket, trio.SocketStream)
                 # Little kernel buffering towards the client, so the proxy's own shows.
                 client_proxy.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
                 client_app.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
-                source_sock = backend_proxy.socket
-                bound = PIPE_SIZE
-                spliced_in = 0
-                real_splice = os.splice
-
-                def counting_splice(
-                    src: int, dst: int, count: int, *args: object, **kwargs: object
-                ) -> int:
-                    """The real syscall; counts what it took from the backend's socket."""
-                    nonlocal spliced_in
-                    moved = real_splice(src, dst, count, *args, **kwargs)  # type: ignore[arg-type]
-                    if src == source_sock.fileno():
-                        spliced_in += moved
-                    return moved
+                counting = CountingReceive(backend_socket)
+                backend_proxy = counting
+                bound = CHUNK_SIZE
 
                 def taken() -> int:
-                    return spliced_in
+                    return counting.received
 
                 def more_waiting() -> bool:
-                    return _queued(source_sock) > 0
+                    return _queued(backend_socket.socket) > 0
 
-                monkeypatch.setattr(os, "splice", counting_splice)
-                nursery.start_soon(_flood, backend_app)  # far more than a pipe, ready at once
+                nursery.start_soon(_flood, backend_app)  # far more than a chunk, ready at once
                 await trio.testing.wait_all_tasks_blocked()
             transfer, _ = await run_pump(nursery, movers, client_proxy, backend_proxy)
             for _ in range(20):  # read slowly, a little at a time
@@ -340,8 +345,7 @@ async def test_a_slow_reader_bounds_what_the_proxy_buffers(
             held.append(taken() - transfer.to_client)
             assert more_waiting()  # the backend has more, and the proxy does not take it
             nursery.cancel_scope.cancel()
-    # It did read ahead (on TCP the kernel's small segments can fill a pipe's slots well
-    # before its bytes, so a splice may stop short of the capacity), but never past it.
+    # It did read ahead, but never more than one chunk.
     assert 0 < max(held) <= bound
 
 
@@ -352,9 +356,7 @@ async def test_counters_survive_cancellation(movers: Movers) -> None:
     with trio.fail_after(WAIT):
         with trio.CancelScope() as scope:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(
-                    lambda: pump(client_proxy, backend_proxy, transfer, pipes=movers.pipes)
-                )
+                nursery.start_soon(lambda: pump(client_proxy, backend_proxy, transfer))
                 await client_app.send_all(b"12345")
                 await receive_exactly(backend_app, 5)
                 await backend_app.send_all(b"123")

@@ -251,10 +251,13 @@ class BackendTLS:
                 raise ConfigError(f"{key_path}: {ca_file!r} holds no PEM CA certificate") from None
         self.context.set_verify(SSL.VERIFY_PEER)
 
-    def connection(self, host: str | None) -> tuple[SSL.Connection, str | None]:
-        """A client connection and the name to verify: ``backend_sni`` or the host."""
+    def connection(
+        self, host: str | None, *, sock: trio.socket.SocketType | None = None
+    ) -> tuple[SSL.Connection, str | None]:
+        """A client connection and the name to verify: ``backend_sni`` or the host;
+        over memory BIOs, or reading and writing ``sock`` itself."""
         name = self.server_name or host
-        connection = SSL.Connection(self.context, None)
+        connection = SSL.Connection(self.context, sock)  # type: ignore[arg-type]
         connection.set_connect_state()
         if name and not _is_ip(name):
             connection.set_tlsext_host_name(name.encode("idna"))

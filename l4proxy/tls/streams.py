@@ -46,6 +46,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import operator
+import socket
 from typing import TYPE_CHECKING
 
 import trio
@@ -361,3 +362,29 @@ class SocketTLSStream(TLSStream):
         self._check_usable()
         async with self._writable:
             await trio.lowlevel.wait_writable(self._sock)
+
+    @property
+    def can_hand_over(self) -> bool:
+        """In good order and idle: not broken, closed or half-closed, no task using it."""
+        return not (
+            self._state is not _State.OK
+            or self._eof_sent
+            or self._sending
+            or self._receiving
+            or self._writable.locked()
+        )
+
+    def hand_over(self) -> tuple[socket.socket, SSL.Connection]:
+        """Give the socket and the ``SSL.Connection`` to the data core, which drives
+        them from now on in callbacks (:mod:`l4proxy.links`); this stream is closed
+        and owns nothing any more. Only when :attr:`can_hand_over`."""
+        assert self.can_hand_over
+        self._state = _State.CLOSED
+        return detach_socket(self._sock), self.connection
+
+
+def detach_socket(sock: trio.socket.SocketType) -> socket.socket:
+    """The stdlib socket for a trio socket's descriptor, which trio gives up (no task
+    may be waiting on it). Family, type and protocol are passed on: no syscall."""
+    family, kind, proto = sock.family, sock.type, sock.proto
+    return socket.socket(family, kind, proto, sock.detach())
