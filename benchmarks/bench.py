@@ -17,12 +17,13 @@ after round, starting one later each round; the table shows the median of the ro
 - ``bulk``: iperf3, 1 and 4 streams, client -> proxy -> iperf3 server (Gbit/s);
 - ``connrate``: wrk with ``Connection: close`` for a 64-byte file from nginx: one new
   client connection and one new backend connection per request (conn/s, p50/p99);
-- ``keepalive``: wrk on kept-alive connections, 1 and 10 (p50/p99 and what the proxy
-  adds over direct);
+- ``keepalive``: wrk on kept-alive connections, 1, 10 and 100: requests/s, p50/p99, what
+  the proxy adds over direct, proxy CPU per request;
 - ``tls``: the proxy terminates TLS (ECDSA P-256 certificate), nginx stays plain HTTP:
   bulk (wrk fetching 1 MiB over 4 kept-alive connections), full handshakes per second
-  (parallel ``openssl s_time -new``: wrk resumes its TLS session on every reconnect)
-  and those resumed handshakes per second (wrk with ``Connection: close``);
+  (parallel ``openssl s_time -new``: wrk resumes its TLS session on every reconnect),
+  those resumed handshakes per second (wrk with ``Connection: close``) and small
+  requests on 10 kept-alive TLS connections (requests/s, proxy CPU per request);
 - ``edge``: new connections with allow/deny, a per-IP limit and PROXY v2 on vs off,
   refused connections/s of a denied address, another client's p99 under a flood from one
   address, against HAProxy's equivalents (benchmarks/_edge.py);
@@ -144,6 +145,12 @@ METRICS = [
     Metric("ka10_added_p50", "keep-alive, 10 conns", "added p50 over direct", "µs", False, 0, True),
     Metric("ka10_added_p99", "keep-alive, 10 conns", "added p99 over direct", "µs", False, 0, True),
     Metric("ka10_cpu", "keep-alive, 10 conns", "proxy CPU per request", "µs", False, 1, True),
+    Metric("ka10_busy", "keep-alive, 10 conns", "proxy core busy", "%", None, 0, True),
+    Metric("ka100_rps", "keep-alive, 100 conns", "requests", "req/s", True, 0),
+    Metric("ka100_p50", "keep-alive, 100 conns", "p50 latency", "µs", False, 0),
+    Metric("ka100_p99", "keep-alive, 100 conns", "p99 latency", "µs", False, 0),
+    Metric("ka100_cpu", "keep-alive, 100 conns", "proxy CPU per request", "µs", False, 1, True),
+    Metric("ka100_busy", "keep-alive, 100 conns", "proxy core busy", "%", None, 0, True),
     Metric("tls_bulk", "TLS termination", "bulk, 1 MiB responses", "Gbit/s", True, 2),
     Metric("tls_bulk_cpu", "TLS termination", "bulk: proxy CPU per GB", "ms", False, 0, True),
     Metric("tls_hs", "TLS termination", "full handshakes (s_time -new)", "conn/s", True, 0),
@@ -154,6 +161,12 @@ METRICS = [
     Metric("tls_res", "TLS termination", "resumed handshakes (wrk)", "conn/s", True, 0),
     Metric("tls_res_p50", "TLS termination", "resumed: p50 latency", "ms", False, 2),
     Metric("tls_res_cpu", "TLS termination", "proxy CPU per resumed conn", "µs", False, 0, True),
+    Metric("tls_ka10_rps", "TLS termination", "kept-alive requests, 10 conns", "req/s", True, 0),
+    Metric("tls_ka10_p50", "TLS termination", "kept-alive: p50 latency", "µs", False, 0),
+    Metric(
+        "tls_ka10_cpu", "TLS termination", "kept-alive: proxy CPU per request", "µs", False, 1, True
+    ),
+    Metric("tls_ka10_busy", "TLS termination", "kept-alive: proxy core busy", "%", None, 0, True),
     *_edge.METRICS,
     *_ops.METRICS,
     *_postgres.METRICS,
@@ -371,9 +384,11 @@ def scenario_connrate(ctx: Context) -> None:
 def scenario_keepalive(ctx: Context) -> None:
     print("keep-alive request/response latency (wrk)", flush=True)
     backend = ctx.nginx()
-    ports, proxies = ctx.start_proxies(backend, "keepalive", metrics=("ka1_p50", "ka10_p50"))
+    ports, proxies = ctx.start_proxies(
+        backend, "keepalive", metrics=("ka1_p50", "ka10_rps", "ka100_rps")
+    )
     try:
-        for connections in (1, 10):
+        for connections in (1, 10, 100):
 
             def measure(port: int, connections: int = connections) -> tuple[_load.WrkResult, str]:
                 result = _load.wrk(
@@ -405,7 +420,7 @@ def scenario_tls(ctx: Context) -> None:
     print("TLS termination (nginx behind the proxy stays plain http)", flush=True)
     backend = ctx.nginx()
     ports, proxies = ctx.start_proxies(
-        backend, "tls", tls=True, metrics=("tls_bulk", "tls_hs", "tls_res")
+        backend, "tls", tls=True, metrics=("tls_bulk", "tls_hs", "tls_res", "tls_ka10_rps")
     )
     try:
         for kind, port in ports.items():
@@ -461,6 +476,15 @@ def scenario_tls(ctx: Context) -> None:
 
         found = ctx.alternate("TLS resumed handshakes", ports, proxies, resumed, pause=1.0)
         _record_wrk(ctx, found, "tls_res", 1.0, rate_key="tls_res")
+
+        def kept_alive(port: int) -> tuple[_load.WrkResult, str]:
+            result = _load.wrk(
+                f"https://127.0.0.1:{port}/{SMALL_FILE}", connections=10, seconds=ctx.seconds
+            )
+            return result, _wrk_summary(result, micro=True)
+
+        found = ctx.alternate("TLS kept-alive, 10 conns", ports, proxies, kept_alive)
+        _record_wrk(ctx, found, "tls_ka10", 1000.0)
     finally:
         ctx.stop(proxies)
 
@@ -755,6 +779,9 @@ BUSY_CHECKS = (
     ("conn_busy", "conn_rate", "conn_cpu", "new connections"),
     ("tls_hs_busy", "tls_hs", "tls_hs_cpu", "TLS full handshakes"),
     ("tls_res_busy", "tls_res", "tls_res_cpu", "TLS resumed handshakes"),
+    ("ka10_busy", "ka10_rps", "ka10_cpu", "keep-alive, 10 conns"),
+    ("ka100_busy", "ka100_rps", "ka100_cpu", "keep-alive, 100 conns"),
+    ("tls_ka10_busy", "tls_ka10_rps", "tls_ka10_cpu", "TLS kept-alive, 10 conns"),
 )
 
 

@@ -208,3 +208,13 @@ def pump_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
     if request.param == "loop":
         monkeypatch.setattr(l4proxy.pipeline, "_for_core", lambda connection, core: False)
     return request.param  # type: ignore[no-any-return]
+
+
+@pytest.fixture(params=["core", "loop"])
+def tls_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The two byte movers of TLS connections (termination, passthrough, backend TLS):
+    the data core (pyOpenSSL driven on the sockets in callbacks) and the generic copy
+    loop over the TLS streams."""
+    if request.param == "loop":
+        monkeypatch.setattr(l4proxy.pipeline, "_for_core", lambda connection, core: False)
+    return request.param  # type: ignore[no-any-return]

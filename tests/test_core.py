@@ -409,3 +409,31 @@ async def test_a_full_client_mutes_the_backend_until_it_reads(
         (record,) = await access.wait()
     assert (record.outcome, record.bytes_to_client) == ("ok", total)
     assert proxy.pipe_stats().in_use == 0
+
+
+async def test_small_messages_are_copied_and_bulk_is_spliced(
+    nursery: trio.Nursery, access: AccessWatcher
+) -> None:
+    """A plain flow copies small messages (recv/send: no pipe), switches to splice when
+    a read brings bulk, and back to copying when messages are small again."""
+    backend, accepted = await _held_backend(nursery)
+    proxy, bound = await start_proxy(nursery, [backend])
+    bulk = bytes(range(256)) * 16384  # 4 MiB
+    with trio.fail_after(WAIT):
+        core = await _core(proxy)
+        client, server = await _parked_connection(proxy, bound, accepted)
+        (link,) = set(core.links.values())
+        for _ in range(10):
+            await client.send_all(b"small")
+            assert await receive_exactly(server, 5) == b"small"
+        assert (proxy.pipe_stats().created, link.up.splices) == (0, False)
+        nursery.start_soon(client.send_all, bulk)
+        assert await receive_exactly(server, len(bulk)) == bulk
+        assert proxy.pipe_stats().created > 0  # spliced
+        await client.send_all(b"small")
+        assert await receive_exactly(server, 5) == b"small"
+        assert not link.up.splices  # copying again
+        await client.aclose()
+        await server.aclose()
+        (record,) = await access.wait()
+    assert (record.outcome, record.bytes_to_backend) == ("ok", 1 + 50 + len(bulk) + 5)

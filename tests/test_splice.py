@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from l4proxy import splice
+from l4proxy import links, splice
 from l4proxy.core import Core, Link
 from l4proxy.record import Transfer
 
@@ -45,10 +45,12 @@ async def _drain(sock: socket.socket, total: int) -> int:
 def _start_link(
     nursery: trio.Nursery, client: socket.socket, backend: socket.socket, pool: splice.PipePool
 ) -> Link:
-    """A core in ``nursery`` splicing between ``client`` and ``backend`` (it owns them)."""
+    """A core in ``nursery`` splicing between ``client`` and ``backend`` (it owns them),
+    from the first byte on and whatever the sizes (the tests set ``COPY_BELOW`` to 0)."""
     core = Core(nursery)
     nursery.start_soon(core.run)
     link = Link(client, backend, Transfer(), pool, 0.0, lambda link: None)
+    link.up.splices = link.down.splices = True
     assert core.add(link)
     return link
 
@@ -81,6 +83,7 @@ async def test_short_reads_with_bytes_left_are_followed_at_once(
         return moved
 
     monkeypatch.setattr(os, "splice", watching_splice)
+    monkeypatch.setattr(links, "COPY_BELOW", 0)
     for sock in (proxy_client, proxy_backend, backend):
         sock.setblocking(False)
     try:
@@ -138,6 +141,7 @@ async def test_a_pipe_the_kernel_would_not_grow_still_moves_bulk_without_waiting
 
     monkeypatch.setattr(trio.lowlevel, "wait_readable", noting_wait)
     monkeypatch.setattr(os, "splice", noting_splice)
+    monkeypatch.setattr(links, "COPY_BELOW", 0)
     total = 16 << 20
 
     async def send_all() -> None:

@@ -42,6 +42,10 @@ if TYPE_CHECKING:
     from .tlsfixtures import PKI, CertFiles
 
 WAIT = 10  # seconds: the bound on every step that should take milliseconds
+
+#: Every test here runs on both byte movers of TLS connections (``tls_path``).
+pytestmark = pytest.mark.usefixtures("tls_path")
+
 STALLED = 500
 
 

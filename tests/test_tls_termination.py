@@ -38,6 +38,9 @@ from .tlsfixtures import PKI, CertFiles, write_cert
 #: Seconds allowed for any one step of a test (connect, handshake, a reply, a log line).
 STEP = 5
 
+#: Every test here runs on both byte movers of TLS connections (``tls_path``).
+pytestmark = pytest.mark.usefixtures("tls_path")
+
 TLS13_SUITES = {"TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384", "TLS_CHACHA20_POLY1305_SHA256"}
 
 
