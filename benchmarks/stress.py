@@ -1,7 +1,11 @@
 """Random traffic through the real ``l4proxy`` command, every byte and access line checked.
 
-Usage: ``.venv/bin/python benchmarks/stress.py [--seconds S] [--clients N]
+Usage: ``.venv/bin/python benchmarks/stress.py [--seconds S] [--clients N] [--tls]
 [-- L4PROXY-ARGS...]`` (for example ``-- --idle-timeout 0.3``).
+
+With ``--tls`` the proxy terminates TLS (a throwaway certificate from ``trustme``) and
+the clients speak TLS through it to the same plain echo backend; a clean ending is then
+the client's close_notify and close (``trio.SSLStream`` cannot half-close).
 
 N clients (default 200) open connection after connection for S seconds (default 20)
 through one l4proxy to an echo backend, both on 127.0.0.1. Each connection sends 1 to 5
@@ -26,6 +30,7 @@ import collections
 import os
 import random
 import socket
+import ssl
 import struct
 import sys
 import tempfile
@@ -33,6 +38,7 @@ from functools import partial
 from pathlib import Path
 
 import trio
+import trustme
 from _servers import venv_binary
 
 #: Message sizes: within one pipe chunk, across several, and tiny ones.
@@ -50,7 +56,7 @@ async def _echo(stream: trio.SocketStream) -> None:
         pass
 
 
-async def _exchange(stream: trio.SocketStream, payload: bytes) -> bool:
+async def _exchange(stream: trio.abc.Stream, payload: bytes) -> bool:
     """Send ``payload`` while reading it back; whether the echo matched."""
     got = bytearray()
 
@@ -67,19 +73,23 @@ async def _exchange(stream: trio.SocketStream, payload: bytes) -> bool:
     return got == payload
 
 
-async def _one_connection(port: int, rng: random.Random) -> str:
+async def _one_connection(port: int, rng: random.Random, tls: ssl.SSLContext | None) -> str:
     """One client connection; what happened: ok, reset, cut (the proxy ended it) or
     mismatch (wrong bytes: a bug)."""
     happened = "cut"
     try:
-        happened = await _talk(port, rng)
+        happened = await _talk(port, rng, tls)
     except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
         pass
     return happened
 
 
-async def _talk(port: int, rng: random.Random) -> str:
-    async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+async def _talk(port: int, rng: random.Random, tls: ssl.SSLContext | None) -> str:
+    sock_stream = await trio.open_tcp_stream("127.0.0.1", port)
+    stream: trio.abc.Stream = sock_stream
+    if tls is not None:
+        stream = trio.SSLStream(sock_stream, tls, server_hostname="stress.example")
+    async with stream:
         for _ in range(rng.randint(1, 5)):
             payload = os.urandom(rng.choice(SIZES))
             if not await _exchange(stream, payload):
@@ -88,17 +98,26 @@ async def _talk(port: int, rng: random.Random) -> str:
                 await trio.sleep(rng.choice(PAUSES))
         if rng.random() < 1 / 7:
             linger = struct.pack("ii", 1, 0)  # close() sends RST
-            stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+            sock_stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+            await trio.aclose_forcefully(stream)  # TLS too: no close_notify first
             return "reset"
-        await stream.send_eof()
+        if tls is not None:
+            return "ok"  # closing sends close_notify
+        await sock_stream.send_eof()
         return "ok" if await stream.receive_some(1) == b"" else "mismatch"
 
 
-async def _client(port: int, seed: int, seconds: float, tally: collections.Counter[str]) -> None:
+async def _client(
+    port: int,
+    seed: int,
+    seconds: float,
+    tally: collections.Counter[str],
+    tls: ssl.SSLContext | None,
+) -> None:
     rng = random.Random(seed)
     deadline = trio.current_time() + seconds
     while trio.current_time() < deadline:
-        tally[await _one_connection(port, rng)] += 1
+        tally[await _one_connection(port, rng, tls)] += 1
 
 
 def _free_port() -> int:
@@ -107,9 +126,19 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-async def run(seconds: float, clients: int, extra: list[str], workdir: Path) -> list[str]:
+async def run(
+    seconds: float, clients: int, extra: list[str], workdir: Path, tls: bool = False
+) -> list[str]:
     """Run the stress; return the problems found."""
     problems: list[str] = []
+    client_tls: ssl.SSLContext | None = None
+    if tls:
+        authority = trustme.CA()
+        leaf = authority.issue_cert("stress.example")
+        leaf.private_key_and_cert_chain_pem.write_to_path(str(workdir / "cert.pem"))
+        client_tls = ssl.create_default_context()
+        authority.configure_trust(client_tls)
+        extra = ["--tls-cert", str(workdir / "cert.pem"), *extra]
     tally: collections.Counter[str] = collections.Counter()
     access = workdir / "access.log"
     port = _free_port()
@@ -133,7 +162,7 @@ async def run(seconds: float, clients: int, extra: list[str], workdir: Path) -> 
             with trio.fail_after(seconds + 60):
                 async with trio.open_nursery() as load:
                     for seed in range(clients):
-                        load.start_soon(_client, port, seed, seconds, tally)
+                        load.start_soon(_client, port, seed, seconds, tally, client_tls)
             await trio.sleep(1.0)  # lines of the last connections
             if proxy.poll() is not None:
                 problems.append(f"the proxy exited with {proxy.returncode}")
@@ -163,7 +192,7 @@ async def run(seconds: float, clients: int, extra: list[str], workdir: Path) -> 
     accepted = sum(tally.values()) + 1  # +1: the probe that waited for the listener
     if sorted(ids) != list(range(1, len(ids) + 1)) or len(ids) != accepted:
         problems.append(f"{accepted} connections but {len(ids)} access lines (ids not 1..n)")
-    if not extra:  # with extra settings (an idle timeout) the proxy may cut anywhere
+    if len(extra) == (2 if tls else 0):  # extra settings (an idle timeout) may cut anywhere
         if tally["mismatch"]:
             problems.append(f"{tally['mismatch']} connections got wrong bytes back")
         if outcomes["ok"] < tally["ok"]:
@@ -177,12 +206,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--clients", type=int, default=200)
+    parser.add_argument("--tls", action="store_true", help="the proxy terminates TLS")
     parser.add_argument("l4proxy_args", nargs="*", help="extra l4proxy arguments, after --")
     args = parser.parse_args()
     if not 1 <= args.seconds <= 600 or not 1 <= args.clients <= 2000:
         parser.error("--seconds must be 1-600 and --clients 1-2000")
     with tempfile.TemporaryDirectory() as tmp:
-        problems = trio.run(run, args.seconds, args.clients, args.l4proxy_args, Path(tmp))
+        problems = trio.run(run, args.seconds, args.clients, args.l4proxy_args, Path(tmp), args.tls)
     for problem in problems:
         print(f"PROBLEM: {problem}")
     print("ok" if not problems else "FAILED")
