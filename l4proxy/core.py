@@ -44,7 +44,7 @@ import select
 
 import trio
 
-from .links import COPY_SIZE, Broken, Link, flush, read
+from .links import COPY_SIZE, SHUTTING, Broken, Link, flush, read
 from .record import Ended, Outcome
 
 __all__ = ["Core", "Link"]
@@ -158,28 +158,47 @@ class Core:
             self._epoll.close()
 
     async def _run(self) -> None:
+        """One cancel scope per timer that fires, not per wake-up: entering a scope and
+        registering its deadline is most of a wake-up's cost in trio. The scope's
+        deadline follows the earliest idle timer; when it passes, the wait is
+        cancelled, the timers run and a new scope starts."""
         links = self.links
-        dispatch = self._dispatch
         while not (self.draining and not links):
             timers = self._timers  # add() may rebuild it
-            with trio.CancelScope(deadline=timers[0][0] if timers else math.inf) as self._wake:
-                await trio.lowlevel.wait_readable(self._epoll)
+            with trio.CancelScope(deadline=timers[0][0] if timers else math.inf) as wake:
+                self._wake = wake
+                while True:
+                    await trio.lowlevel.wait_readable(self._epoll)
+                    self._tick()
+                    if self.draining and not links:
+                        return
+                    timers = self._timers
+                    deadline = timers[0][0] if timers else math.inf
+                    if deadline != wake.deadline:
+                        wake.deadline = deadline
             self._wake = None
-            self._now = now = trio.current_time()
-            for fd, events in self._epoll.poll(0, MAX_EVENTS):
-                link = links.get(fd)
-                if link is not None:  # else: ended by an earlier event of this batch
-                    dispatch(link, fd, events)
-            while timers and timers[0][0] <= now:
-                _, _, link = heapq.heappop(timers)
-                if link.closed:
-                    continue
-                due = link.seen + link.idle_seconds
-                if due > now:  # moved since: wait again from its last move
-                    heapq.heappush(timers, (due, next(self._tokens), link))
-                else:
-                    link.idle_expired = True
-                    self._close(link)
+            self._tick()  # the deadline passed (or stop() woke it): the timers
+
+    def _tick(self) -> None:
+        """Dispatch what the epoll has ready (at most :data:`MAX_EVENTS`), then expire
+        idle links whose timer is due."""
+        links, dispatch = self.links, self._dispatch
+        self._now = now = trio.current_time()
+        for fd, events in self._epoll.poll(0, MAX_EVENTS):
+            link = links.get(fd)
+            if link is not None:  # else: ended by an earlier event of this batch
+                dispatch(link, fd, events)
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            _, _, link = heapq.heappop(timers)
+            if link.closed:
+                continue
+            due = link.seen + link.idle_seconds
+            if due > now:  # moved since: wait again from its last move
+                heapq.heappush(timers, (due, next(self._tokens), link))
+            else:
+                link.idle_expired = True
+                self._close(link)
 
     def _dispatch(self, link: Link, fd: int, events: int) -> None:
         """What ``events`` on ``fd`` mean for ``link``: read, write, or a hang-up."""
@@ -194,10 +213,12 @@ class Core:
             if events & (reading.src_wait | _GONE) and not (reading.eof or reading.pending):
                 acted = True
                 read(link, reading, self._scratch)
-            if events & (writing.dst_wait | _GONE) and (writing.pending or writing.shut == 1):
+            if events & (writing.dst_wait | _GONE) and (
+                writing.pending or writing.shut == SHUTTING
+            ):
                 acted = True
                 flush(link, writing, self._scratch)
-            if link.done:
+            if link.finished == 2 and not (up.pending or down.pending):
                 self._close(link)  # its close sends the last FIN
                 return
             if not acted and events & _GONE:  # on a socket nobody reads or writes now
@@ -211,7 +232,14 @@ class Core:
                 else:
                     link.bmask = _UNWATCHED
                 return
-            cmask, bmask = link.masks()
+            # Interest follows the flows: a source unless its flow holds bytes or ended;
+            # a destination while its flow holds bytes or an EOF to pass on.
+            cmask = (0 if up.eof or up.pending else up.src_wait) | (
+                down.dst_wait if down.pending or down.shut == SHUTTING else 0
+            )
+            bmask = (0 if down.eof or down.pending else down.src_wait) | (
+                up.dst_wait if up.pending or up.shut == SHUTTING else 0
+            )
             if cmask != link.cmask:
                 link.cmask = self._watch(up.src, cmask, link.cmask)
             if bmask != link.bmask:

@@ -204,30 +204,12 @@ class Link:
         """How it ended; ``None`` when it was cut (drain, cancellation)."""
         return data_phase_outcome(self.broken, self.idle_expired, self.finished)
 
-    @property
-    def done(self) -> bool:
-        """Both sources ended and nothing is left to write: time to close."""
-        return self.finished == 2 and not (self.up.pending or self.down.pending)
-
     def push_held(self) -> None:
         """Send what the backend socket holds (``MSG_MORE``): setting ``TCP_NODELAY``
         pushes pending data out (tcp(7)), even when it is set already. Raises
         ``OSError`` as ``setsockopt`` does."""
         self.held = False
         self.backend.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    def masks(self) -> tuple[int, int]:
-        """The readiness each socket is wanted for now (client's, backend's): a source
-        unless its flow holds bytes or ended; a destination while its flow holds
-        bytes or an EOF to pass on."""
-        up, down = self.up, self.down
-        cmask = (0 if up.eof or up.pending else up.src_wait) | (
-            down.dst_wait if down.pending or down.shut == SHUTTING else 0
-        )
-        bmask = (0 if down.eof or down.pending else down.src_wait) | (
-            up.dst_wait if up.pending or up.shut == SHUTTING else 0
-        )
-        return cmask, bmask
 
     def say_goodbye(self) -> None:
         """Before the sockets close: one close_notify attempt on each TLS side that has
