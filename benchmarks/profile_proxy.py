@@ -1,10 +1,14 @@
 """Where one l4proxy process spends its time under wrk: CPU per request, syscalls, a profile.
 
 Usage: ``.venv/bin/python benchmarks/profile_proxy.py [--keep-alive] [--connections N]
-[--seconds S] [--py-spy PATH] [--strace] [-- L4PROXY-ARGS...]``
+[--tls | --full-handshakes] [--seconds S] [--py-spy PATH] [--strace] [-- L4PROXY-ARGS...]``
 
 Starts nginx (core 1) and ``l4proxy -l ... -b nginx`` (core 0), warms up, then runs wrk
-(``Connection: close`` unless ``--keep-alive``) and prints:
+(``Connection: close`` unless ``--keep-alive``) and prints what follows. With ``--tls``
+the proxy terminates TLS (an ECDSA P-256 certificate, as in ``make bench``) and wrk
+speaks https: kept-alive TLS requests, or with ``Connection: close`` resumed
+handshakes (wrk resumes its session); ``--full-handshakes`` runs two ``openssl s_time
+-new`` instead (a full handshake per connection; "request" then means connection).
 
 - requests per second and the proxy's CPU per request, user and system separately;
 - with ``--strace``: the syscalls per request (``strace -c -f -p``; strace slows the
@@ -35,6 +39,7 @@ import _load
 import _procs
 from _procs import LOAD_CORE, Procs, two_cores
 from _servers import SMALL_FILE, start_nginx, start_proxy
+from bench import _write_cert
 
 from l4proxy import accesslog
 
@@ -87,6 +92,10 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=3)
     parser.add_argument("--py-spy", type=Path, metavar="PATH", help="py-spy binary to sample with")
     parser.add_argument("--strace", action="store_true", help="count syscalls per request")
+    parser.add_argument("--tls", action="store_true", help="the proxy terminates TLS")
+    parser.add_argument(
+        "--full-handshakes", action="store_true", help="TLS, openssl s_time -new instead of wrk"
+    )
     parser.add_argument("l4proxy_args", nargs="*", help="extra l4proxy arguments, after --")
     args = parser.parse_args()
     if any(arg.startswith("--workers") or arg == "-w" for arg in args.l4proxy_args):
@@ -99,15 +108,25 @@ def main() -> None:
     _procs.raise_nofile()
     with tempfile.TemporaryDirectory() as tmp, Procs(Path(tmp)) as procs:
         _, backend, _ = start_nginx(procs, Path(tmp))
-        proxy, port = start_proxy(procs, "l4proxy", backend, l4proxy_args=args.l4proxy_args)
-        url = f"http://127.0.0.1:{port}/{SMALL_FILE}"
+        tls = args.tls or args.full_handshakes
+        cert = _write_cert(Path(tmp)) if tls else None
+        proxy, port = start_proxy(
+            procs, "l4proxy", backend, cert=cert, l4proxy_args=args.l4proxy_args
+        )
+        url = f"{'https' if tls else 'http'}://127.0.0.1:{port}/{SMALL_FILE}"
 
         def run_wrk() -> _load.WrkResult:
+            if args.full_handshakes:
+                count, wall = _load.full_handshakes(
+                    port, f"/{SMALL_FILE}", processes=2, seconds=args.seconds
+                )
+                return _load.WrkResult(count / wall, 0.0, 0.0, 0.0, count, 0, "")
             return _load.wrk(
                 url, connections=connections, seconds=args.seconds, close=not args.keep_alive
             )
 
-        _load.wrk(url, connections=connections, seconds=1, close=not args.keep_alive)
+        if not args.full_handshakes:
+            _load.wrk(url, connections=connections, seconds=1, close=not args.keep_alive)
         user0, system0 = _user_system(proxy.pid)
         result = run_wrk()
         user1, system1 = _user_system(proxy.pid)

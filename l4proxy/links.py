@@ -342,18 +342,26 @@ def _copy_read(link: Link, flow: Flow, scratch: memoryview) -> None:
             if link.held and flow.to_backend:
                 _push(link)
             return
-        if flow.pending or flow.splices or (tls is None and filled < len(scratch)):
-            return  # the destination is full, the source (almost surely) empty, or bulk
+        if flow.pending or flow.splices:
+            return  # the destination is full, or bulk: splice from the next read on
+        if filled < len(scratch) - (0 if tls is None else RECORD_SIZE - 1):
+            return  # not a full buffer: the source is (almost surely) empty
 
 
 def _tls_read(flow: Flow, tls: SSL.Connection, scratch: memoryview) -> tuple[int, bool]:
-    """Decrypt records into ``scratch`` until OpenSSL wants more from the socket or the
-    buffer cannot take another whole record: (bytes, whether the source ended)."""
+    """Decrypt records into ``scratch`` until OpenSSL wants more from the socket, a
+    record comes short or the buffer cannot take another whole record: (bytes, whether
+    the source ended).
+
+    A short record (a small message) almost always leaves the socket empty, so the
+    read that would only raise ``WantReadError`` (a syscall and an exception) is
+    skipped: if more is there, the level-triggered epoll says so. OpenSSL holds nothing
+    back meanwhile: it reads one record at a time and a read is offered a whole one."""
     filled = 0
     room = len(scratch) - RECORD_SIZE
     while True:
         try:
-            filled += tls.recv_into(scratch[filled:], RECORD_SIZE)
+            got = tls.recv_into(scratch[filled:], RECORD_SIZE)
         except SSL.WantReadError:
             flow.src_wait = IN
             return filled, False
@@ -368,7 +376,8 @@ def _tls_read(flow: Flow, tls: SSL.Connection, scratch: memoryview) -> tuple[int
             raise Broken(flow.src_side) from exc
         except SSL.Error as exc:
             raise Broken(flow.src_side) from exc
-        if filled > room:
+        filled += got
+        if got < RECORD_SIZE or filled > room:
             flow.src_wait = IN
             return filled, False
 
@@ -391,7 +400,10 @@ def _send(link: Link, flow: Flow, data: memoryview) -> int:
         return 0
     except (OSError, SSL.Error) as exc:
         raise Broken(flow.dst_side) from exc
-    _count(link, flow, sent)
+    if flow.to_backend:  # _count, written out: once per write
+        link.transfer.to_backend += sent
+    else:
+        link.transfer.to_client += sent
     return sent
 
 
