@@ -23,8 +23,8 @@ connection, with one flow per direction that splices (plain to plain) or copies 
 the core's one scratch buffer (either side TLS: pyOpenSSL on the non-blocking socket),
 and that, when its destination is full, keeps the rest, stops reading its source and
 waits for the destination. The interest masks change only then, so a request/response
-exchange costs no ``epoll_ctl`` at all. The idle timeout is a lazy heap: an event only
-stores its time on its link; an expired heap entry whose link moved since is pushed
+exchange costs no ``epoll_ctl`` at all. The idle timeout is a lazy heap: an event that
+moves bytes just stores its time on its link; an expired heap entry whose link moved since is pushed
 again at its new deadline.
 
 Work per wake-up is bounded (:data:`MAX_EVENTS` events, each a bounded number of
@@ -203,7 +203,8 @@ class Core:
     def _dispatch(self, link: Link, fd: int, events: int) -> None:
         """What ``events`` on ``fd`` mean for ``link``: read, write, or a hang-up."""
         try:
-            link.seen = self._now
+            transfer = link.transfer  # the idle clock moves with bytes, not with events
+            moved = transfer.to_backend + transfer.to_client
             up, down = link.up, link.down
             if fd == up.src:  # the client's socket
                 reading, writing = up, down
@@ -221,6 +222,8 @@ class Core:
             if link.finished == 2 and not (up.pending or down.pending):
                 self._close(link)  # its close sends the last FIN
                 return
+            if transfer.to_backend + transfer.to_client != moved:
+                link.seen = self._now
             if not acted and events & _GONE:  # on a socket nobody reads or writes now
                 if events & select.EPOLLERR:
                     raise Broken(reading.src_side)

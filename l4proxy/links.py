@@ -329,7 +329,11 @@ def _copy_read(link: Link, flow: Flow, scratch: memoryview) -> None:
             if filled >= SPLICE_FROM and flow.can_splice:
                 flow.splices = True  # bulk: splice from the next read on
         else:
-            filled, ended = _tls_read(flow, tls, scratch)
+            filled, ended, failure = _tls_read(flow, tls, scratch)
+            if failure is not None:
+                if filled > 0:  # what came before the failure goes on first, as it can
+                    _send(link, flow, scratch[:filled])
+                raise Broken(flow.src_side) from failure
         if filled > 0:
             sent = _send(link, flow, scratch[:filled])
             if sent < filled:  # keep a copy of the rest; read no more until it is out
@@ -348,10 +352,13 @@ def _copy_read(link: Link, flow: Flow, scratch: memoryview) -> None:
             return  # not a full buffer: the source is (almost surely) empty
 
 
-def _tls_read(flow: Flow, tls: SSL.Connection, scratch: memoryview) -> tuple[int, bool]:
+def _tls_read(
+    flow: Flow, tls: SSL.Connection, scratch: memoryview
+) -> tuple[int, bool, SSL.Error | None]:
     """Decrypt records into ``scratch`` until OpenSSL wants more from the socket, a
     record comes short or the buffer cannot take another whole record: (bytes, whether
-    the source ended).
+    the source ended, the error that broke it: the bytes before it are still passed
+    on, as the copy loop did, record by record).
 
     A short record (a small message) almost always leaves the socket empty, so the
     read that would only raise ``WantReadError`` (a syscall and an exception) is
@@ -364,46 +371,60 @@ def _tls_read(flow: Flow, tls: SSL.Connection, scratch: memoryview) -> tuple[int
             got = tls.recv_into(scratch[filled:], RECORD_SIZE)
         except SSL.WantReadError:
             flow.src_wait = IN
-            return filled, False
+            return filled, False, None
         except SSL.WantWriteError:  # e.g. a KeyUpdate's reply: wait until it can go
             flow.src_wait = OUT
-            return filled, False
+            return filled, False, None
         except SSL.ZeroReturnError:  # close_notify (or a plain EOF: IGNORE_UNEXPECTED_EOF)
-            return filled, True
+            return filled, True, None
         except SSL.SysCallError as exc:
             if exc.args and exc.args[0] == -1:  # EOF without close_notify
-                return filled, True
-            raise Broken(flow.src_side) from exc
+                return filled, True, None
+            return filled, False, exc
         except SSL.Error as exc:
-            raise Broken(flow.src_side) from exc
+            return filled, False, exc
         filled += got
         if got < RECORD_SIZE or filled > room:
             flow.src_wait = IN
-            return filled, False
+            return filled, False, None
 
 
 def _send(link: Link, flow: Flow, data: memoryview) -> int:
     """Write what the destination takes now; count it."""
     tls = flow.dst_tls
-    try:
-        if tls is None:
+    if tls is not None:
+        sent = _send_tls(link, flow, tls, data)
+    else:
+        try:
             sent = flow.dst_sock.send(data)
-        else:
-            flow.dst_wait = OUT
-            sent = tls.send(data)
-    except BlockingIOError:
-        return 0
-    except SSL.WantWriteError:
-        return 0
-    except SSL.WantReadError:  # OpenSSL must read first (renegotiation-like): wait for that
-        flow.dst_wait = IN
-        return 0
-    except (OSError, SSL.Error) as exc:
-        raise Broken(flow.dst_side) from exc
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            raise Broken(flow.dst_side) from exc
     if flow.to_backend:  # _count, written out: once per write
         link.transfer.to_backend += sent
     else:
         link.transfer.to_client += sent
+    return sent
+
+
+def _send_tls(link: Link, flow: Flow, tls: SSL.Connection, data: memoryview) -> int:
+    """``SSL_write`` until all is out or the socket is full. With partial writes on
+    (pyOpenSSL's default) one call writes one record (16 KiB), so one call per chunk
+    would hold the rest and wait a wake-up per record."""
+    flow.dst_wait = OUT
+    sent, size = 0, len(data)
+    while sent < size:
+        try:
+            sent += tls.send(data[sent:] if sent else data)
+        except SSL.WantWriteError:
+            break
+        except SSL.WantReadError:  # OpenSSL must read first: wait for that
+            flow.dst_wait = IN
+            break
+        except SSL.Error as exc:
+            _count(link, flow, sent)  # what went out before the failure
+            raise Broken(flow.dst_side) from exc
     return sent
 
 

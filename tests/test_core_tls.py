@@ -6,10 +6,17 @@ on the copy loop too (the ``tls_path`` fixture)."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
 import select
 import socket
+import struct
+import termios
+import time
 from typing import TYPE_CHECKING
 
+import pytest
 import trio
 
 import l4proxy
@@ -88,9 +95,14 @@ async def test_a_full_tls_client_mutes_the_backend_until_it_reads(
     payload = bytes(range(256)) * (total // 256)
     with trio.fail_after(WAIT):
         core = await _core(proxy)
-        transport = await connect_to(bound[0])
-        transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
-        client = trio.SSLStream(transport, pki.client_context(), server_hostname="a.example")
+        # A small receive buffer, set before the connect: set on an established
+        # connection, Linux may stall on the shrunk window (persist-timer probes only).
+        raw = trio.socket.socket()
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+        await raw.connect(("127.0.0.1", bound[0].port))
+        client = trio.SSLStream(
+            trio.SocketStream(raw), pki.client_context(), server_hostname="a.example"
+        )
         await client.do_handshake()
         server = await accepted.receive()
         await _until_parked(proxy)
@@ -185,3 +197,78 @@ async def test_idle_timeout_ends_a_tls_connection_in_the_core_with_close_notify(
         await trio.aclose_forcefully(client)
         (record,) = await access.wait()
     assert record.outcome == "idle_timeout"
+
+
+def _unsent(fd: int) -> int:
+    return int(struct.unpack("i", fcntl.ioctl(fd, termios.TIOCOUTQ, b"\0" * 4))[0])
+
+
+@pytest.mark.parametrize("size", [3 * 16384, 2 * 16384 + 1000], ids=["whole-records", "short-last"])
+async def test_records_that_came_before_a_reset_still_reach_the_backend(
+    nursery: trio.Nursery, pki: PKI, access: AccessWatcher, size: int
+) -> None:
+    """Records and then a reset, all in the socket before the core reads: the records
+    it decrypted before the read that failed are passed on, then the link ends as a
+    client reset (as the copy loop did, record by record)."""
+    backend, accepted = await _held_backend(nursery)
+    proxy, bound = await start_proxy(nursery, [backend], tls=terminating(pki))
+    with trio.fail_after(WAIT):
+        transport = await connect_to(bound[0])
+        client = BioTLS(Counting(transport), pki.client_context(), server_side=False,
+                        server_hostname="a.example")  # fmt: skip
+        await client.do_handshake()
+        server = await accepted.receive()
+        await client.send_all(b"x")
+        assert await receive_exactly(server, 1) == b"x"
+        await _until_parked(proxy)
+        client.tls.write(b"r" * size)
+        records = client.outgoing.read()
+        sock = transport.socket
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+        # No checkpoint from here to the reset: the proxy cannot read in between.
+        assert os.write(sock.fileno(), records) == len(records)
+        deadline = time.monotonic() + 2
+        while _unsent(sock.fileno()) and time.monotonic() < deadline:
+            pass  # loopback delivers at once unless a window is closed: a bounded spin
+        assert not _unsent(sock.fileno())  # all in the proxy's queue: a reset loses none
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()  # RST
+        received = 0
+        with contextlib.suppress(trio.BrokenResourceError):
+            while data := await server.receive_some(1 << 20):
+                received += len(data)
+        (record,) = await access.wait()
+    assert received == size
+    assert (record.outcome, record.bytes_to_backend) == ("error:client_reset", 1 + size)
+
+
+async def test_a_trickle_of_one_tls_record_does_not_keep_a_link_alive(
+    nursery: trio.Nursery, pki: PKI, access: AccessWatcher
+) -> None:
+    """One byte of a record every 0.2 s wakes the core but moves no plaintext: the idle
+    clock (0.5 s) runs on, as the copy loop's does."""
+    backend, accepted = await _held_backend(nursery)
+    proxy, bound = await start_proxy(nursery, [backend], tls=terminating(pki), idle_timeout=0.5)
+    with trio.fail_after(WAIT):
+        transport = await connect_to(bound[0])
+        client = BioTLS(Counting(transport), pki.client_context(), server_side=False,
+                        server_hostname="a.example")  # fmt: skip
+        await client.do_handshake()
+        server = await accepted.receive()
+        await client.send_all(b"x")
+        assert await receive_exactly(server, 1) == b"x"
+        await _until_parked(proxy)
+        client.tls.write(b"y" * 100)
+        record_bytes = client.outgoing.read()
+        started = trio.current_time()
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            for index in range(len(record_bytes) - 1):  # never the last byte
+                if access.records or trio.current_time() - started > 3:
+                    break
+                await transport.send_all(record_bytes[index : index + 1])
+                await trio.sleep(0.2)
+        (record,) = await access.wait()
+        ended_after = trio.current_time() - started
+        await trio.aclose_forcefully(transport)
+    assert record.outcome == "idle_timeout"
+    assert ended_after < 2.0  # 0.5 s idle (+ a 0.2 s step and slack), not the trickle's 3 s
