@@ -843,7 +843,7 @@ def _render(
         legend,
     ]
     if targets:
-        text += ["", text_table(("target (issue 4)", "l4proxy/HAProxy", "status"), targets)]
+        text += ["", text_table(("target (issue 12)", "l4proxy/HAProxy", "status"), targets)]
     if ctx.results.notes:
         text += ["", "Notes:", *(f"- {note}" for note in ctx.results.notes)]
     markdown = [
@@ -870,7 +870,7 @@ def _render(
             "",
             "## Targets",
             "",
-            markdown_table(("target (issue 4)", "l4proxy/HAProxy", "status"), targets),
+            markdown_table(("target (issue 12)", "l4proxy/HAProxy", "status"), targets),
         ]
     if ctx.results.notes:
         markdown += ["", "## Notes", "", *(f"- {note}" for note in ctx.results.notes)]
