@@ -50,6 +50,24 @@ def _user_system(pid: int) -> tuple[float, float]:
     return int(fields[11]) / ticks, int(fields[12]) / ticks
 
 
+def _inclusive(raw: Path, top: int) -> list[tuple[float, str]]:
+    """Busy samples per l4proxy function, callees included (each counted once per stack)."""
+    functions: collections.Counter[str] = collections.Counter()
+    total = 0
+    for row in raw.read_text().splitlines():
+        stack, _, count = row.rpartition(" ")
+        frames = stack.split(";")
+        if any(idle in frames[-1] for idle in _ASLEEP):
+            continue
+        total += int(count)
+        names = {frame.split(" (")[0] + " (" + frame.split(" (")[1].split(":")[0] + ")"
+                 for frame in frames if "(l4proxy/" in frame}  # fmt: skip
+        for name in names:
+            functions[name] += int(count)
+    total = total or 1
+    return [(count * 100 / total, name) for name, count in functions.most_common(top)]
+
+
 def _busy_lines(raw: Path, top: int) -> list[tuple[float, str]]:
     """Self time per source line from py-spy's raw (collapsed) output."""
     lines: collections.Counter[str] = collections.Counter()
@@ -182,6 +200,9 @@ def main() -> None:
             print("\nbusiest lines (py-spy, share of busy samples):")
             for share, leaf in _busy_lines(raw, 30):
                 print(f"  {share:5.1f}%  {leaf}")
+            print("\nbusiest l4proxy functions, inclusive (share of busy samples):")
+            for share, name in _inclusive(raw, 25):
+                print(f"  {share:5.1f}%  {name}")
 
 
 if __name__ == "__main__":
