@@ -199,6 +199,26 @@ async def test_idle_timeout_ends_a_tls_connection_in_the_core_with_close_notify(
     assert record.outcome == "idle_timeout"
 
 
+async def _in_the_core(
+    proxy: l4proxy.Proxy,
+    bound: list[l4proxy.BoundAddress],
+    accepted: trio.MemoryReceiveChannel[trio.SocketStream],
+    pki: PKI,
+) -> tuple[trio.SocketStream, BioTLS, trio.SocketStream]:
+    """A terminated connection that moved one byte and is in the core: the client's
+    socket stream, its TLS (over memory BIOs: the test writes the records itself) and
+    the backend's end."""
+    transport = await connect_to(bound[0])
+    client = BioTLS(Counting(transport), pki.client_context(), server_side=False,
+                    server_hostname="a.example")  # fmt: skip
+    await client.do_handshake()
+    server = await accepted.receive()
+    await client.send_all(b"x")
+    assert await receive_exactly(server, 1) == b"x"
+    await _until_parked(proxy)
+    return transport, client, server
+
+
 def _unsent(fd: int) -> int:
     return int(struct.unpack("i", fcntl.ioctl(fd, termios.TIOCOUTQ, b"\0" * 4))[0])
 
@@ -213,14 +233,7 @@ async def test_records_that_came_before_a_reset_still_reach_the_backend(
     backend, accepted = await _held_backend(nursery)
     proxy, bound = await start_proxy(nursery, [backend], tls=terminating(pki))
     with trio.fail_after(WAIT):
-        transport = await connect_to(bound[0])
-        client = BioTLS(Counting(transport), pki.client_context(), server_side=False,
-                        server_hostname="a.example")  # fmt: skip
-        await client.do_handshake()
-        server = await accepted.receive()
-        await client.send_all(b"x")
-        assert await receive_exactly(server, 1) == b"x"
-        await _until_parked(proxy)
+        transport, client, server = await _in_the_core(proxy, bound, accepted, pki)
         client.tls.write(b"r" * size)
         records = client.outgoing.read()
         sock = transport.socket
@@ -250,14 +263,7 @@ async def test_a_trickle_of_one_tls_record_does_not_keep_a_link_alive(
     backend, accepted = await _held_backend(nursery)
     proxy, bound = await start_proxy(nursery, [backend], tls=terminating(pki), idle_timeout=0.5)
     with trio.fail_after(WAIT):
-        transport = await connect_to(bound[0])
-        client = BioTLS(Counting(transport), pki.client_context(), server_side=False,
-                        server_hostname="a.example")  # fmt: skip
-        await client.do_handshake()
-        server = await accepted.receive()
-        await client.send_all(b"x")
-        assert await receive_exactly(server, 1) == b"x"
-        await _until_parked(proxy)
+        transport, client, _server = await _in_the_core(proxy, bound, accepted, pki)
         client.tls.write(b"y" * 100)
         record_bytes = client.outgoing.read()
         started = trio.current_time()

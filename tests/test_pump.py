@@ -26,6 +26,7 @@ from l4proxy.pump import CHUNK_SIZE, pump
 from l4proxy.record import Outcome, Transfer
 
 from .conftest import receive_all, receive_exactly
+from .test_pipeline_cases import Counting
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -259,31 +260,6 @@ class EndlessSource(trio.abc.HalfCloseableStream):
         await trio.lowlevel.checkpoint()
 
 
-class CountingReceive(trio.abc.HalfCloseableStream):
-    """A socket stream that counts what the proxy took from it."""
-
-    def __init__(self, stream: trio.SocketStream) -> None:
-        self.stream = stream
-        self.received = 0
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        data = await self.stream.receive_some(max_bytes)
-        self.received += len(data)
-        return data
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self.stream.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.stream.wait_send_all_might_not_block()
-
-    async def send_eof(self) -> None:
-        await self.stream.send_eof()
-
-    async def aclose(self) -> None:
-        await self.stream.aclose()
-
-
 async def _flood(stream: trio.abc.SendStream) -> None:
     """Write to ``stream`` until cancelled: a backend that always has more to send."""
     block = b"\0" * 65536
@@ -296,9 +272,7 @@ def _queued(sock: trio.socket.SocketType) -> int:
     return int.from_bytes(fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0" * 4), "little")
 
 
-async def test_a_slow_reader_bounds_what_the_proxy_buffers(
-    movers: Movers, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_a_slow_reader_bounds_what_the_proxy_buffers(movers: Movers) -> None:
     """Whatever the backend has ready, the proxy holds at most one chunk of it that the
     client has not taken yet, and reads no more."""
     held: list[int] = []
@@ -324,7 +298,7 @@ async def test_a_slow_reader_bounds_what_the_proxy_buffers(
                 # Little kernel buffering towards the client, so the proxy's own shows.
                 client_proxy.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
                 client_app.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
-                counting = CountingReceive(backend_socket)
+                counting = Counting(backend_socket)
                 backend_proxy = counting
                 bound = CHUNK_SIZE
 
