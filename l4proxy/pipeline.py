@@ -22,10 +22,12 @@ its outcome; anything else that escapes is judged by the :class:`~l4proxy.connec
 one peer or backend does costs that connection only.
 
 The hand-over to the data phase is the one boundary between set-up and moving bytes:
-two raw sockets (a plain listener, a backend at an IP literal or Unix path, splice on)
-become a :class:`~l4proxy.core.Link` in the listener's :class:`~l4proxy.core.Core`,
-and this task ends (the core moves the bytes and writes the access line); anything
-else is wrapped in trio streams and goes to :func:`~l4proxy.pump.pump`.
+two ends that are sockets (raw sockets, trio socket streams, socket-bound TLS streams:
+plain listeners, termination, passthrough, backend TLS) become a
+:class:`~l4proxy.core.Link` in the listener's :class:`~l4proxy.core.Core`, and this
+task ends (the core moves the bytes and writes the access line); anything else (an
+embedder's streams, TLS over memory BIOs) goes to the copy loop,
+:func:`~l4proxy.pump.pump`.
 """
 
 from __future__ import annotations
@@ -278,7 +280,7 @@ def _core_link(connection: Connection, core: Core | None, held: bool = False) ->
     can drive (see :func:`_for_core`): raw sockets, trio socket streams (their
     descriptors taken over) and socket-bound TLS streams (their ``SSL.Connection``
     with them). The connection's ends become the raw sockets."""
-    if core is None or not _for_core(connection, core):
+    if not _for_core(connection, core):
         return None
     client, client_tls = _core_end(connection.client)
     backend, backend_tls = _core_end(connection.backend)

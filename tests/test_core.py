@@ -73,6 +73,16 @@ async def _parked_connection(
     return client, server
 
 
+async def _slow_reader(bound: l4proxy.BoundAddress) -> trio.SocketStream:
+    """A client with a small receive buffer (16 KiB), so that the proxy's own buffering
+    shows. Set before the connect: set on an established connection, Linux may stall
+    on the shrunk window (persist-timer probes only)."""
+    sock = trio.socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+    await sock.connect((bound.host or "127.0.0.1", bound.port))
+    return trio.SocketStream(sock)
+
+
 async def _until_parked(proxy: l4proxy.Proxy, count: int = 1) -> None:
     while _stats(proxy).parked != count:  # noqa: ASYNC110 - polling a counter, no event to wait on
         await trio.sleep(0.01)
@@ -384,12 +394,7 @@ async def test_a_full_client_mutes_the_backend_until_it_reads(
     payload = bytes(range(256)) * (total // 256)
     with trio.fail_after(WAIT):
         core = await _core(proxy)
-        # A small receive buffer, set before the connect (set after, Linux may stall on
-        # the shrunk window: seen with the TLS twin of this test).
-        raw = trio.socket.socket()
-        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
-        await raw.connect(("127.0.0.1", bound[0].port))
-        client = trio.SocketStream(raw)
+        client = await _slow_reader(bound[0])
         server = await accepted.receive()
         nursery.start_soon(server.send_all, payload)
         (link,) = set(core.links.values())

@@ -30,7 +30,7 @@ from .conftest import (
     start_backend,
     start_proxy,
 )
-from .test_core import _core, _held_backend, _inject, _stats, _until_parked
+from .test_core import _core, _held_backend, _inject, _slow_reader, _stats, _until_parked
 from .test_pipeline_cases import BioTLS, Counting, open_tls, server_context, terminating
 
 if TYPE_CHECKING:
@@ -95,13 +95,8 @@ async def test_a_full_tls_client_mutes_the_backend_until_it_reads(
     payload = bytes(range(256)) * (total // 256)
     with trio.fail_after(WAIT):
         core = await _core(proxy)
-        # A small receive buffer, set before the connect: set on an established
-        # connection, Linux may stall on the shrunk window (persist-timer probes only).
-        raw = trio.socket.socket()
-        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
-        await raw.connect(("127.0.0.1", bound[0].port))
         client = trio.SSLStream(
-            trio.SocketStream(raw), pki.client_context(), server_hostname="a.example"
+            await _slow_reader(bound[0]), pki.client_context(), server_hostname="a.example"
         )
         await client.do_handshake()
         server = await accepted.receive()
