@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from _procs import LOAD_CORE, BenchError, find_binary, pin
 
 if TYPE_CHECKING:
+    import ssl
     from collections.abc import Mapping, Sequence
     from pathlib import Path
 
@@ -166,8 +167,11 @@ def iperf3(port: int, *, streams: int, seconds: int) -> float:
     raise BenchError("iperf3 server stayed busy")
 
 
-def open_idle(port: int, count: int, deadline_s: float) -> list[socket.socket]:
-    """Open ``count`` connections to 127.0.0.1:``port``, each pinged once, then idle.
+def open_idle(
+    port: int, count: int, deadline_s: float, tls: ssl.SSLContext | None = None
+) -> list[socket.socket]:
+    """Open ``count`` connections to 127.0.0.1:``port``, each pinged once, then idle;
+    with ``tls``, each a TLS session (handshake done, the ping encrypted).
 
     The caller closes them. Raises (after closing what it opened) if one fails or the
     deadline passes.
@@ -180,6 +184,8 @@ def open_idle(port: int, count: int, deadline_s: float) -> list[socket.socket]:
                 raise BenchError(f"only {index} of {count} connections within {deadline_s:g} s")
             try:
                 conn = socket.create_connection(("127.0.0.1", port), timeout=10)
+                if tls is not None:
+                    conn = tls.wrap_socket(conn, server_hostname="bench.example")
             except OSError as error:
                 raise BenchError(f"connection {index + 1} of {count}: {error}") from error
             opened.append(conn)

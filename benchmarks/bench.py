@@ -31,7 +31,8 @@ after round, starting one later each round; the table shows the median of the ro
   idle CPU of health checks of 100 backends every second (benchmarks/_ops.py);
 - ``postgres``: pgbench -S through ``--preamble postgres`` against PostgreSQL's own TLS,
   on kept connections and with a new connection per transaction (benchmarks/_postgres.py);
-- ``memory``: RSS of the proxy with 5,000 idle connections through it, per connection.
+- ``memory``: RSS of the proxy with 5,000 idle connections through it, per connection;
+  then the same with TLS terminated (HAProxy and l4proxy).
 
 Besides each tool's own figures, the table has the proxy's CPU time per unit of work
 (from /proc, user + system) and how busy its core was: a proxy whose core was not busy
@@ -55,6 +56,7 @@ import json
 import shlex
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -171,6 +173,7 @@ METRICS = [
     *_ops.METRICS,
     *_postgres.METRICS,
     Metric("mem_per_conn", "idle connections", "RSS per connection", "KiB", False, 2),
+    Metric("mem_tls_per_conn", "idle connections", "RSS per idle TLS connection", "KiB", False, 2),
     Metric("mem_base", "idle connections", "RSS before (no connections)", "MiB", False, 1),
     Metric("mem_fds_per_conn", "idle connections", "fds per connection", "fds", False, 2),
     Metric("mem_pipes", "idle connections", "pipes held while idle", "pipes", False, 0),
@@ -491,61 +494,77 @@ def scenario_tls(ctx: Context) -> None:
 
 def scenario_memory(ctx: Context) -> None:
     count = ctx.args.idle_conns
-    print(f"memory with {count} idle connections", flush=True)
+    print(f"memory with {count} idle connections, then {count} idle TLS ones", flush=True)
     holder, backend = start_holder(ctx.procs)
+    client_tls = ssl.create_default_context()
+    client_tls.check_hostname = False
+    client_tls.verify_mode = ssl.CERT_NONE  # the proxy's memory is measured, not trust
     try:
-        for kind in ctx.proxies:
-            try:
-                proc, port = start_proxy(
-                    ctx.procs,
-                    kind,
-                    backend,
-                    maxconn=count + 1000,
-                    l4proxy_args=ctx.args.l4proxy_arg,
-                    tag="memory",
-                    baseline=ctx.args.baseline,
-                )
-            except BenchError as error:
-                ctx.results.note(f"memory: {TITLES[kind]} did not start: {error}")
-                ctx.results.mark_unsupported("mem_per_conn", kind, "did not start")
-                continue
-            try:
-                # Warm up (lazy imports, pools, first-connection allocations), then measure.
-                _load.close_all(_load.open_idle(port, 50, deadline_s=30))
-                time.sleep(1.0)
-                before = rss_kib(proc.pid)
-                fds_before, pipes_before = open_fds(proc.pid)
-                start = time.monotonic()
-                connections = _load.open_idle(port, count, deadline_s=120)
-                opened_in = time.monotonic() - start
-                try:
-                    time.sleep(1.0)
-                    after = rss_kib(proc.pid)
-                    fds_after, pipes_after = open_fds(proc.pid)
-                finally:
-                    _load.close_all(connections)
-            except BenchError as error:
-                ctx.results.note(f"memory: {TITLES[kind]} failed: {error}")
-                ctx.results.mark_unsupported("mem_per_conn", kind, "failed")
-                print(f"  {TITLES[kind]:{ctx.width}} FAILED: {error}", flush=True)
-                continue
-            finally:
-                ctx.procs.stop(proc)
-            per_conn = (after - before) / count
-            ctx.results.add("mem_per_conn", kind, per_conn)
-            ctx.results.add("mem_base", kind, before / 1024)
-            ctx.results.add("mem_fds_per_conn", kind, (fds_after - fds_before) / count)
-            ctx.results.add("mem_pipes", kind, pipes_after - pipes_before)
-            ctx.results.add("mem_setup", kind, opened_in / count * 1e3)
-            print(
-                f"  {TITLES[kind]:{ctx.width}} RSS {before / 1024:7.1f} MiB -> {after / 1024:7.1f} MiB  "
-                f"= {per_conn:5.2f} KiB/conn  fds +{fds_after - fds_before}  "
-                f"pipes +{pipes_after - pipes_before}  ({count} opened one at a time in "
-                f"{opened_in:.1f} s)",
-                flush=True,
-            )
+        for tls in (False, True):
+            for kind in ctx.proxies:
+                if tls and kind == "pproxy":
+                    continue  # no TLS termination
+                _idle_memory(ctx, kind, backend, count, client_tls if tls else None)
     finally:
         ctx.procs.stop(holder)
+
+
+def _idle_memory(
+    ctx: Context, kind: str, backend: int, count: int, tls: ssl.SSLContext | None
+) -> None:
+    """One proxy's RSS, descriptors and pipes with ``count`` idle connections through it."""
+    key = "mem_tls_per_conn" if tls is not None else "mem_per_conn"
+    try:
+        proc, port = start_proxy(
+            ctx.procs,
+            kind,
+            backend,
+            cert=ctx.cert if tls is not None else None,
+            maxconn=count + 1000,
+            l4proxy_args=ctx.args.l4proxy_arg,
+            tag="memory",
+            baseline=ctx.args.baseline,
+        )
+    except BenchError as error:
+        ctx.results.note(f"memory: {TITLES[kind]} did not start: {error}")
+        ctx.results.mark_unsupported(key, kind, "did not start")
+        return
+    try:
+        # Warm up (lazy imports, pools, first-connection allocations), then measure.
+        _load.close_all(_load.open_idle(port, 50, deadline_s=30, tls=tls))
+        time.sleep(1.0)
+        before = rss_kib(proc.pid)
+        fds_before, pipes_before = open_fds(proc.pid)
+        start = time.monotonic()
+        connections = _load.open_idle(port, count, deadline_s=120, tls=tls)
+        opened_in = time.monotonic() - start
+        try:
+            time.sleep(1.0)
+            after = rss_kib(proc.pid)
+            fds_after, pipes_after = open_fds(proc.pid)
+        finally:
+            _load.close_all(connections)
+    except BenchError as error:
+        ctx.results.note(f"memory: {TITLES[kind]} failed: {error}")
+        ctx.results.mark_unsupported(key, kind, "failed")
+        print(f"  {TITLES[kind]:{ctx.width}} FAILED: {error}", flush=True)
+        return
+    finally:
+        ctx.procs.stop(proc)
+    per_conn = (after - before) / count
+    ctx.results.add(key, kind, per_conn)
+    if tls is None:
+        ctx.results.add("mem_base", kind, before / 1024)
+        ctx.results.add("mem_fds_per_conn", kind, (fds_after - fds_before) / count)
+        ctx.results.add("mem_pipes", kind, pipes_after - pipes_before)
+        ctx.results.add("mem_setup", kind, opened_in / count * 1e3)
+    print(
+        f"  {TITLES[kind]:{ctx.width}} {'TLS ' if tls else ''}RSS {before / 1024:7.1f} MiB -> "
+        f"{after / 1024:7.1f} MiB  = {per_conn:5.2f} KiB/conn  fds +{fds_after - fds_before}  "
+        f"pipes +{pipes_after - pipes_before}  ({count} opened one at a time in "
+        f"{opened_in:.1f} s)",
+        flush=True,
+    )
 
 
 RUNNERS: dict[str, Callable[[Context], None]] = {
