@@ -121,13 +121,13 @@ class Connection:
     def client_stream(self) -> trio.abc.Stream:
         """The client as a trio stream (wrapping the accepted socket once)."""
         if isinstance(self.client, socket.socket):
-            self.client = _socket_stream(self.client)
+            self.client = socket_stream(self.client)
         return self.client
 
     def backend_stream(self) -> trio.abc.Stream:
         assert self.backend is not None
         if isinstance(self.backend, socket.socket):
-            self.backend = _socket_stream(self.backend)
+            self.backend = socket_stream(self.backend)
         return self.backend
 
     async def aclose(self) -> None:
@@ -206,7 +206,8 @@ def underlying_socket(side: object) -> socket.socket | trio.socket.SocketType | 
     return side if isinstance(side, (socket.socket, trio.socket.SocketType)) else None
 
 
-def _socket_stream(sock: socket.socket) -> trio.SocketStream:
+def socket_stream(sock: socket.socket) -> trio.SocketStream:
+    """A raw socket as a trio stream (the inverse: :func:`~l4proxy.tls.streams.detach_socket`)."""
     return trio.SocketStream(trio.socket.from_stdlib_socket(sock))
 
 

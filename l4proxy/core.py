@@ -1,9 +1,9 @@
-"""The event-driven data phase: a listener's raw connections in one epoll, moved in callbacks.
+"""The event-driven data phase: a listener's connections in one epoll, moved in callbacks.
 
 Theory of operation
 -------------------
-Once set-up is done, a connection between two raw sockets needs no task: a
-:class:`Core` (one per listener, a task in the listener's handler nursery) keeps both
+Once set-up is done, a connection whose two ends are sockets (plain or TLS) needs no
+task: a :class:`Core` (one per listener, a task in the listener's handler nursery) keeps both
 sockets registered, level-triggered, in an ``epoll`` of its own for as long as the
 connection lives, waits for that epoll's descriptor through trio
 (``trio.lowlevel.wait_readable``), and on each wake-up moves bytes for every ready
@@ -30,8 +30,8 @@ again at its new deadline.
 Work per wake-up is bounded (:data:`MAX_EVENTS` events, each a bounded number of
 chunks), so accept loops, set-up tasks and timers keep running under load. A failure
 handling one link ends that link only (logged); a failure of the core itself (its
-epoll) ends its links, and the listener goes on with new connections on the tasks'
-path (:meth:`add` says no) — never the process.
+epoll) ends its links, and the listener goes on with new connections on the copy
+loop (:meth:`add` says no) — never the process.
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ class Core:
         Error handling:
             ``False`` when the core cannot take it (it failed, or ``epoll_ctl`` refused,
             e.g. at ``fs.epoll.max_user_watches``): the caller keeps the connection and
-            moves its bytes on the tasks' path. Later failures end this link only.
+            moves its bytes on the copy loop. Later failures end this link only.
         """
         client, backend = link.up.src, link.down.src
         self._now = now = trio.current_time()

@@ -121,13 +121,13 @@ class Flow:
         src_tls: SSL.Connection | None,
         dst_tls: SSL.Connection | None,
         to_backend: bool,
-        splices: bool,
+        pipes: bool,
     ) -> None:
         self.src_sock, self.dst_sock = src, dst
         self.src, self.dst = src.fileno(), dst.fileno()
         self.src_tls, self.dst_tls = src_tls, dst_tls
         self.to_backend = to_backend
-        self.can_splice = splices and src_tls is None and dst_tls is None
+        self.can_splice = pipes and src_tls is None and dst_tls is None
         self.splices = False  # copy until a read says bulk (see the module)
         self.src_side: Side = "client" if to_backend else "backend"
         self.dst_side: Side = "backend" if to_backend else "client"
@@ -188,11 +188,11 @@ class Link:
         #: The backend socket holds bytes sent with ``MSG_MORE`` (a PROXY header) for the
         #: first write to carry; pushed out if the client has sent nothing yet.
         self.held = held
-        splices = pool is not None
-        self.up = Flow(client, backend, client_tls, backend_tls, True, splices)
-        self.down = Flow(backend, client, backend_tls, client_tls, False, splices)
+        pipes = pool is not None
+        self.up = Flow(client, backend, client_tls, backend_tls, True, pipes)
+        self.down = Flow(backend, client, backend_tls, client_tls, False, pipes)
         self.cmask = self.bmask = IN
-        self.seen = 0.0  # trio time of the last event (the idle timeout's clock)
+        self.seen = 0.0  # trio time bytes last moved (the idle timeout's clock)
         self.finished = 0  # flows whose source ended
         self.closed = False
         self.idle_expired = False

@@ -42,7 +42,7 @@ from .addresses import TCPAddress
 from .admission import key_of, parse_client
 from .balancing import Balance
 from .connect import HEALTH, connect_with_failover
-from .connection import Connection, finish
+from .connection import Connection, finish, socket_stream
 from .core import Link
 from .errors import UpstreamConnectError
 from .preamble import backend_preamble, client_preamble
@@ -339,7 +339,7 @@ def _from_core(connection: Connection, link: Link) -> None:
 
 
 def _stream(sock: socket.socket, tls: SSL.Connection | None) -> trio.abc.Stream:
-    stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+    stream = socket_stream(sock)
     return stream if tls is None else SocketTLSStream(stream, tls)
 
 
