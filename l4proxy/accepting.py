@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import attrs
 import trio
 
+from . import eager
 from .addresses import Address, TCPAddress, UnixAddress
 from .admit import admit, refuse
 from .pipeline import serve
@@ -165,13 +166,23 @@ async def _accept(acceptor: Acceptor, shared: Shared) -> None:
             or type(peer) is not tuple
             or (trusted is not None and trusted.permits(peer[0]))  # admitted after step 2
         ):
-            # Positional arguments and no wrapper coroutine: one frame less per connection.
-            core.nursery.start_soon(serve, sock, _peer_address(peer), local, runtime, shared, core)
+            # Run here until its first wait (eager.py); positional arguments.
+            eager.start(
+                core.nursery, serve, sock, _peer_address(peer), local, runtime, shared, core
+            )
         else:  # 1. admit: before any read, task or TLS work
             refusal, key = admit(runtime, shared, peer[0])
             if refusal is None:
-                core.nursery.start_soon(
-                    serve, sock, _peer_address(peer), local, runtime, shared, core, key
+                eager.start(
+                    core.nursery,
+                    serve,
+                    sock,
+                    _peer_address(peer),
+                    local,
+                    runtime,
+                    shared,
+                    core,
+                    key,
                 )
             else:
                 refuse(sock, _peer_address(peer), peer[0], local, runtime, shared, refusal)

@@ -32,6 +32,7 @@ import attrs
 import trio
 
 from .addresses import Address, UnixAddress
+from .eager import own_task
 from .errors import UpstreamConnectError
 
 if TYPE_CHECKING:
@@ -173,6 +174,7 @@ async def dial_connector(
 ) -> Dialed:
     """One attempt through the connector (the default one for host names). Raises
     ``OSError`` (``TimeoutError`` after ``seconds``)."""
+    await own_task()  # see eager.py
     with trio.move_on_after(seconds):
         if connect is not None:
             return await connect(target.address)
@@ -202,10 +204,13 @@ async def _dial_socket(target: Target, seconds: float, source: str | None) -> so
     sock = socket.socket(target.family, _NONBLOCKING_STREAM)
     try:
         if target.family == socket.AF_UNIX:
-            failure = -1
-            with trio.move_on_after(seconds):
-                while (failure := sock.connect_ex(sockaddr)) == errno.EAGAIN:  # noqa: ASYNC110
-                    await trio.sleep(UNIX_RETRY_SECONDS)
+            failure = sock.connect_ex(sockaddr)
+            if failure == errno.EAGAIN:
+                await own_task()
+                failure = -1
+                with trio.move_on_after(seconds):
+                    while (failure := sock.connect_ex(sockaddr)) == errno.EAGAIN:  # noqa: ASYNC110
+                        await trio.sleep(UNIX_RETRY_SECONDS)
         else:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if source is not None:
@@ -214,6 +219,7 @@ async def _dial_socket(target: Target, seconds: float, source: str | None) -> so
             if failure == errno.EINPROGRESS:
                 failure = 0 if _connected(sock) else -1
                 if failure:
+                    await own_task()  # see eager.py
                     with trio.move_on_after(seconds):
                         await trio.lowlevel.wait_writable(sock)
                         failure = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from .connect import describe_os_error
+from .eager import own_task
 from .errors import L4ProxyError
 from .record import ConnectionRecord, Ended, Outcome
 from .rejections import RejectionLog
@@ -215,6 +216,7 @@ async def _close(side: Dialed) -> None:
     if isinstance(side, socket.socket):
         side.close()
     else:
+        await own_task()  # closing a stream checkpoints
         await side.aclose()
 
 

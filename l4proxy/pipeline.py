@@ -44,6 +44,7 @@ from .balancing import Balance
 from .connect import HEALTH, connect_with_failover
 from .connection import Connection, finish, socket_stream
 from .core import Link
+from .eager import own_task
 from .errors import UpstreamConnectError
 from .preamble import backend_preamble, client_preamble
 from .proxyin import accept_proxy_header
@@ -110,21 +111,25 @@ async def serve(
                 and peer.host
                 and trusted.permits(peer.host)
             ):
+                await own_task()  # each step that may wait: see eager.py
                 await accept_proxy_header(connection)  # 2. PROXY header in
             if runtime.raw_data_phase and shared.connect is None and type(client) is socket.socket:
                 _prepare_raw(client)  # before the backend connect: measured cheaper
             if runtime.preamble is not None:  # 3. client preamble, with 4-6 if it starts TLS
+                await own_task()
                 dialogue, route = await client_preamble(connection)
             elif runtime.inspects_tls:  # 4-6. ClientHello, route, TLS termination
+                await own_task()
                 route = await read_tls_front(connection)
             if route is None:  # a cleartext preamble session on a listener with routes only
                 raise Ended(Outcome.NO_ROUTE, _no_default(runtime.config.name))
             record.route = route.name
             held = False  # a PROXY header the kernel holds for the first splice
             if dialogue is None and runtime.backend_tls is not None:
+                await own_task()
                 await _connect_secured(connection, route.pool, runtime.backend_tls)  # 7-8
             else:
-                await _connect(connection, route.pool)  # 7.
+                await _connect(connection, route.pool)  # 7. (it calls own_task if it waits)
                 # 8. backend PROXY header, then the backend preamble (with its TLS):
                 if runtime.config.proxy_protocol is not None:
                     held = await send_proxy_header(
@@ -135,9 +140,11 @@ async def serve(
                         and _for_core(connection, core),
                     )
                 if dialogue is not None:
+                    await own_task()
                     await backend_preamble(connection, dialogue)
             # 9. move bytes; 10. log (finish: here, or by the core when the link ends).
             if connection.replay:  # passthrough: what was read of the ClientHello
+                await own_task()
                 await connection.backend_stream().send_all(connection.replay)
                 record.to_backend += len(connection.replay)
                 connection.replay = b""
@@ -147,6 +154,7 @@ async def serve(
             else:
                 if link is not None:
                     _from_core(connection, link)
+                await own_task()
                 await _pump(connection)
     finally:
         if not handed_over:

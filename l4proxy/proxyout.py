@@ -24,6 +24,7 @@ import trio
 
 from .addresses import TCPAddress, UnixAddress
 from .connection import underlying_socket
+from .eager import own_task
 from .protocols.proxyheader import (
     PP2_TYPE_ALPN,
     PP2_TYPE_AUTHORITY,
@@ -73,9 +74,13 @@ async def send_proxy_header(connection: Connection, version: str, *, splices_nex
         while view:
             try:
                 view = view[backend.send(view, flags) :]
+                continue
             except BlockingIOError:
-                await trio.lowlevel.wait_writable(backend)
+                pass
+            await own_task()  # see eager.py
+            await trio.lowlevel.wait_writable(backend)
         return splices_next
+    await own_task()
     await connection.backend_stream().send_all(header)
     return False
 
