@@ -49,35 +49,49 @@ def _second(seconds: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
 
 
+#: ".000Z" to ".999Z": the end of every timestamp, made once.
+_MILLIS = tuple(f".{millis:03d}Z" for millis in range(1000))
+
+
 def _timestamp(epoch: float) -> str:
     seconds = int(epoch)
-    return f"{_second(seconds)}.{int((epoch - seconds) * 1000):03d}Z"
+    return _second(seconds) + _MILLIS[int((epoch - seconds) * 1000)]
 
 
 def format_text(record: AccessRecord) -> str:
-    """logfmt-style: ``key=value`` pairs, values quoted only when they contain spaces."""
+    """logfmt-style: ``key=value`` pairs, values quoted only when they contain spaces.
+
+    Written out field by field: this runs once per connection (in the writer thread,
+    but on the proxy's core), so the listener's and backends' texts are made once."""
     client, backend, outcome = record.client, record.backend, record.outcome
     via = None
     if record.proxied_client is not None:  # a trusted PROXY header named the client
         client, via = record.proxied_client, client
     line = (
-        f"{_timestamp(record.time)} id={record.id} listener={_logfmt(record.listener)} "
+        f"{_timestamp(record.time)} id={record.id} listener={_known_text(record.listener)} "
         f"client={'-' if client is None else _logfmt(str(client))} "
-        f"backend={'-' if backend is None else _logfmt(str(backend))} "
+        f"backend={'-' if backend is None else _known_text(backend)} "
         f"bytes_to_backend={record.to_backend} bytes_to_client={record.to_client} "
-        f"duration={record.duration:.3f} outcome={'-' if outcome is None else str(outcome)}"
+        f"duration={record.duration:.3f} outcome={'-' if outcome is None else outcome.value}"
     )
     if via is not None:
         line += f" via={_logfmt(str(via))}"
-    for key in _OPTIONAL_TEXT_FIELDS:
-        value = getattr(record, key)
-        if value is not None:
-            line += f" {key}={_logfmt(value)}"
+    # Written only when set (TLS listeners, failures); JSON always has them.
+    if record.route is not None:
+        line += f" route={_known_text(record.route)}"
+    if record.sni is not None:
+        line += f" sni={_logfmt(record.sni)}"
+    if record.alpn is not None:
+        line += f" alpn={_logfmt(record.alpn)}"
+    if record.tls_version is not None:
+        line += f" tls_version={_known_text(record.tls_version)}"
+    if record.cipher is not None:
+        line += f" cipher={_known_text(record.cipher)}"
+    if record.client_subject is not None:
+        line += f" client_subject={_logfmt(record.client_subject)}"
+    if record.error is not None:
+        line += f" error={_logfmt(record.error)}"
     return line
-
-
-#: Written in text lines only when set (TLS listeners, failures); JSON always has them.
-_OPTIONAL_TEXT_FIELDS = ("route", "sni", "alpn", "tls_version", "cipher", "client_subject", "error")
 
 
 def _address(address: object) -> str:
@@ -118,6 +132,13 @@ def _logfmt(value: str) -> str:
     if value and value.isprintable() and _NEEDS_QUOTES.search(value) is None:
         return value
     return json.dumps(value)
+
+
+@functools.lru_cache(maxsize=1024)
+def _known_text(value: object) -> str:
+    """:func:`_logfmt` of ``str(value)`` for the values lines repeat (listener and
+    route names, backends, TLS versions and ciphers): made once each."""
+    return _logfmt(str(value))
 
 
 FORMATTERS = {LogFormat.TEXT: format_text, LogFormat.JSON: format_json}

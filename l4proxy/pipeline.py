@@ -114,7 +114,7 @@ async def serve(
                 await own_task()  # each step that may wait: see eager.py
                 await accept_proxy_header(connection)  # 2. PROXY header in
             if runtime.raw_data_phase and shared.connect is None and type(client) is socket.socket:
-                _prepare_raw(client)  # before the backend connect: measured cheaper
+                _prepare_raw(client, type(peer) is TCPAddress)  # before the connect: cheaper
             if runtime.preamble is not None:  # 3. client preamble, with 4-6 if it starts TLS
                 await own_task()
                 dialogue, route = await client_preamble(connection)
@@ -136,7 +136,7 @@ async def serve(
                         connection,
                         runtime.config.proxy_protocol,
                         splices_next=dialogue is None
-                        and _is_tcp(connection.backend)
+                        and _is_tcp(connection)
                         and _for_core(connection, core),
                     )
                 if dialogue is not None:
@@ -330,7 +330,7 @@ def _core_end(end: object) -> tuple[socket.socket, SSL.Connection | None]:
     """One end as the core takes it: the socket (non-blocking), and its TLS."""
     if type(end) is socket.socket:
         if end.getblocking():  # not prepared before the connect
-            _prepare_raw(end)
+            _prepare_raw(end, end.family != socket.AF_UNIX)
         return end, None
     if type(end) is trio.SocketStream:
         return detach_socket(end.socket), None
@@ -351,20 +351,27 @@ def _stream(sock: socket.socket, tls: SSL.Connection | None) -> trio.abc.Stream:
     return stream if tls is None else SocketTLSStream(stream, tls)
 
 
-def _is_tcp(backend: object) -> bool:
-    """A TCP socket: where ``MSG_MORE`` holds bytes and ``TCP_NODELAY`` pushes them."""
-    return isinstance(backend, socket.socket) and backend.family != socket.AF_UNIX
+def _is_tcp(connection: Connection) -> bool:
+    """A TCP socket to the backend: where ``MSG_MORE`` holds bytes and ``TCP_NODELAY``
+    pushes them. (The target's family: ``socket.family`` costs an enum lookup.)"""
+    target = connection.target
+    return (
+        type(connection.backend) is socket.socket
+        and target is not None
+        and target.family != socket.AF_UNIX
+    )
 
 
-def _prepare_raw(client: socket.socket) -> None:
-    """An accepted socket that will splice as it is: non-blocking, ``TCP_NODELAY``.
+def _prepare_raw(client: socket.socket, tcp: bool) -> None:
+    """An accepted socket that will splice as it is: non-blocking, ``TCP_NODELAY``
+    (``tcp``: the caller knows the family without asking the socket).
 
     Done before the backend connect rather than after it: the same two syscalls, but
     about 4 µs less system time per connection that way (benchmarks/profile_proxy.py,
     A/B, issue #8). A socket that a step wraps in a ``trio.SocketStream`` gets both
     from trio instead."""
     client.setblocking(False)
-    if client.family != socket.AF_UNIX:
+    if tcp:
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
