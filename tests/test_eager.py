@@ -1,0 +1,234 @@
+"""Eager start (``l4proxy/eager.py``): a connection's set-up runs in the accept loop
+until its first wait, and only then moves into a task of its own.
+
+The driver on its own (a coroutine that ends inline, one that moves, one that waits
+without saying so), then through the proxy: a plain connection to a loopback backend
+costs no set-up task, a terminating one does, and a connect that has to wait moves
+into a task and times out there without holding up the listener's other connections.
+Real loopback sockets; tasks counted with a trio instrument.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from typing import TYPE_CHECKING
+
+import pytest
+import trio
+import trio.testing
+
+from l4proxy import eager
+
+from .conftest import connect_to, receive_exactly, start_backend, start_proxy
+from .test_pipeline_cases import open_tls, terminating
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from .conftest import AccessWatcher
+    from .tlsfixtures import PKI
+
+WAIT = 10  # seconds: generous bounds for a busy machine, never a timing assertion
+
+
+async def test_a_coroutine_that_never_waits_ends_inline(nursery: trio.Nursery) -> None:
+    """No task: it has ended by the time start() returns, in the caller's task."""
+    ran_in: list[trio.lowlevel.Task] = []
+
+    async def quick(value: int) -> None:
+        ran_in.append(trio.lowlevel.current_task())
+        assert value == 7
+
+    eager.start(nursery, quick, 7)
+    assert ran_in == [trio.lowlevel.current_task()]
+    assert nursery.child_tasks == set()  # the fixture's nursery: nothing spawned
+
+
+async def test_own_task_moves_the_rest_into_a_task_of_its_own(nursery: trio.Nursery) -> None:
+    """Before own_task() it runs in the caller; after it, in a new task of the
+    nursery, from where it stopped, and trio's waits work there."""
+    caller = trio.lowlevel.current_task()
+    seen: list[tuple[str, trio.lowlevel.Task]] = []
+    done = trio.Event()
+
+    async def setup() -> None:
+        seen.append(("before", trio.lowlevel.current_task()))
+        await eager.own_task()
+        seen.append(("after", trio.lowlevel.current_task()))
+        await trio.sleep(0.01)
+        with trio.move_on_after(0.01):
+            await trio.sleep_forever()
+        done.set()
+
+    eager.start(nursery, setup)
+    assert seen == [("before", caller)]
+    with trio.fail_after(WAIT):
+        await done.wait()
+    assert seen[1][0] == "after"
+    assert seen[1][1] is not caller
+
+
+async def test_own_task_in_a_task_is_a_no_op() -> None:
+    """Awaited normally (``handle_stream`` runs the pipeline in its caller's task)."""
+    task = trio.lowlevel.current_task()
+    await eager.own_task()
+    assert trio.lowlevel.current_task() is task
+
+
+async def test_a_wait_without_own_task_is_refused_loudly(nursery: trio.Nursery) -> None:
+    """A trio wait while inline would register the caller's task: a programming error,
+    said at once rather than let it run on the wrong task."""
+
+    async def careless() -> None:
+        await trio.lowlevel.checkpoint()
+
+    with pytest.raises(RuntimeError, match=r"careless waited on trio .*own_task\(\)"):
+        eager.start(nursery, careless)
+
+
+async def test_what_it_raises_inline_reaches_the_caller(nursery: trio.Nursery) -> None:
+    async def failing() -> None:
+        raise ValueError("inline")
+
+    with pytest.raises(ValueError, match="inline"):
+        eager.start(nursery, failing)
+
+
+async def test_what_it_raises_after_moving_reaches_the_nursery() -> None:
+    async def failing() -> None:
+        await eager.own_task()
+        await trio.lowlevel.checkpoint()
+        raise ValueError("in its task")
+
+    with pytest.RaisesGroup(pytest.RaisesExc(ValueError, match="in its task")):
+        async with trio.open_nursery() as nursery:
+            eager.start(nursery, failing)
+
+
+async def test_a_moved_coroutine_is_cancelled_with_its_nursery() -> None:
+    """Cancellation reaches it through the task, and its cleanup runs."""
+    cleaned = []
+
+    async def waits_forever() -> None:
+        await eager.own_task()
+        try:
+            await trio.sleep_forever()
+        finally:
+            cleaned.append(True)
+
+    with trio.fail_after(WAIT):
+        async with trio.open_nursery() as nursery:
+            eager.start(nursery, waits_forever)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()
+    assert cleaned == [True]
+
+
+# --- through the proxy ---------------------------------------------------------------
+
+
+class _Spawns(trio.abc.Instrument):
+    """Counts the tasks spawned per coroutine name."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+
+    def task_spawned(self, task: trio.lowlevel.Task) -> None:
+        self.names.append(task.coro.__qualname__)
+
+    def count(self, *names: str) -> int:
+        return sum(name in names for name in self.names)
+
+
+@contextlib.contextmanager
+def _counting_spawns() -> Iterator[_Spawns]:
+    spawns = _Spawns()
+    trio.lowlevel.add_instrument(spawns)
+    try:
+        yield spawns
+    finally:
+        trio.lowlevel.remove_instrument(spawns)
+
+
+SETUP_TASKS = ("serve", "_go_on")  # a set-up task, as started before eager start or since
+
+
+async def test_a_plain_connection_to_a_loopback_backend_needs_no_task(
+    nursery: trio.Nursery, access: AccessWatcher
+) -> None:
+    """The kernel finishes a loopback connect inside ``connect``: accept, connect and the
+    hand-over to the data core all happen in the accept loop."""
+    backend = await start_backend(nursery)
+    _, bound = await start_proxy(nursery, [backend])
+    with _counting_spawns() as spawns, trio.fail_after(WAIT):
+        for index in range(5):
+            stream = await connect_to(bound[0])
+            async with stream:
+                await stream.send_all(b"ping %d" % index)
+                assert await receive_exactly(stream, 6) == b"ping %d" % index
+        await access.wait(5)
+    assert spawns.count(*SETUP_TASKS) == 0
+    assert access.outcomes == ["ok"] * 5
+
+
+async def test_a_terminating_connection_moves_into_a_task_for_its_handshake(
+    nursery: trio.Nursery, pki: PKI, access: AccessWatcher
+) -> None:
+    """The ClientHello and the handshake wait for the client: one task each."""
+    backend = await start_backend(nursery)
+    _, bound = await start_proxy(nursery, [backend], tls=terminating(pki))
+    with _counting_spawns() as spawns, trio.fail_after(WAIT):
+        for _ in range(3):
+            async with await open_tls(bound[0], pki, "a.example") as tls:
+                await tls.send_all(b"hello")
+                assert await receive_exactly(tls, 5) == b"hello"
+        await access.wait(3)
+    assert spawns.count("_go_on") == 3
+    assert access.outcomes == ["ok"] * 3
+
+
+@contextlib.contextmanager
+def _backend_that_never_answers() -> Iterator[int]:
+    """A listener whose accept queue is full: the kernel drops further SYNs, so a
+    connect to it stays in progress (it does not finish inside ``connect``)."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(0)
+        port = server.getsockname()[1]
+        fillers = []
+        try:
+            for _ in range(4):  # more than the queue holds
+                filler = socket.socket()
+                filler.setblocking(False)
+                fillers.append(filler)
+                with contextlib.suppress(BlockingIOError):
+                    filler.connect(("127.0.0.1", port))
+            yield port
+        finally:
+            for filler in fillers:
+                filler.close()
+
+
+async def test_a_connect_that_waits_moves_into_a_task_and_times_out_there(
+    nursery: trio.Nursery, access: AccessWatcher
+) -> None:
+    """Two clients whose connects both hang: each moves into a task of its own while
+    the other still waits (side by side, not one after the other), and each is cut at
+    the connect timeout and logged."""
+    timeout = 1.0
+    with _backend_that_never_answers() as port:
+        _, bound = await start_proxy(nursery, [f"127.0.0.1:{port}"], connect_timeout=timeout)
+        with _counting_spawns() as spawns, trio.fail_after(WAIT):
+            first, second = await connect_to(bound[0]), await connect_to(bound[0])
+            await trio.testing.wait_all_tasks_blocked(0.05)  # both accepted and waiting
+            assert spawns.count("_go_on") == 2
+            assert access.records == []  # both waiting in their connects at once
+            for client in (first, second):
+                async with client:
+                    with contextlib.suppress(trio.BrokenResourceError):
+                        assert await client.receive_some() == b""
+            records = await access.wait(2)
+    assert [record.outcome for record in records] == ["connect_failed"] * 2
+    expected = f"127.0.0.1:{port}: timed out after {timeout:g}s"
+    assert [record.error for record in records] == [expected] * 2
