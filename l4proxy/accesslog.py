@@ -72,7 +72,7 @@ def format_text(record: AccessRecord) -> str:
         f"client={'-' if client is None else _logfmt(str(client))} "
         f"backend={'-' if backend is None else _known_text(backend)} "
         f"bytes_to_backend={record.to_backend} bytes_to_client={record.to_client} "
-        f"duration={record.duration:.3f} outcome={'-' if outcome is None else outcome.value}"
+        f"duration={record.duration:.3f} outcome={'-' if outcome is None else str(outcome)}"
     )
     if via is not None:
         line += f" via={_logfmt(str(via))}"

@@ -20,11 +20,12 @@ import trio.testing
 
 from l4proxy import eager
 
-from .conftest import connect_to, receive_exactly, start_backend, start_proxy
+from .conftest import connect_to, echo, receive_exactly, start_backend, start_proxy
 from .test_pipeline_cases import open_tls, terminating
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
+    from pathlib import Path
 
     from .conftest import AccessWatcher
     from .tlsfixtures import PKI
@@ -76,15 +77,46 @@ async def test_own_task_in_a_task_is_a_no_op() -> None:
     assert trio.lowlevel.current_task() is task
 
 
-async def test_a_wait_without_own_task_is_refused_loudly(nursery: trio.Nursery) -> None:
-    """A trio wait while inline would register the caller's task: a programming error,
-    said at once rather than let it run on the wrong task."""
+async def test_a_wait_without_own_task_costs_that_coroutine_only(nursery: trio.Nursery) -> None:
+    """A trio wait while inline would register the accept loop's task: a programming
+    error. start() takes the wait back and throws RuntimeError into the coroutine
+    (serve turns that into ``error:internal`` for its connection); the socket can be
+    waited on again, and nothing reaches the caller."""
+    left, right = socket.socketpair()
+    caught: list[BaseException] = []
 
     async def careless() -> None:
-        await trio.lowlevel.checkpoint()
+        try:
+            await trio.lowlevel.wait_readable(left)
+        except RuntimeError as exc:
+            caught.append(exc)
 
-    with pytest.raises(RuntimeError, match=r"careless waited on trio .*own_task\(\)"):
+    with left, right:
         eager.start(nursery, careless)
+        (error,) = caught
+        assert "careless waited on trio" in str(error)
+        assert "own_task()" in str(error)
+        right.send(b"x")
+        with trio.fail_after(WAIT):
+            await trio.lowlevel.wait_readable(left)  # not busy: the stray wait was undone
+
+
+async def test_a_coroutine_that_keeps_waiting_inline_is_closed(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    closed = []
+
+    async def stubborn() -> None:
+        try:
+            while True:
+                with contextlib.suppress(RuntimeError):
+                    await trio.lowlevel.checkpoint()
+        finally:
+            closed.append(True)
+
+    eager.start(nursery, stubborn)
+    assert closed == [True]
+    assert "stubborn waited on trio" in caplog.text
 
 
 async def test_what_it_raises_inline_reaches_the_caller(nursery: trio.Nursery) -> None:
@@ -154,22 +186,35 @@ def _counting_spawns() -> Iterator[_Spawns]:
 SETUP_TASKS = ("serve", "_go_on")  # a set-up task, as started before eager start or since
 
 
-async def test_a_plain_connection_to_a_loopback_backend_needs_no_task(
-    nursery: trio.Nursery, access: AccessWatcher
+async def _start_unix_backend(nursery: trio.Nursery, path: Path) -> str:
+    sock = trio.socket.socket(socket.AF_UNIX)
+    await sock.bind(str(path))
+    sock.listen()
+    nursery.start_soon(trio.serve_listeners, echo, [trio.SocketListener(sock)])
+    return f"unix:{path}"
+
+
+async def test_a_plain_connection_to_a_local_backend_needs_no_task(
+    nursery: trio.Nursery, access: AccessWatcher, tmp_path: Path
 ) -> None:
-    """The kernel finishes a loopback connect inside ``connect``: accept, connect and the
-    hand-over to the data core all happen in the accept loop."""
-    backend = await start_backend(nursery)
+    """A Unix socket connects at once (a loopback TCP connect usually does too, inside
+    ``connect``, unless the kernel defers its handshake): accept, connect and the
+    hand-over to the data core all happen in the accept loop; a refused connect fails
+    there too. Unix backends, so the test does not depend on the kernel's timing."""
+    backend = await _start_unix_backend(nursery, tmp_path / "echo.sock")
     _, bound = await start_proxy(nursery, [backend])
+    _, refusing = await start_proxy(nursery, [f"unix:{tmp_path / 'nobody.sock'}"])
     with _counting_spawns() as spawns, trio.fail_after(WAIT):
         for index in range(5):
             stream = await connect_to(bound[0])
             async with stream:
                 await stream.send_all(b"ping %d" % index)
                 assert await receive_exactly(stream, 6) == b"ping %d" % index
-        await access.wait(5)
+        async with await connect_to(refusing[0]) as stream:
+            assert await stream.receive_some() == b""
+        await access.wait(6)
     assert spawns.count(*SETUP_TASKS) == 0
-    assert access.outcomes == ["ok"] * 5
+    assert sorted(access.outcomes) == ["connect_failed"] + ["ok"] * 5
 
 
 async def test_a_terminating_connection_moves_into_a_task_for_its_handshake(
@@ -216,7 +261,7 @@ async def test_a_connect_that_waits_moves_into_a_task_and_times_out_there(
     """Two clients whose connects both hang: each moves into a task of its own while
     the other still waits (side by side, not one after the other), and each is cut at
     the connect timeout and logged."""
-    timeout = 1.0
+    timeout = 2.0  # long enough that both are surely still waiting when counted
     with _backend_that_never_answers() as port:
         _, bound = await start_proxy(nursery, [f"127.0.0.1:{port}"], connect_timeout=timeout)
         with _counting_spawns() as spawns, trio.fail_after(WAIT):
