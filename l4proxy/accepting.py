@@ -167,14 +167,12 @@ async def _accept(acceptor: Acceptor, shared: Shared) -> None:
             or (trusted is not None and trusted.permits(peer[0]))  # admitted after step 2
         ):
             # Run here until its first wait (eager.py); positional arguments.
-            eager.start(
-                core.nursery, serve, sock, _peer_address(peer), local, runtime, shared, core
-            )
+            eager.start(core, serve, sock, _peer_address(peer), local, runtime, shared, core)
         else:  # 1. admit: before any read, task or TLS work
             refusal, key = admit(runtime, shared, peer[0])
             if refusal is None:
                 eager.start(
-                    core.nursery,
+                    core,
                     serve,
                     sock,
                     _peer_address(peer),

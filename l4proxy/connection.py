@@ -8,12 +8,14 @@ the one place an access line is written, and the connection as a context manager
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import socket
 from typing import TYPE_CHECKING
 
 import trio
+from OpenSSL import SSL
 
 from .connect import describe_os_error
 from .eager import own_task
@@ -21,7 +23,7 @@ from .errors import L4ProxyError
 from .record import ConnectionRecord, Ended, Outcome
 from .rejections import RejectionLog
 from .sessions import SessionTable
-from .tls.streams import TLSStream
+from .tls.streams import SocketTLSStream, TLSStream
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -83,6 +85,7 @@ class Connection:
         "backend",
         "client",
         "client_key",
+        "client_tls",
         "counted",
         "proxied_local",
         "record",
@@ -102,6 +105,9 @@ class Connection:
         shared: Shared,
     ) -> None:
         self.client: Dialed = client
+        #: The client's TLS when OpenSSL drives the accepted socket itself (the fast
+        #: path of step 6: ``client`` stays the raw socket; the data core takes both).
+        self.client_tls: SSL.Connection | None = None
         self.backend: Dialed | None = None
         self.target: Target | None = None  # the backend of the pool it connected to
         self.replay = b""  # passthrough: what was read of the ClientHello, for the backend
@@ -120,9 +126,12 @@ class Connection:
         self.shared = shared
 
     def client_stream(self) -> trio.abc.Stream:
-        """The client as a trio stream (wrapping the accepted socket once)."""
+        """The client as a trio stream (wrapping the accepted socket once, with its
+        TLS if OpenSSL drives it)."""
         if isinstance(self.client, socket.socket):
-            self.client = socket_stream(self.client)
+            stream = socket_stream(self.client)
+            tls, self.client_tls = self.client_tls, None
+            self.client = stream if tls is None else SocketTLSStream(stream, tls)
         return self.client
 
     def backend_stream(self) -> trio.abc.Stream:
@@ -132,11 +141,17 @@ class Connection:
         return self.backend
 
     async def aclose(self) -> None:
-        """Close both ends, the backend first; every one even when cancelled."""
+        """Close both ends, the backend first; every one even when cancelled. A client
+        whose TLS OpenSSL drives on the socket gets one close_notify attempt (never
+        waiting), as the data core gives its links."""
         try:
             if self.backend is not None:
                 await _close(self.backend)
         finally:
+            tls, self.client_tls = self.client_tls, None
+            if tls is not None:
+                with contextlib.suppress(SSL.Error):
+                    tls.shutdown()
             await _close(self.client)
 
     def __enter__(self) -> None:
@@ -205,6 +220,19 @@ def underlying_socket(side: object) -> socket.socket | trio.socket.SocketType | 
         elif isinstance(side, TLSStream):
             side = side.transport
     return side if isinstance(side, (socket.socket, trio.socket.SocketType)) else None
+
+
+def prepare_socket(sock: socket.socket, tcp: bool) -> None:
+    """An accepted socket the steps use as it is: non-blocking, ``TCP_NODELAY``
+    (``tcp``: the caller knows the family without asking the socket).
+
+    Done before the backend connect rather than after it: the same two syscalls, but
+    about 4 µs less system time per connection that way (benchmarks/profile_proxy.py,
+    A/B, issue #8). A socket that a step wraps in a ``trio.SocketStream`` gets both
+    from trio instead."""
+    sock.setblocking(False)
+    if tcp:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def socket_stream(sock: socket.socket) -> trio.SocketStream:

@@ -44,6 +44,7 @@ import select
 
 import trio
 
+from .eager import SocketWait, end_parked, resume
 from .links import COPY_SIZE, SHUTTING, Broken, Link, flush, read
 from .record import Ended, Outcome
 
@@ -71,11 +72,14 @@ class Core:
     def __init__(self, nursery: trio.Nursery) -> None:
         self.nursery = nursery
         self.links: dict[int, Link] = {}  # by descriptor, both of each link
+        #: Set-ups waiting for a socket (:func:`l4proxy.eager.wait_socket`), by descriptor.
+        self.parked: dict[int, SocketWait] = {}
         self.draining = False
         self.failed = False  # the epoll failed: take no more links
         self._epoll = select.epoll()
         self._now = 0.0
-        self._timers: list[tuple[float, int, Link]] = []  # idle deadlines, lazy
+        #: Idle deadlines of links (lazy) and deadlines of parked set-ups.
+        self._timers: list[tuple[float, int, Link | SocketWait]] = []
         self._tokens = itertools.count()
         self._wake: trio.CancelScope | None = None
         #: The copy flows' one read buffer (they keep only what a destination refused).
@@ -113,25 +117,54 @@ class Core:
             return False
         self.links[client] = self.links[backend] = link
         if link.idle_seconds > 0:
-            deadline = now + link.idle_seconds
-            timers = self._timers
-            if len(timers) > 2 * len(self.links) + TIMERS_SLACK:  # (two fds per link)
-                self._timers = timers = [entry for entry in timers if not entry[2].closed]
-                heapq.heapify(timers)
-            heapq.heappush(timers, (deadline, next(self._tokens), link))
-            wake = self._wake
-            if wake is not None and deadline < wake.deadline:
-                wake.deadline = deadline
+            self._add_timer(now + link.idle_seconds, link)
         self._dispatch(link, client, _IN)
         tls = link.backend_tls
         if tls is not None and not link.closed and tls.pending():  # decrypted in set-up
             self._dispatch(link, backend, _IN)
         return True
 
+    def park(self, wait: SocketWait) -> bool:
+        """Watch a set-up's socket for it (:class:`l4proxy.eager.Host`): resume it when
+        the socket is ready or its deadline passed. ``False`` if the core cannot (it
+        failed, or the descriptor is watched already): the set-up gets a task."""
+        fd = wait.fd
+        if self.failed or fd in self.parked or fd in self.links:
+            return False
+        try:
+            self._epoll.register(fd, wait.events)
+        except OSError:
+            return False
+        self.parked[fd] = wait
+        if wait.deadline < math.inf:
+            self._add_timer(wait.deadline, wait)
+        return True
+
+    def _add_timer(self, deadline: float, item: Link | SocketWait) -> None:
+        timers = self._timers
+        if len(timers) > 2 * (len(self.links) + len(self.parked)) + TIMERS_SLACK:
+            self._timers = timers = [entry for entry in timers if not entry[2].closed]
+            heapq.heapify(timers)
+        heapq.heappush(timers, (deadline, next(self._tokens), item))
+        wake = self._wake
+        if wake is not None and deadline < wake.deadline:
+            wake.deadline = deadline
+
+    def _wake_parked(self, wait: SocketWait, timed_out: bool) -> None:
+        """Take a parked set-up out of the epoll and drive it on (it may hand its
+        sockets over to this core, or park again); a failure costs it only."""
+        del self.parked[wait.fd]
+        wait.closed = True
+        self._epoll.unregister(wait.fd)
+        try:
+            resume(self, wait, timed_out)
+        except Exception:  # never into the core's loop
+            LOGGER.exception("a connection's set-up failed")
+
     def stop(self) -> None:
         """The listener drains: :meth:`run` returns once the last link has ended."""
         self.draining = True
-        if not self.links and self._wake is not None:
+        if not self.links and not self.parked and self._wake is not None:
             self._wake.cancel()
 
     async def run(self) -> None:
@@ -151,6 +184,10 @@ class Core:
             failure = exc
         finally:
             self.failed = True
+            for wait in list(self.parked.values()):  # set-ups cut: logged as drained
+                del self.parked[wait.fd]
+                wait.closed = True
+                end_parked(wait)
             for link in set(self.links.values()):
                 if failure is not None and link.error is None:
                     link.error = Ended(Outcome.INTERNAL_ERROR, f"data core failed: {failure!r}")
@@ -162,15 +199,15 @@ class Core:
         registering its deadline is most of a wake-up's cost in trio. The scope's
         deadline follows the earliest idle timer; when it passes, the wait is
         cancelled, the timers run and a new scope starts."""
-        links = self.links
-        while not (self.draining and not links):
+        links, parked = self.links, self.parked
+        while not (self.draining and not links and not parked):
             timers = self._timers  # add() may rebuild it
             with trio.CancelScope(deadline=timers[0][0] if timers else math.inf) as wake:
                 self._wake = wake
                 while True:
                     await trio.lowlevel.wait_readable(self._epoll)
                     self._tick()
-                    if self.draining and not links:
+                    if self.draining and not links and not parked:
                         return
                     timers = self._timers
                     deadline = timers[0][0] if timers else math.inf
@@ -182,23 +219,29 @@ class Core:
     def _tick(self) -> None:
         """Dispatch what the epoll has ready (at most :data:`MAX_EVENTS`), then expire
         idle links whose timer is due."""
-        links, dispatch = self.links, self._dispatch
+        links, dispatch, parked = self.links, self._dispatch, self.parked
         self._now = now = trio.current_time()
         for fd, events in self._epoll.poll(0, MAX_EVENTS):
             link = links.get(fd)
-            if link is not None:  # else: ended by an earlier event of this batch
+            if link is not None:
                 dispatch(link, fd, events)
+            elif fd in parked:
+                self._wake_parked(parked[fd], False)
+            # else: ended by an earlier event of this batch
         timers = self._timers
         while timers and timers[0][0] <= now:
-            _, _, link = heapq.heappop(timers)
-            if link.closed:
+            _, _, item = heapq.heappop(timers)
+            if item.closed:
                 continue
-            due = link.seen + link.idle_seconds
+            if isinstance(item, SocketWait):
+                self._wake_parked(item, True)
+                continue
+            due = item.seen + item.idle_seconds
             if due > now:  # moved since: wait again from its last move
-                heapq.heappush(timers, (due, next(self._tokens), link))
+                heapq.heappush(timers, (due, next(self._tokens), item))
             else:
-                link.idle_expired = True
-                self._close(link)
+                item.idle_expired = True
+                self._close(item)
 
     def _dispatch(self, link: Link, fd: int, events: int) -> None:
         """What ``events`` on ``fd`` mean for ``link``: read, write, or a hang-up."""

@@ -42,7 +42,7 @@ from .addresses import TCPAddress
 from .admission import key_of, parse_client
 from .balancing import Balance
 from .connect import HEALTH, connect_with_failover
-from .connection import Connection, finish, socket_stream
+from .connection import Connection, finish, prepare_socket, socket_stream
 from .core import Link
 from .eager import own_task
 from .errors import UpstreamConnectError
@@ -114,13 +114,12 @@ async def serve(
                 await own_task()  # each step that may wait: see eager.py
                 await accept_proxy_header(connection)  # 2. PROXY header in
             if runtime.raw_data_phase and shared.connect is None and type(client) is socket.socket:
-                _prepare_raw(client, type(peer) is TCPAddress)  # before the connect: cheaper
+                prepare_socket(client, type(peer) is TCPAddress)  # before the connect: cheaper
             if runtime.preamble is not None:  # 3. client preamble, with 4-6 if it starts TLS
                 await own_task()
                 dialogue, route = await client_preamble(connection)
             elif runtime.inspects_tls:  # 4-6. ClientHello, route, TLS termination
-                await own_task()
-                route = await read_tls_front(connection)
+                route = await read_tls_front(connection)  # (it waits with eager.py's)
             if route is None:  # a cleartext preamble session on a listener with routes only
                 raise Ended(Outcome.NO_ROUTE, _no_default(runtime.config.name))
             record.route = route.name
@@ -291,6 +290,8 @@ def _core_link(connection: Connection, core: Core | None, held: bool = False) ->
     if not _for_core(connection, core):
         return None
     client, client_tls = _core_end(connection.client)
+    if connection.client_tls is not None:  # OpenSSL on the accepted socket (step 6)
+        client_tls, connection.client_tls = connection.client_tls, None
     backend, backend_tls = _core_end(connection.backend)
     connection.client, connection.backend = client, backend
     runtime = connection.runtime
@@ -330,7 +331,7 @@ def _core_end(end: object) -> tuple[socket.socket, SSL.Connection | None]:
     """One end as the core takes it: the socket (non-blocking), and its TLS."""
     if type(end) is socket.socket:
         if end.getblocking():  # not prepared before the connect
-            _prepare_raw(end, end.family != socket.AF_UNIX)
+            prepare_socket(end, end.family != socket.AF_UNIX)
         return end, None
     if type(end) is trio.SocketStream:
         return detach_socket(end.socket), None
@@ -360,19 +361,6 @@ def _is_tcp(connection: Connection) -> bool:
         and target is not None
         and target.family != socket.AF_UNIX
     )
-
-
-def _prepare_raw(client: socket.socket, tcp: bool) -> None:
-    """An accepted socket that will splice as it is: non-blocking, ``TCP_NODELAY``
-    (``tcp``: the caller knows the family without asking the socket).
-
-    Done before the backend connect rather than after it: the same two syscalls, but
-    about 4 µs less system time per connection that way (benchmarks/profile_proxy.py,
-    A/B, issue #8). A socket that a step wraps in a ``trio.SocketStream`` gets both
-    from trio instead."""
-    client.setblocking(False)
-    if tcp:
-        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 async def _pump(connection: Connection) -> None:

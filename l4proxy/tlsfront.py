@@ -13,8 +13,11 @@ import socket
 from typing import TYPE_CHECKING
 
 import trio
+from OpenSSL import SSL
 
 from .addresses import TCPAddress
+from .connection import prepare_socket
+from .eager import TooSlow, own_task, wait_socket
 from .errors import ClientHelloError
 from .protocols.clienthello import DEFAULT_LIMIT, ClientHello, next_size, parse_client_hello
 from .record import Ended, Outcome
@@ -24,7 +27,9 @@ from .tls import (
     ClientCertificateRejected,
     SocketTLSStream,
     TLSStream,
+    describe_ssl_error,
 )
+from .tls.streams import alpn_protocol, cipher, peer_gone, protocol_version
 
 if TYPE_CHECKING:
     from .balancing import BackendPool
@@ -39,48 +44,148 @@ async def read_tls_front(connection: Connection) -> Route[BackendPool[Target]]:
     """Steps 4-6: read the ClientHello, route on it, terminate TLS if the listener does.
 
     The ClientHello and the handshake share one deadline. Passthrough keeps what was
-    read of the ClientHello for the backend (``connection.replay``).
+    read of the ClientHello for the backend (``connection.replay``). A client that is
+    the accepted socket takes the fast path (:func:`_on_the_socket`): peeked, and the
+    handshake done by OpenSSL on the socket, each wait in the data core (no task); a
+    ClientHello that comes in pieces, or a stream, goes through trio streams in a task.
     """
     seconds = connection.runtime.config.handshake_timeout
-    with trio.move_on_after(seconds):
-        return await tls_front(connection)
+    deadline = trio.current_time() + seconds
+    try:
+        if type(connection.client) is socket.socket:
+            route = await _on_the_socket(connection, connection.client, deadline)
+            if route is not None:
+                return route
+            peek = False  # peeked already: not all there, so read it
+        else:
+            peek = True
+        await own_task()  # trio streams from here
+        with trio.move_on_at(deadline):
+            return await tls_front(connection, peek=peek)
+    except TooSlow:
+        pass
     raise Ended(
         Outcome.HANDSHAKE_TIMEOUT, f"no complete ClientHello and handshake within {seconds:g}s"
     )
 
 
 async def tls_front(
-    connection: Connection, start: StartClientTLS | None = None
+    connection: Connection, start: StartClientTLS | None = None, *, peek: bool = True
 ) -> Route[BackendPool[Target]]:
-    """Steps 4-6 without a deadline of their own: a preamble (:mod:`l4proxy.preamble`)
-    runs them under its deadline when its dialogue asks for TLS (``start``: the ALPN
-    to select and whether the client must offer it, bytes of the ClientHello that the
-    dialogue already read)."""
+    """Steps 4-6 without a deadline of their own, over trio streams: a preamble
+    (:mod:`l4proxy.preamble`) runs them under its deadline when its dialogue asks for
+    TLS (``start``: the ALPN to select and whether the client must offer it, bytes of
+    the ClientHello that the dialogue already read). ``peek``: try the peek first."""
     runtime = connection.runtime
     stream = connection.client_stream()
-    hello, consumed, in_socket = await _client_hello(stream, start.replay if start else b"")
+    replay = start.replay if start else b""
+    hello, consumed, in_socket = await _client_hello(stream, replay, peek=peek)
+    try:
+        route, alpn = _route(connection, hello, start)
+    except _Refused as refused:
+        await _refuse(stream, hello, in_socket, refused.alert)
+        raise refused.ended from None
+    if runtime.server_tls is None:
+        connection.replay = consumed
+        return route
+    await _terminate(connection, hello, consumed, in_socket, alpn, runtime.server_tls)
+    return route
+
+
+class _Refused(Exception):
+    """Step 5 found no way on: the alert to send (may be empty), then ``ended``."""
+
+    def __init__(self, alert: bytes, ended: Ended) -> None:
+        super().__init__(alert, ended)
+        self.alert, self.ended = alert, ended
+
+
+def _route(
+    connection: Connection, hello: ClientHello, start: StartClientTLS | None
+) -> tuple[Route[BackendPool[Target]], tuple[bytes, ...]]:
+    """Step 5: note what the ClientHello offers, pick the route; return it and the
+    ALPN protocols to select. Raises :class:`_Refused`."""
+    runtime = connection.runtime
     record = connection.record
     record.sni = hello.server_name
     record.alpn = ",".join(p.decode("ascii", "replace") for p in hello.alpn_protocols) or None
     route = runtime.router.match(hello.server_name, hello.alpn_protocols)
     if route is None:
-        await _refuse(
-            stream, hello, in_socket, ALERT_UNRECOGNIZED_NAME if runtime.server_tls else b""
-        )
-        raise Ended(Outcome.NO_ROUTE, _no_route(hello, runtime.config.name))
+        alert = ALERT_UNRECOGNIZED_NAME if runtime.server_tls else b""
+        raise _Refused(alert, Ended(Outcome.NO_ROUTE, _no_route(hello, runtime.config.name)))
     record.route = route.name  # logged even if the handshake fails
-    if runtime.server_tls is None:
-        connection.replay = consumed
-        return route
     alpn = route.alpn
-    if start is not None:
+    if start is not None and runtime.server_tls is not None:
         alpn = alpn or start.alpn
         if start.require_alpn and not any(p in hello.alpn_protocols for p in start.alpn):
-            await _refuse(stream, hello, in_socket, ALERT_NO_APPLICATION_PROTOCOL)
             wanted = ", ".join(repr(p.decode("ascii", "replace")) for p in start.alpn)
-            raise Ended(Outcome.BAD_PREAMBLE, f"TLS at once without ALPN {wanted} offered")
-    await _terminate(connection, hello, consumed, in_socket, alpn, runtime.server_tls)
+            ended = Ended(Outcome.BAD_PREAMBLE, f"TLS at once without ALPN {wanted} offered")
+            raise _Refused(ALERT_NO_APPLICATION_PROTOCOL, ended)
+    return route, alpn
+
+
+async def _on_the_socket(
+    connection: Connection, sock: socket.socket, deadline: float
+) -> Route[BackendPool[Target]] | None:
+    """Steps 4-6 on the accepted socket itself: the ClientHello peeked (it stays in
+    the socket, for OpenSSL or the backend), the handshake by OpenSSL on the socket,
+    every wait :func:`~l4proxy.eager.wait_socket` (in the data core when driven
+    there). ``None``: the ClientHello is not all there yet (the caller reads it).
+    Raises ``TooSlow`` at ``deadline``."""
+    if sock.getblocking():
+        prepare_socket(sock, sock.family != socket.AF_UNIX)
+    while True:
+        try:
+            data = sock.recv(DEFAULT_LIMIT, socket.MSG_PEEK)
+            break
+        except BlockingIOError:
+            await wait_socket(sock, deadline=deadline)
+        except OSError as exc:
+            raise trio.BrokenResourceError(f"while peeking at the ClientHello: {exc}") from exc
+    if not data:
+        raise Ended(Outcome.BAD_CLIENT_HELLO, "connection closed before a ClientHello")
+    try:
+        hello = parse_client_hello(data)  # garbage is recognised at once
+    except ClientHelloError as exc:
+        _refuse_on(sock, len(data), b"")
+        raise Ended(Outcome.BAD_CLIENT_HELLO, str(exc)) from None
+    if hello is None:
+        return None
+    runtime = connection.runtime
+    try:
+        route, alpn = _route(connection, hello, None)
+    except _Refused as refused:
+        _refuse_on(sock, hello.size, refused.alert)
+        raise refused.ended from None
+    server_tls = runtime.server_tls
+    if server_tls is None:
+        return route  # passthrough: the ClientHello is still in the socket
+    tls = server_tls.connection(hello.server_name, alpn or None, sock=sock)
+    started = trio.current_time()
+    while True:
+        try:
+            tls.do_handshake()
+            break
+        except SSL.WantReadError:
+            await wait_socket(sock, deadline=deadline)
+        except SSL.WantWriteError:
+            await wait_socket(sock, writable=True, deadline=deadline)
+        except (SSL.ZeroReturnError, SSL.SysCallError) as exc:
+            raise Ended(Outcome.TLS_HANDSHAKE_FAILED, peer_gone(exc)) from None
+        except SSL.Error as exc:  # OpenSSL sent its alert itself
+            raise Ended(Outcome.TLS_HANDSHAKE_FAILED, describe_ssl_error(exc)) from None
+    connection.client_tls = tls  # closing the connection closes it with the socket
+    _note_tls(connection, tls, server_tls, started)
     return route
+
+
+def _refuse_on(sock: socket.socket, size: int, alert: bytes) -> None:
+    """:func:`_refuse` on the socket itself, never waiting: read what was peeked,
+    then the alert if the socket takes it."""
+    with contextlib.suppress(OSError):
+        sock.recv(size)
+        if alert:
+            sock.send(alert)
 
 
 def _no_route(hello: ClientHello, listener: str) -> str:
@@ -102,7 +207,9 @@ async def _refuse(
             await stream.send_all(alert)
 
 
-async def _client_hello(stream: trio.abc.Stream, replay: bytes) -> tuple[ClientHello, bytes, bool]:
+async def _client_hello(
+    stream: trio.abc.Stream, replay: bytes, *, peek: bool = True
+) -> tuple[ClientHello, bytes, bool]:
     """The ClientHello, the bytes consumed to get it, and whether it is still in the socket.
 
     Fast path: most clients send the whole ClientHello in their first segment, so peek
@@ -115,7 +222,7 @@ async def _client_hello(stream: trio.abc.Stream, replay: bytes) -> tuple[ClientH
         connection as ``bad_client_hello``.
     """
     try:
-        if type(stream) is trio.SocketStream and not replay:
+        if peek and type(stream) is trio.SocketStream and not replay:
             try:
                 data = await stream.socket.recv(DEFAULT_LIMIT, socket.MSG_PEEK)
             except OSError as exc:
@@ -190,16 +297,22 @@ async def _terminate(
         await tls.do_handshake()
     except trio.BrokenResourceError as exc:
         raise Ended(Outcome.TLS_HANDSHAKE_FAILED, str(exc)) from None
+    _note_tls(connection, tls.connection, server_tls, started)
+
+
+def _note_tls(
+    connection: Connection, tls: SSL.Connection, server_tls: ServerTLS, started: float
+) -> None:
+    """After the handshake: what was agreed, into the record; then the client
+    certificate's allow lists."""
     record = connection.record
     record.handshake_seconds = trio.current_time() - started
-    record.tls_version, record.cipher, record.alpn = (
-        tls.protocol_version,
-        tls.cipher,
-        tls.alpn_protocol,
-    )
+    record.tls_version = protocol_version(tls)
+    record.cipher = cipher(tls)
+    record.alpn = alpn_protocol(tls)
     if server_tls.verifies_clients:
         try:
-            record.client_subject = server_tls.client_identity(tls.connection)
+            record.client_subject = server_tls.client_identity(tls)
         except ClientCertificateRejected as exc:
             raise Ended(Outcome.CLIENT_CERT_REJECTED, str(exc)) from None
 

@@ -18,9 +18,18 @@ import pytest
 import trio
 import trio.testing
 
+import l4proxy
 from l4proxy import eager
 
-from .conftest import connect_to, echo, receive_exactly, start_backend, start_proxy
+from .conftest import (
+    connect_to,
+    echo,
+    receive_exactly,
+    serve_in,
+    start_backend,
+    start_proxy,
+)
+from .test_core import _core
 from .test_pipeline_cases import open_tls, terminating
 
 if TYPE_CHECKING:
@@ -33,6 +42,18 @@ if TYPE_CHECKING:
 WAIT = 10  # seconds: generous bounds for a busy machine, never a timing assertion
 
 
+class _Host:
+    """A host without a data core: every wait, for a socket or not, gets a task."""
+
+    def __init__(self, nursery: trio.Nursery) -> None:
+        self.nursery = nursery
+        self.parks = 0
+
+    def park(self, wait: eager.SocketWait) -> bool:
+        self.parks += 1
+        return False
+
+
 async def test_a_coroutine_that_never_waits_ends_inline(nursery: trio.Nursery) -> None:
     """No task: it has ended by the time start() returns, in the caller's task."""
     ran_in: list[trio.lowlevel.Task] = []
@@ -41,7 +62,7 @@ async def test_a_coroutine_that_never_waits_ends_inline(nursery: trio.Nursery) -
         ran_in.append(trio.lowlevel.current_task())
         assert value == 7
 
-    eager.start(nursery, quick, 7)
+    eager.start(_Host(nursery), quick, 7)
     assert ran_in == [trio.lowlevel.current_task()]
     assert nursery.child_tasks == set()  # the fixture's nursery: nothing spawned
 
@@ -62,7 +83,7 @@ async def test_own_task_moves_the_rest_into_a_task_of_its_own(nursery: trio.Nurs
             await trio.sleep_forever()
         done.set()
 
-    eager.start(nursery, setup)
+    eager.start(_Host(nursery), setup)
     assert seen == [("before", caller)]
     with trio.fail_after(WAIT):
         await done.wait()
@@ -92,7 +113,7 @@ async def test_a_wait_without_own_task_costs_that_coroutine_only(nursery: trio.N
             caught.append(exc)
 
     with left, right:
-        eager.start(nursery, careless)
+        eager.start(_Host(nursery), careless)
         (error,) = caught
         assert "careless waited on trio" in str(error)
         assert "own_task()" in str(error)
@@ -114,7 +135,7 @@ async def test_a_coroutine_that_keeps_waiting_inline_is_closed(
         finally:
             closed.append(True)
 
-    eager.start(nursery, stubborn)
+    eager.start(_Host(nursery), stubborn)
     assert closed == [True]
     assert "stubborn waited on trio" in caplog.text
 
@@ -124,7 +145,7 @@ async def test_what_it_raises_inline_reaches_the_caller(nursery: trio.Nursery) -
         raise ValueError("inline")
 
     with pytest.raises(ValueError, match="inline"):
-        eager.start(nursery, failing)
+        eager.start(_Host(nursery), failing)
 
 
 async def test_what_it_raises_after_moving_reaches_the_nursery() -> None:
@@ -135,7 +156,7 @@ async def test_what_it_raises_after_moving_reaches_the_nursery() -> None:
 
     with pytest.RaisesGroup(pytest.RaisesExc(ValueError, match="in its task")):
         async with trio.open_nursery() as nursery:
-            eager.start(nursery, failing)
+            eager.start(_Host(nursery), failing)
 
 
 async def test_a_moved_coroutine_is_cancelled_with_its_nursery() -> None:
@@ -151,7 +172,7 @@ async def test_a_moved_coroutine_is_cancelled_with_its_nursery() -> None:
 
     with trio.fail_after(WAIT):
         async with trio.open_nursery() as nursery:
-            eager.start(nursery, waits_forever)
+            eager.start(_Host(nursery), waits_forever)
             await trio.testing.wait_all_tasks_blocked()
             nursery.cancel_scope.cancel()
     assert cleaned == [True]
@@ -217,10 +238,11 @@ async def test_a_plain_connection_to_a_local_backend_needs_no_task(
     assert sorted(access.outcomes) == ["connect_failed"] + ["ok"] * 5
 
 
-async def test_a_terminating_connection_moves_into_a_task_for_its_handshake(
+async def test_a_terminating_connection_waits_in_the_core_without_a_task(
     nursery: trio.Nursery, pki: PKI, access: AccessWatcher
 ) -> None:
-    """The ClientHello and the handshake wait for the client: one task each."""
+    """The ClientHello and the handshake wait only for the client's socket: those waits
+    are parked in the data core, which drives the set-up on; no task at all."""
     backend = await start_backend(nursery)
     _, bound = await start_proxy(nursery, [backend], tls=terminating(pki))
     with _counting_spawns() as spawns, trio.fail_after(WAIT):
@@ -229,8 +251,43 @@ async def test_a_terminating_connection_moves_into_a_task_for_its_handshake(
                 await tls.send_all(b"hello")
                 assert await receive_exactly(tls, 5) == b"hello"
         await access.wait(3)
-    assert spawns.count("_go_on") == 3
+    assert spawns.count(*SETUP_TASKS) == 0
     assert access.outcomes == ["ok"] * 3
+    assert all(record.tls_version == "TLSv1.3" for record in access.records)
+
+
+async def test_a_socket_wait_without_parking_goes_on_in_a_task(nursery: trio.Nursery) -> None:
+    """A host that cannot park (a failed core): the coroutine gets a task, where the
+    same wait_socket() is a trio wait; its deadline still holds."""
+    host = _Host(nursery)
+    left, right = socket.socketpair()
+    left.setblocking(False)
+    got: list[object] = []
+    done = trio.Event()
+
+    async def waits_for_bytes() -> None:
+        deadline = trio.current_time() + WAIT
+        while True:
+            try:
+                got.append(left.recv(10))
+                break
+            except BlockingIOError:
+                await eager.wait_socket(left, deadline=deadline)
+        with contextlib.suppress(eager.TooSlow):
+            await eager.wait_socket(left, deadline=trio.current_time() + 0.01)
+            got.append("no timeout")
+        got.append(trio.lowlevel.current_task().name)
+        done.set()
+
+    with left, right, trio.fail_after(WAIT):
+        eager.start(host, waits_for_bytes)
+        assert host.parks == 1
+        right.send(b"x")
+        await done.wait()
+    assert got[0] == b"x"
+    assert got[1:] == [
+        f"{__name__}.test_a_socket_wait_without_parking_goes_on_in_a_task.<locals>.waits_for_bytes"
+    ]
 
 
 @contextlib.contextmanager
@@ -277,3 +334,64 @@ async def test_a_connect_that_waits_moves_into_a_task_and_times_out_there(
     assert [record.outcome for record in records] == ["connect_failed"] * 2
     expected = f"127.0.0.1:{port}: timed out after {timeout:g}s"
     assert [record.error for record in records] == [expected] * 2
+
+
+async def test_a_set_up_waiting_in_the_core_is_cut_by_the_drain(
+    pki: PKI, access: AccessWatcher
+) -> None:
+    """A client that connected and said nothing: its ClientHello wait is parked in the
+    core. The drain's deadline ends it there, with its cleanup, logged as drained;
+    and ``serve`` returns."""
+    async with trio.open_nursery() as nursery:
+        backend = await start_backend(nursery)
+        proxy = l4proxy.Proxy(
+            l4proxy.Config(
+                listeners=[
+                    l4proxy.ListenerConfig(
+                        listen=["127.0.0.1:0"],
+                        backends=[backend],
+                        tls=terminating(pki),
+                        handshake_timeout=60,
+                    )
+                ]
+            )
+        )
+        bound, served = await serve_in(nursery, proxy)
+        with trio.fail_after(WAIT):
+            core = await _core(proxy)
+            client = await connect_to(bound[0])
+            while not core.parked:  # noqa: ASYNC110 - polling the core's state
+                await trio.sleep(0.01)
+            proxy.close(drain_timeout=0.2)
+            assert await client.receive_some() == b""
+            (record,) = await access.wait()
+            await served.wait()
+            await client.aclose()
+        nursery.cancel_scope.cancel()
+    assert record.outcome == "drained"
+    assert record.sni is None
+    assert not core.parked
+
+
+async def test_a_stalled_handshake_times_out_in_the_core(
+    nursery: trio.Nursery, pki: PKI, access: AccessWatcher
+) -> None:
+    """The deadline of a wait parked in the core is the core's timer: a client that
+    says nothing is cut at the handshake timeout without a task ever made. One that
+    sends part of a ClientHello is read in a task (trio streams), under the same
+    deadline."""
+    backend = await start_backend(nursery)
+    _, bound = await start_proxy(nursery, [backend], tls=terminating(pki), handshake_timeout=0.3)
+    with _counting_spawns() as spawns, trio.fail_after(WAIT):
+        silent = await connect_to(bound[0])
+        assert await silent.receive_some() == b""
+        await access.wait(1)
+        assert spawns.count(*SETUP_TASKS) == 0
+        partial = await connect_to(bound[0])
+        await partial.send_all(b"\x16\x03\x01")  # a ClientHello's first bytes, then nothing
+        assert await partial.receive_some() == b""
+        await access.wait(2)
+        for client in (silent, partial):
+            await client.aclose()
+    assert access.outcomes == ["handshake_timeout"] * 2
+    assert spawns.count(*SETUP_TASKS) == 1

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+from typing import TYPE_CHECKING
 
 import service_identity
 import service_identity.pyopenssl
@@ -30,6 +31,9 @@ from l4proxy.errors import ConfigError
 from l4proxy.names import NameTable
 
 from .policy import LOGGER, describe_ssl_error, policy_context, read_file
+
+if TYPE_CHECKING:
+    import socket
 
 
 class ClientCertificateRejected(Exception):
@@ -92,7 +96,7 @@ class ServerTLS:
         server_name: str | None,
         alpn: tuple[bytes, ...] | None = None,
         *,
-        sock: trio.socket.SocketType | None = None,
+        sock: socket.socket | trio.socket.SocketType | None = None,
     ) -> SSL.Connection:
         """A server-side connection for this SNI, offering ``alpn`` (default: the
         listener's); over memory BIOs, or reading and writing ``sock`` itself."""

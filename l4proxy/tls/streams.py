@@ -169,14 +169,8 @@ class TLSStream(trio.abc.HalfCloseableStream):
         try:
             await self._retry(self.connection.do_handshake)
         except (SSL.ZeroReturnError, SSL.SysCallError) as exc:
-            # The peer went away: its EOF (a ZeroReturnError at any point of the
-            # handshake, under IGNORE_UNEXPECTED_EOF) or an error of the socket.
             self._state = _State.BROKEN
-            code = exc.args[0] if exc.args and isinstance(exc.args[0], int) else -1
-            verb = "reset" if code > 0 else "closed"
-            raise trio.BrokenResourceError(
-                f"peer {verb} the connection during the handshake"
-            ) from exc
+            raise trio.BrokenResourceError(peer_gone(exc)) from exc
         except SSL.Error as exc:
             self._state = _State.BROKEN
             with trio.move_on_after(self.close_seconds):
@@ -294,18 +288,15 @@ class TLSStream(trio.abc.HalfCloseableStream):
 
     @property
     def protocol_version(self) -> str | None:
-        version = self.connection.get_protocol_version_name()
-        return str(version) if version and version != "Unknown" else None
+        return protocol_version(self.connection)
 
     @property
     def cipher(self) -> str | None:
-        name = self.connection.get_cipher_name()
-        return str(name) if name else None
+        return cipher(self.connection)
 
     @property
     def alpn_protocol(self) -> str | None:
-        protocol = self.connection.get_alpn_proto_negotiated()
-        return bytes(protocol).decode("ascii", "replace") if protocol else None
+        return alpn_protocol(self.connection)
 
     def _check_usable(self) -> None:
         if self._state is _State.CLOSED:
@@ -381,6 +372,30 @@ class SocketTLSStream(TLSStream):
         assert self.can_hand_over
         self._state = _State.CLOSED
         return detach_socket(self._sock), self.connection
+
+
+def peer_gone(exc: SSL.ZeroReturnError | SSL.SysCallError) -> str:
+    """Why a handshake stopped when the peer went away: its EOF (a ZeroReturnError at
+    any point of the handshake, under IGNORE_UNEXPECTED_EOF) or its socket's error."""
+    code = exc.args[0] if exc.args and isinstance(exc.args[0], int) else -1
+    verb = "reset" if code > 0 else "closed"
+    return f"peer {verb} the connection during the handshake"
+
+
+def protocol_version(connection: SSL.Connection) -> str | None:
+    """The negotiated TLS version's name ("TLSv1.3"), once the handshake is done."""
+    version = connection.get_protocol_version_name()
+    return str(version) if version and version != "Unknown" else None
+
+
+def cipher(connection: SSL.Connection) -> str | None:
+    name = connection.get_cipher_name()
+    return str(name) if name else None
+
+
+def alpn_protocol(connection: SSL.Connection) -> str | None:
+    protocol = connection.get_alpn_proto_negotiated()
+    return bytes(protocol).decode("ascii", "replace") if protocol else None
 
 
 def detach_socket(sock: trio.socket.SocketType) -> socket.socket:
