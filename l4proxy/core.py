@@ -36,6 +36,7 @@ loop (:meth:`add` says no) — never the process.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 import logging
@@ -44,7 +45,7 @@ import select
 
 import trio
 
-from .eager import SocketWait, end_parked, resume
+from .eager import SocketWait, end_parked, move_parked, resume
 from .links import COPY_SIZE, SHUTTING, Broken, Link, flush, read
 from .record import Ended, Outcome
 
@@ -150,12 +151,15 @@ class Core:
         if wake is not None and deadline < wake.deadline:
             wake.deadline = deadline
 
-    def _wake_parked(self, wait: SocketWait, timed_out: bool) -> None:
-        """Take a parked set-up out of the epoll and drive it on (it may hand its
-        sockets over to this core, or park again); a failure costs it only."""
+    def _unpark(self, wait: SocketWait) -> None:
         del self.parked[wait.fd]
         wait.closed = True
-        self._epoll.unregister(wait.fd)
+        with contextlib.suppress(OSError):  # (the set-up's socket: it has not closed it)
+            self._epoll.unregister(wait.fd)
+
+    def _resume(self, wait: SocketWait, timed_out: bool) -> None:
+        """Drive an unparked set-up on (it may hand its sockets over to this core, or
+        park again); a failure costs it only."""
         try:
             resume(self, wait, timed_out)
         except Exception:  # never into the core's loop
@@ -170,7 +174,7 @@ class Core:
     async def run(self) -> None:
         """Move bytes until the listener drained and no link is left; see the module.
 
-        Cancelled (the drain deadline), it cuts every link first.
+        Cancelled (the drain deadline), it cuts every parked set-up and link first.
 
         Error handling:
             This task lives in the listener's nursery, so nothing may escape it but
@@ -184,14 +188,32 @@ class Core:
             failure = exc
         finally:
             self.failed = True
-            for wait in list(self.parked.values()):  # set-ups cut: logged as drained
-                del self.parked[wait.fd]
-                wait.closed = True
-                end_parked(wait)
+            try:
+                self._end_parked(cancelled=failure is None)
+            finally:
+                self._close_all(failure)
+
+    def _end_parked(self, *, cancelled: bool) -> None:
+        """The set-ups still parked: cut (the drain's deadline or a cancellation: each
+        logged as drained or cancelled), or, when the core failed, moved into tasks
+        of their own (woken once for nothing, they try again and wait in trio)."""
+        for wait in list(self.parked.values()):
+            self._unpark(wait)
+            try:
+                if cancelled:
+                    end_parked(wait)
+                else:
+                    move_parked(self, wait)
+            except Exception:
+                LOGGER.exception("ending a connection's set-up failed")
+
+    def _close_all(self, failure: Exception | None) -> None:
+        try:
             for link in set(self.links.values()):
                 if failure is not None and link.error is None:
                     link.error = Ended(Outcome.INTERNAL_ERROR, f"data core failed: {failure!r}")
                 self._close(link)
+        finally:
             self._epoll.close()
 
     async def _run(self) -> None:
@@ -221,24 +243,32 @@ class Core:
         idle links whose timer is due."""
         links, dispatch, parked = self.links, self._dispatch, self.parked
         self._now = now = trio.current_time()
+        ready: list[SocketWait] | None = None
         for fd, events in self._epoll.poll(0, MAX_EVENTS):
             link = links.get(fd)
             if link is not None:
                 dispatch(link, fd, events)
-            elif fd in parked:
-                self._wake_parked(parked[fd], False)
+            elif fd in parked:  # driven on after this batch: a set-up may take over a
+                wait = parked[fd]  # descriptor that a later, stale event still names
+                self._unpark(wait)
+                if ready is None:
+                    ready = []
+                ready.append(wait)
             # else: ended by an earlier event of this batch
-        timers = self._timers
-        while timers and timers[0][0] <= now:
-            _, _, item = heapq.heappop(timers)
+        if ready is not None:
+            for wait in ready:
+                self._resume(wait, False)
+        while self._timers and self._timers[0][0] <= now:  # (park() may rebuild the heap)
+            _, _, item = heapq.heappop(self._timers)
             if item.closed:
                 continue
             if isinstance(item, SocketWait):
-                self._wake_parked(item, True)
+                self._unpark(item)
+                self._resume(item, True)
                 continue
             due = item.seen + item.idle_seconds
             if due > now:  # moved since: wait again from its last move
-                heapq.heappush(timers, (due, next(self._tokens), item))
+                heapq.heappush(self._timers, (due, next(self._tokens), item))
             else:
                 item.idle_expired = True
                 self._close(item)
@@ -331,5 +361,5 @@ class Core:
             link.on_done(link)
         except Exception:  # never into the core's loop
             LOGGER.exception("finishing a connection failed")
-        if self.draining and not links and self._wake is not None:
+        if self.draining and not links and not self.parked and self._wake is not None:
             self._wake.cancel()

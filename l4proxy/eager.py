@@ -137,6 +137,18 @@ def end_parked(wait: SocketWait) -> None:
     coroutine.close()  # it tried to wait again: no more waiting here
 
 
+def move_parked(host: Host, wait: SocketWait) -> None:
+    """Give a parked coroutine a task of its own (its host can no longer watch for it):
+    woken there for nothing, it tries its operation again and waits in trio."""
+    coroutine = wait.coroutine
+    assert coroutine is not None
+    try:
+        host.nursery.start_soon(_go_on, coroutine, name=getattr(coroutine, "__qualname__", None))
+    except BaseException:
+        coroutine.close()
+        raise
+
+
 def _drive(  # type: ignore[explicit-any]
     host: Host,
     coroutine: Coroutine[object, object, None],

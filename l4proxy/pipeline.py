@@ -113,7 +113,12 @@ async def serve(
             ):
                 await own_task()  # each step that may wait: see eager.py
                 await accept_proxy_header(connection)  # 2. PROXY header in
-            if runtime.raw_data_phase and shared.connect is None and type(client) is socket.socket:
+            if (
+                runtime.raw_data_phase
+                and shared.connect is None
+                and type(client) is socket.socket
+                and client.getblocking()  # (not prepared by step 2)
+            ):
                 prepare_socket(client, type(peer) is TCPAddress)  # before the connect: cheaper
             if runtime.preamble is not None:  # 3. client preamble, with 4-6 if it starts TLS
                 await own_task()

@@ -23,6 +23,7 @@ import trio
 
 from .addresses import TCPAddress, UnixAddress
 from .admit import admit
+from .connection import prepare_socket
 from .errors import ProxyHeaderError
 from .protocols.proxyheader import V2_MAX_SIZE, Command, InetEndpoint, parse_proxy_header
 from .record import Ended, Outcome
@@ -39,7 +40,7 @@ async def accept_proxy_header(connection: Connection) -> None:
     """Read the trusted peer's header and apply it (then admit the real client)."""
     sock = connection.client
     assert isinstance(sock, socket.socket)  # only accepted sockets come from trusted peers
-    sock.setblocking(False)  # as every later step would have it; never block the loop
+    prepare_socket(sock, True)  # as every later step would have it (trusted peers: TCP)
     seconds = connection.runtime.config.handshake_timeout
     header = None
     with trio.move_on_after(seconds):

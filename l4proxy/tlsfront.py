@@ -40,6 +40,13 @@ if TYPE_CHECKING:
     from .tls import BackendTLS, ServerTLS
 
 
+#: Linux's TCP_NOTSENT_LOWAT, and the 16 KiB trio's streams set: the kernel keeps at
+#: most that much unsent data for a TLS client, so a slow reader shows as a full socket
+#: (WantWriteError) early and the data core mutes the backend, as on the stream path.
+TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
+NOTSENT_LOWAT = 16384
+
+
 async def read_tls_front(connection: Connection) -> Route[BackendPool[Target]]:
     """Steps 4-6: read the ClientHello, route on it, terminate TLS if the listener does.
 
@@ -132,8 +139,11 @@ async def _on_the_socket(
     every wait :func:`~l4proxy.eager.wait_socket` (in the data core when driven
     there). ``None``: the ClientHello is not all there yet (the caller reads it).
     Raises ``TooSlow`` at ``deadline``."""
-    if sock.getblocking():
-        prepare_socket(sock, sock.family != socket.AF_UNIX)
+    tcp = type(connection.record.client) is TCPAddress
+    if sock.getblocking():  # (not prepared by step 2)
+        prepare_socket(sock, tcp)
+    if tcp:  # what a trio.SocketStream sets: bounded unsent data in the kernel
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, NOTSENT_LOWAT)
     while True:
         try:
             data = sock.recv(DEFAULT_LIMIT, socket.MSG_PEEK)

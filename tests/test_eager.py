@@ -19,6 +19,7 @@ import trio
 import trio.testing
 
 import l4proxy
+import l4proxy.tlsfront
 from l4proxy import eager
 
 from .conftest import (
@@ -29,7 +30,7 @@ from .conftest import (
     start_backend,
     start_proxy,
 )
-from .test_core import _core
+from .test_core import _core, _inject
 from .test_pipeline_cases import open_tls, terminating
 
 if TYPE_CHECKING:
@@ -239,11 +240,12 @@ async def test_a_plain_connection_to_a_local_backend_needs_no_task(
 
 
 async def test_a_terminating_connection_waits_in_the_core_without_a_task(
-    nursery: trio.Nursery, pki: PKI, access: AccessWatcher
+    nursery: trio.Nursery, pki: PKI, access: AccessWatcher, tmp_path: Path
 ) -> None:
     """The ClientHello and the handshake wait only for the client's socket: those waits
-    are parked in the data core, which drives the set-up on; no task at all."""
-    backend = await start_backend(nursery)
+    are parked in the data core, which drives the set-up on; no task at all. (A Unix
+    backend: its connect never waits, whatever the kernel's timing.)"""
+    backend = await _start_unix_backend(nursery, tmp_path / "echo.sock")
     _, bound = await start_proxy(nursery, [backend], tls=terminating(pki))
     with _counting_spawns() as spawns, trio.fail_after(WAIT):
         for _ in range(3):
@@ -395,3 +397,57 @@ async def test_a_stalled_handshake_times_out_in_the_core(
             await client.aclose()
     assert access.outcomes == ["handshake_timeout"] * 2
     assert spawns.count(*SETUP_TASKS) == 1
+
+
+async def test_a_tls_client_from_a_trusted_peer_gets_the_socket_options(
+    nursery: trio.Nursery, pki: PKI, access: AccessWatcher
+) -> None:
+    """Step 2 (a trusted peer's PROXY header) prepares the accepted socket before the
+    TLS fast path: it still gets ``TCP_NODELAY`` and the 16 KiB ``TCP_NOTSENT_LOWAT``
+    that a trio stream would have set (looked up on the socket in the core)."""
+    backend = await start_backend(nursery)
+    proxy, bound = await start_proxy(
+        nursery, [backend], tls=terminating(pki), accept_proxy_protocol=["127.0.0.0/8"]
+    )
+    with trio.fail_after(WAIT):
+        core = await _core(proxy)
+        transport = await connect_to(bound[0])
+        await transport.send_all(b"PROXY TCP4 192.0.2.7 127.0.0.1 5555 443\r\n")
+        tls = trio.SSLStream(transport, pki.client_context(), server_hostname="a.example")
+        await tls.do_handshake()
+        await tls.send_all(b"hello")
+        assert await receive_exactly(tls, 5) == b"hello"
+        (link,) = set(core.links.values())
+        nodelay = link.client.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        lowat = link.client.getsockopt(socket.IPPROTO_TCP, l4proxy.tlsfront.TCP_NOTSENT_LOWAT)
+        await tls.aclose()
+        (record,) = await access.wait()
+    assert (nodelay, lowat) == (1, 16384)
+    assert str(record.proxied_client) == "192.0.2.7:5555"
+    assert record.outcome == "ok"
+
+
+async def test_a_set_up_parked_in_a_core_that_fails_goes_on_in_a_task(
+    nursery: trio.Nursery, pki: PKI, access: AccessWatcher, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The core's own failure (its epoll's ``poll()`` raising) while a handshake waits
+    in it: the set-up is not cut but moved into a task of its own, where it waits in
+    trio and finishes; its bytes then take the copy loop."""
+    backend = await start_backend(nursery)
+    proxy, bound = await start_proxy(nursery, [backend], tls=terminating(pki))
+    with trio.fail_after(WAIT):
+        core = await _core(proxy)
+        epoll = await _inject(proxy)
+        transport = await connect_to(bound[0])
+        while not core.parked:  # noqa: ASYNC110 - polling the core's state
+            await trio.sleep(0.01)
+        epoll.fail_poll = True
+        tls = trio.SSLStream(transport, pki.client_context(), server_hostname="a.example")
+        await tls.do_handshake()  # its ClientHello wakes the core, whose poll() fails
+        await tls.send_all(b"hello")
+        assert await receive_exactly(tls, 5) == b"hello"
+        await tls.aclose()
+        (record,) = await access.wait()
+    assert not epoll.fail_poll  # the failure was injected, once
+    assert "the data core failed" in caplog.text
+    assert (record.outcome, record.tls_version) == ("ok", "TLSv1.3")
