@@ -30,6 +30,7 @@ from .conftest import (
     start_backend,
     start_proxy,
 )
+from .test_connect import _backend_with_a_full_backlog
 from .test_core import _core, _inject
 from .test_pipeline_cases import open_tls, terminating
 
@@ -292,28 +293,6 @@ async def test_a_socket_wait_without_parking_goes_on_in_a_task(nursery: trio.Nur
     ]
 
 
-@contextlib.contextmanager
-def _backend_that_never_answers() -> Iterator[int]:
-    """A listener whose accept queue is full: the kernel drops further SYNs, so a
-    connect to it stays in progress (it does not finish inside ``connect``)."""
-    with socket.socket() as server:
-        server.bind(("127.0.0.1", 0))
-        server.listen(0)
-        port = server.getsockname()[1]
-        fillers = []
-        try:
-            for _ in range(4):  # more than the queue holds
-                filler = socket.socket()
-                filler.setblocking(False)
-                fillers.append(filler)
-                with contextlib.suppress(BlockingIOError):
-                    filler.connect(("127.0.0.1", port))
-            yield port
-        finally:
-            for filler in fillers:
-                filler.close()
-
-
 async def test_a_connect_that_waits_moves_into_a_task_and_times_out_there(
     nursery: trio.Nursery, access: AccessWatcher
 ) -> None:
@@ -321,7 +300,7 @@ async def test_a_connect_that_waits_moves_into_a_task_and_times_out_there(
     the other still waits (side by side, not one after the other), and each is cut at
     the connect timeout and logged."""
     timeout = 2.0  # long enough that both are surely still waiting when counted
-    with _backend_that_never_answers() as port:
+    with _backend_with_a_full_backlog() as port:  # connects to it hang
         _, bound = await start_proxy(nursery, [f"127.0.0.1:{port}"], connect_timeout=timeout)
         with _counting_spawns() as spawns, trio.fail_after(WAIT):
             first, second = await connect_to(bound[0]), await connect_to(bound[0])
