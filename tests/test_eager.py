@@ -19,6 +19,7 @@ import trio
 import trio.testing
 
 import l4proxy
+import l4proxy.connect
 import l4proxy.tlsfront
 from l4proxy import eager
 
@@ -430,3 +431,53 @@ async def test_a_set_up_parked_in_a_core_that_fails_goes_on_in_a_task(
     assert not epoll.fail_poll  # the failure was injected, once
     assert "the data core failed" in caplog.text
     assert (record.outcome, record.tls_version) == ("ok", "TLSv1.3")
+
+
+async def test_a_fast_path_tls_client_with_an_embedders_connector(
+    nursery: trio.Nursery, pki: PKI, access: AccessWatcher
+) -> None:
+    """The handshake on the accepted socket, then an embedder's connector: the client's
+    socket and its TLS become one stream for the copy loop. A connect that fails after
+    the handshake ends with the client's close_notify (a clean end, not a bare FIN)."""
+    backend = await start_backend(nursery)
+    failing = trio.Event()
+
+    async def connect(address: l4proxy.Address) -> trio.abc.Stream:
+        if failing.is_set():
+            raise OSError(111, "Connection refused")
+        return await l4proxy.connect.open_connection(address)
+
+    _, bound = await start_proxy(nursery, [backend], tls=terminating(pki), connect=connect)
+    with trio.fail_after(WAIT):
+        async with await open_tls(bound[0], pki, "a.example") as tls:
+            await tls.send_all(b"through a connector")
+            assert await receive_exactly(tls, 19) == b"through a connector"
+        failing.set()
+        async with await open_tls(bound[0], pki, "a.example") as tls:
+            assert await tls.receive_some() == b""  # close_notify: no BrokenResourceError
+        records = await access.wait(2)
+    assert [record.outcome for record in records] == ["ok", "connect_failed"]
+    for record in records:
+        assert record.tls_version == "TLSv1.3"
+        assert record.handshake_seconds is not None
+        assert 0 < record.handshake_seconds < WAIT
+
+
+async def test_tls_on_a_unix_listener_takes_the_fast_path(
+    nursery: trio.Nursery, pki: PKI, access: AccessWatcher, tmp_path: Path
+) -> None:
+    """A Unix listener's client socket: no TCP options to set, the same parked
+    handshake, no task."""
+    backend = await _start_unix_backend(nursery, tmp_path / "echo.sock")
+    path = tmp_path / "tls.sock"
+    _, bound = await start_proxy(nursery, [backend], listen=[f"unix:{path}"], tls=terminating(pki))
+    with _counting_spawns() as spawns, trio.fail_after(WAIT):
+        transport = await connect_to(bound[0])  # the Unix path
+        tls = trio.SSLStream(transport, pki.client_context(), server_hostname="a.example")
+        await tls.do_handshake()
+        await tls.send_all(b"over unix")
+        assert await receive_exactly(tls, 9) == b"over unix"
+        await tls.aclose()
+        (record,) = await access.wait()
+    assert spawns.count(*SETUP_TASKS) == 0
+    assert (record.outcome, record.sni, record.tls_version) == ("ok", "a.example", "TLSv1.3")
