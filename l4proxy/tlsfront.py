@@ -144,14 +144,16 @@ async def _on_the_socket(
         prepare_socket(sock, tcp)
     if tcp:  # what a trio.SocketStream sets: bounded unsent data in the kernel
         sock.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, NOTSENT_LOWAT)
+    # The waits stay outside the except blocks: a parked set-up keeps no exception alive.
     while True:
         try:
             data = sock.recv(DEFAULT_LIMIT, socket.MSG_PEEK)
             break
         except BlockingIOError:
-            await wait_socket(sock, deadline=deadline)
+            pass
         except OSError as exc:
             raise trio.BrokenResourceError(f"while peeking at the ClientHello: {exc}") from exc
+        await wait_socket(sock, deadline=deadline)
     if not data:
         raise Ended(Outcome.BAD_CLIENT_HELLO, "connection closed before a ClientHello")
     try:
@@ -177,13 +179,14 @@ async def _on_the_socket(
             tls.do_handshake()
             break
         except SSL.WantReadError:
-            await wait_socket(sock, deadline=deadline)
+            writable = False
         except SSL.WantWriteError:
-            await wait_socket(sock, writable=True, deadline=deadline)
+            writable = True
         except (SSL.ZeroReturnError, SSL.SysCallError) as exc:
             raise Ended(Outcome.TLS_HANDSHAKE_FAILED, peer_gone(exc)) from None
         except SSL.Error as exc:  # OpenSSL sent its alert itself
             raise Ended(Outcome.TLS_HANDSHAKE_FAILED, describe_ssl_error(exc)) from None
+        await wait_socket(sock, writable=writable, deadline=deadline)
     connection.client_tls = tls  # closing the connection closes it with the socket
     _note_tls(connection, tls, server_tls, started)
     return route
