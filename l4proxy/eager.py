@@ -140,10 +140,18 @@ def end_parked(wait: SocketWait) -> None:
 def move_parked(host: Host, wait: SocketWait) -> None:
     """Give a parked coroutine a task of its own (its host can no longer watch for it):
     woken there for nothing, it tries its operation again and waits in trio."""
-    coroutine = wait.coroutine
-    assert coroutine is not None
+    assert wait.coroutine is not None
+    _spawn(host, wait.coroutine, None)
+
+
+def _spawn(  # type: ignore[explicit-any]
+    host: Host, coroutine: Coroutine[object, object, None], name: Callable[..., object] | None
+) -> None:
+    """Go on in a task of ``host``'s nursery (named after the set-up's function)."""
     try:
-        host.nursery.start_soon(_go_on, coroutine, name=getattr(coroutine, "__qualname__", None))
+        host.nursery.start_soon(
+            _go_on, coroutine, name=name or getattr(coroutine, "__qualname__", None)
+        )
     except BaseException:
         coroutine.close()
         raise
@@ -177,12 +185,7 @@ def _drive(  # type: ignore[explicit-any]
         if host.park(yielded):
             return
         # No parking: a task of its own; woken spuriously, its loop tries again.
-    try:
-        name = async_fn or getattr(coroutine, "__qualname__", None)
-        host.nursery.start_soon(_go_on, coroutine, name=name)
-    except BaseException:
-        coroutine.close()
-        raise
+    _spawn(host, coroutine, async_fn)
 
 
 def _step(
