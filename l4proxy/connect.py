@@ -32,7 +32,7 @@ import attrs
 import trio
 
 from .addresses import Address, UnixAddress
-from .eager import own_task
+from .eager import TooSlow, own_task, wait_socket
 from .errors import UpstreamConnectError
 
 if TYPE_CHECKING:
@@ -218,10 +218,10 @@ async def _dial_socket(target: Target, seconds: float, source: str | None) -> so
             failure = sock.connect_ex(sockaddr)
             if failure == errno.EINPROGRESS:
                 failure = 0 if _connected(sock) else -1
-                if failure:
-                    await own_task()  # see eager.py
-                    with trio.move_on_after(seconds):
-                        await trio.lowlevel.wait_writable(sock)
+                if failure:  # in the data core when driven there (eager.py)
+                    deadline = trio.current_time() + seconds
+                    with contextlib.suppress(TooSlow):  # (failure stays -1: timed out)
+                        await wait_socket(sock, writable=True, deadline=deadline)
                         failure = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
     except BaseException:
         sock.close()

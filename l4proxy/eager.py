@@ -3,7 +3,8 @@
 A plain connection's set-up never waits: on loopback and other local addresses the
 kernel finishes a backend's TCP handshake inside ``connect``, so accepting, connecting
 and handing both sockets to the data core all happen in one go. A TLS connection waits
-only for its socket (the ClientHello, the client's half of the handshake). A trio task
+only for its socket (the ClientHello, the client's half of the handshake), and a
+connect to a remote backend for its socket to become writable. A trio task
 per connection (spawn, one scheduler turn, exit: about 10 µs) and trio waits
 (registration, wake-up, task switch) would be much of their Python cost. So the accept
 loop *drives* the pipeline's coroutine itself (:func:`start`), and:

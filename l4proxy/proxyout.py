@@ -17,14 +17,13 @@ cheaply: addresses packed with ``inet_pton``, the listening address once per lis
 from __future__ import annotations
 
 import functools
+import math
 import socket
 from typing import TYPE_CHECKING
 
-import trio
-
 from .addresses import TCPAddress, UnixAddress
 from .connection import underlying_socket
-from .eager import own_task
+from .eager import own_task, wait_socket
 from .protocols.proxyheader import (
     PP2_TYPE_ALPN,
     PP2_TYPE_AUTHORITY,
@@ -77,8 +76,7 @@ async def send_proxy_header(connection: Connection, version: str, *, splices_nex
                 continue
             except BlockingIOError:
                 pass
-            await own_task()  # see eager.py
-            await trio.lowlevel.wait_writable(backend)
+            await wait_socket(backend, writable=True, deadline=math.inf)  # see eager.py
         return splices_next
     await own_task()
     await connection.backend_stream().send_all(header)

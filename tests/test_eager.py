@@ -294,28 +294,31 @@ async def test_a_socket_wait_without_parking_goes_on_in_a_task(nursery: trio.Nur
     ]
 
 
-async def test_a_connect_that_waits_moves_into_a_task_and_times_out_there(
+async def test_a_connect_that_waits_is_parked_in_the_core_and_times_out_there(
     nursery: trio.Nursery, access: AccessWatcher
 ) -> None:
-    """Two clients whose connects both hang: each moves into a task of its own while
-    the other still waits (side by side, not one after the other), and each is cut at
-    the connect timeout and logged."""
+    """Two clients whose connects both hang: each connect's wait for writability is
+    parked in the data core, side by side (not one after the other) and without a
+    task; each is cut at the connect timeout (the core's timer) and logged."""
     timeout = 2.0  # long enough that both are surely still waiting when counted
     with _backend_with_a_full_backlog() as port:  # connects to it hang
-        _, bound = await start_proxy(nursery, [f"127.0.0.1:{port}"], connect_timeout=timeout)
+        proxy, bound = await start_proxy(nursery, [f"127.0.0.1:{port}"], connect_timeout=timeout)
         with _counting_spawns() as spawns, trio.fail_after(WAIT):
+            core = await _core(proxy)
             first, second = await connect_to(bound[0]), await connect_to(bound[0])
             await trio.testing.wait_all_tasks_blocked(0.05)  # both accepted and waiting
-            assert spawns.count("_go_on") == 2
+            assert len(core.parked) == 2
             assert access.records == []  # both waiting in their connects at once
             for client in (first, second):
                 async with client:
                     with contextlib.suppress(trio.BrokenResourceError):
                         assert await client.receive_some() == b""
             records = await access.wait(2)
+    assert spawns.count(*SETUP_TASKS) == 0
     assert [record.outcome for record in records] == ["connect_failed"] * 2
     expected = f"127.0.0.1:{port}: timed out after {timeout:g}s"
     assert [record.error for record in records] == [expected] * 2
+    assert not core.parked
 
 
 async def test_a_set_up_waiting_in_the_core_is_cut_by_the_drain(
